@@ -39,7 +39,8 @@ HEADING = re.compile(r"^#+ (.+?)\s*$", re.M)
 # Scripts merged into another: a record run by the old path is still current (the new path runs it
 # as a mode of the script it moved into; benchmarks/README.md names the flag).
 MOVED = {"benchmarks/quality/bench_grpo_learning.py": "benchmarks/quality/bench_gkd_learning.py",
-         "benchmarks/speed/bench_grpo_speed.py": "benchmarks/speed/bench_preference.py"}
+         "benchmarks/speed/bench_grpo_speed.py": "benchmarks/speed/bench_preference.py",
+         "benchmarks/speed/bench_bf16.py": "benchmarks/speed/bench.py"}
 GENERATED = ("cli.md", "configuration/", "api/")  # pages scripts/gen_docs.py writes at build time
 
 

@@ -31,7 +31,8 @@ SCRIPTS = sorted(p.relative_to(BENCH).as_posix() for folder in FOLDERS
 REFERENCE_WORKERS = {"speed/bench_torch.py", "speed/torch_bert_run.py", "speed/torch_plain.py",
                      "quality/real_model_torch_peft.py"}
 # A script that answers more than one question: each mode's flag, smoked beside its default.
-MODES = {"quality/bench_gkd_learning.py": ("--grpo",), "speed/bench_preference.py": ("--grpo",)}
+MODES = {"quality/bench_gkd_learning.py": ("--grpo",), "speed/bench_preference.py": ("--grpo",),
+         "speed/bench.py": ("--bf16",)}
 SMOKES = [(s, ()) for s in SCRIPTS] + [(s, (m,)) for s, ms in MODES.items() for m in ms]
 
 # Loads each script as its command would, then forgets benchmarks.* and the path it added, so

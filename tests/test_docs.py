@@ -135,7 +135,8 @@ def test_a_script_merged_into_another_keeps_its_records_on_the_page():
     """A record whose command runs a script since merged into another (gen_benchmarks.MOVED) is
     still current: shown in full, not filed as answered once."""
     gen = load_gen_benchmarks()
-    merged = ("benchmarks/quality/bench_grpo_learning.py", "benchmarks/speed/bench_grpo_speed.py")
+    merged = ("benchmarks/quality/bench_grpo_learning.py", "benchmarks/speed/bench_grpo_speed.py",
+              "benchmarks/speed/bench_bf16.py")
     moved = [r for r in gen.load_records() if any(s in (r["command"] or "") for s in merged)]
     assert {s for r in moved for s in merged if s in r["command"]} == set(merged)
     for old in merged:

@@ -20,9 +20,7 @@ box's load), one process, each case after mx.clear_cache and mx.reset_peak_memor
 
 A case whose peak, extrapolated from its shorter lengths, would pass --guard-mb is skipped.
 
-    python benchmarks/memory/bench_hybrid_memory.py [--layer-lengths 256,512,1024,2048,4096]
-        [--model-lengths 512,1024,2048,4096,8192] [--checkpoint-lengths 2048,4096,8192,16384]
-        [--sequential-max 2048] [--model-sequential-max 1024] [--mlx-lm-lengths 512,2048] [--guard-mb 8000]
+    python benchmarks/memory/bench_hybrid_memory.py    (--help: each option's default)
 """
 
 from __future__ import annotations

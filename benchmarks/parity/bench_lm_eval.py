@@ -22,9 +22,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.harness import add_options, float_smollm2, smoke_dir, write_jsonl, write_record  # noqa: E402
+import benchmarks.harness as h  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
 TASKS = ("tiny_mc", "tiny_gen", "tiny_ppl")
 
 # The tasks' YAML: what all three share (their name and data filled in), then each one's own
@@ -161,17 +160,14 @@ def metrics(out: dict) -> dict:
 def models(smoke: bool, out: Path) -> tuple[str, Path, Path]:
     """(what mlxlab loads, the hf folder, the mlx-lm folder)."""
     if smoke:
-        sys.path.insert(0, str(REPO / "scripts"))
-        from tiny_hf_model import save_tiny_model
-
-        folder = save_tiny_model("llama", out / "tiny-llama")
+        folder = h.tiny_hf_model().save_tiny_model("llama", out / "tiny-llama")
         return str(folder), folder, folder
-    sys.path.insert(0, str(REPO / "tests"))
+    sys.path.insert(0, str(h.REPO / "tests"))
     from mlxlab.models.sources import resolve
     from real_models import packaged_model
 
     gguf = packaged_model()
-    return str(gguf), float_smollm2(out / "hf"), resolve(str(gguf)).folder
+    return str(gguf), h.float_smollm2(out / "hf"), resolve(str(gguf)).folder
 
 
 def scorer_rows(questions: int, seed: int = 0) -> list[dict]:
@@ -195,7 +191,7 @@ def scorer_parity(out: Path, questions: int) -> tuple[dict, bool]:
 
     folder, _, _ = models(True, out)
     task = write_tasks(out / "tasks", 1)[0]  # tiny_mc's YAML, on the scorer's rows
-    write_jsonl(out / "tasks" / "tiny_mc.jsonl", scorer_rows(questions))
+    h.write_jsonl(out / "tasks" / "tiny_mc.jsonl", scorer_rows(questions))
     source = load_eval_model(folder)
     ours = score_task(source.model, source.tokenizer, read_task(out / "tasks" / "tiny_mc.jsonl"))
     report: dict = {"questions": len(ours.rows), "mlxlab": ours.metrics}
@@ -217,21 +213,21 @@ def scorer_parity(out: Path, questions: int) -> tuple[dict, bool]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_options(parser, out="/tmp/bench_lm_eval", questions=100, batch_size=8, rtol=1e-4,
-                skip_mlx_lm=False, scorer=(False, "mlxlab's own multiple-choice scorer beside "
-                                           "lm-eval's hf model, on a tiny random Llama"))
+    h.add_options(parser, out="/tmp/bench_lm_eval", questions=100, batch_size=8, rtol=1e-4,
+                  skip_mlx_lm=False, scorer=(False, "mlxlab's own multiple-choice scorer beside "
+                                             "lm-eval's hf model, on a tiny random Llama"))
     args = parser.parse_args(argv)
     if args.smoke:
-        args.out, args.questions, args.skip_mlx_lm = str(smoke_dir("lm_eval")), 4, True
+        args.out, args.questions, args.skip_mlx_lm = str(h.smoke_dir("lm_eval")), 4, True
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = Path(args.out)
     if args.scorer:
         report, same = scorer_parity(out / "scorer", args.questions)
         print(json.dumps(report, indent=2))
-        write_record("eval-tasks", report, question="parity", smoke=args.smoke,
-                     reference="lm-eval-harness's hf model, the same folder", ratio=float(same),
-                     summary="mlxlab's acc and acc_norm equal on every example (1: yes, 0: no)")
+        h.write_record("eval-tasks", report, question="parity", smoke=args.smoke,
+                       reference="lm-eval-harness's hf model, the same folder", ratio=float(same),
+                       summary="mlxlab's acc and acc_norm equal on every example (1: yes, 0: no)")
         return 0 if same else 1
     tasks = write_tasks(out / "tasks", args.questions)
     mine, hf_folder, mlx_folder = models(args.smoke, out)
@@ -260,10 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     report["parity"], same = compare(ours, theirs, args.rtol)
     report.update(rtol=args.rtol, parity_holds=same)
     print(json.dumps(report, indent=2))
-    write_record("lm-eval-parity", report, question="parity", smoke=args.smoke,
-                 reference="lm-eval-harness's hf model on the same weights",
-                 ratio=float(same), summary="the same scores as lm-eval's own model, example by "
-                 "example (1: yes, 0: no)")
+    h.write_record("lm-eval-parity", report, question="parity", smoke=args.smoke,
+                   reference="lm-eval-harness's hf model on the same weights",
+                   ratio=float(same), summary="the same scores as lm-eval's own model, example by "
+                   "example (1: yes, 0: no)")
     return 0 if same else 1
 
 

@@ -26,31 +26,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.harness import (
-    add_options,
-    cli_root,
-    float_smollm2,
-    line_value,
-    load,
-    metric_history,
-    smoke_dir,
-    tiny_hf_model,
-    write_jsonl,
-    write_record,
-)
+import benchmarks.harness as h
 from benchmarks.harness import mlxlab_cli as mlxlab
 from benchmarks.harness import read_jsonl as jsonl
 from benchmarks.harness import run_logged as run
 from benchmarks.harness import train_cli as train
 
-REPO = Path(__file__).resolve().parents[2]
-ASSETS = REPO / "src" / "mlxlab" / "assets" / "lookup_codes"
+ASSETS = h.REPO / "src" / "mlxlab" / "assets" / "lookup_codes"
 TOOL = "mlxlab.objectives.rl.lookup_tools.lookup_code"
 DESK = "mlxlab.objectives.rl.lookup_tools.QuestionLookup"
-COMPACT = REPO / "tests" / "chat_templates" / "hermes_compact.jinja"
-
-
-# --- the bases: a tiny model from scratch, and SmolLM2-135M-Instruct ---------------------------
+COMPACT = h.REPO / "tests" / "chat_templates" / "hermes_compact.jinja"
 
 
 def tiny_base(folder: Path, hidden: int, layers: int, seed: int = 0) -> Path:
@@ -60,7 +45,7 @@ def tiny_base(folder: Path, hidden: int, layers: int, seed: int = 0) -> Path:
     from transformers import AutoModelForCausalLM
 
     shutil.rmtree(folder, ignore_errors=True)
-    tiny_hf_model().save_tiny_model(
+    h.tiny_hf_model().save_tiny_model(
         "qwen2", folder, seed=seed, chat="qwen2.5", max_position_embeddings=512,
         hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2)
@@ -112,9 +97,6 @@ def tagged_chats(rows: list[dict]) -> list[tuple[list, list]]:
     return chats
 
 
-# --- GRPO through the CLI ------------------------------------------------------------------------
-
-
 def grpo_args(model: Path, train_file: Path, val_file: Path, a, steps: int, tools: str,
               *extra: str) -> list[str]:
     """experiment=agent_tools on `model` at the benchmark's budget; tools: 'desk' (the tool,
@@ -138,7 +120,7 @@ def sweep_id(out: str) -> str:
 
 
 def run_id(out: str) -> str:
-    return line_value(out, "mlflow run:").split()[0]
+    return h.line_value(out, "mlflow run:").split()[0]
 
 
 def heldout_rewards(client, run: str) -> list[float]:
@@ -147,9 +129,6 @@ def heldout_rewards(client, run: str) -> list[float]:
     files = sorted(f.path for f in client.list_artifacts(run, "grpo_samples"))
     rows = jsonl(Path(client.download_artifacts(run, files[-1])))
     return [r["exact_answer"] for r in rows]
-
-
-# --- speed: rollouts per second, multi-turn beside single-turn ----------------------------------
 
 
 def rollout_speed(model_folder: Path, train_file: Path, tools: dict, a, rounds: int) -> dict:
@@ -183,7 +162,7 @@ def rollout_speed(model_folder: Path, train_file: Path, tools: dict, a, rounds: 
     rows = {side: [] for side in sides}
     for r in range(rounds):
         for side, grpo in sides.items():
-            before = load()
+            before = h.load()
             started = time.perf_counter()
             next(iter(grpo.train_batches(data, batching, r + 1, model)))
             seconds = time.perf_counter() - started
@@ -204,12 +183,9 @@ def rollout_speed(model_folder: Path, train_file: Path, tools: dict, a, rounds: 
         "multi_over_single_median": statistics.median(ratios)}
 
 
-# --- the parts -----------------------------------------------------------------------------------
-
-
 def part_tiny(a, out: Path, env: dict, uri: str, times: dict) -> dict:
     """(a): one SFT checkpoint, then GRPO with the tool vs without over seeds."""
-    tiny = tiny_hf_model()
+    tiny = h.tiny_hf_model()
     train_rows = jsonl(ASSETS / "train.jsonl")
     started = time.perf_counter()
     base = out / "tiny_sft"
@@ -277,7 +253,7 @@ def part_tiny(a, out: Path, env: dict, uri: str, times: dict) -> dict:
 def part_real(a, out: Path, env: dict, uri: str, times: dict) -> dict:
     """(b): SmolLM2-135M-Instruct, SFT on the tagged call format, held-out accuracy before and
     after GRPO with the tool, paired by prompt."""
-    tiny = tiny_hf_model()
+    tiny = h.tiny_hf_model()
     from mlflow.tracking import MlflowClient
 
     from mlxlab.stats.paired import mcnemar_exact
@@ -287,7 +263,7 @@ def part_real(a, out: Path, env: dict, uri: str, times: dict) -> dict:
     base = out / "smollm2_sft"
     if not (a.reuse_sft and (base / "model.safetensors").is_file()):
         shutil.rmtree(base, ignore_errors=True)
-        float_smollm2(base)
+        h.float_smollm2(base)
         sft_loss = tiny.teach_chats(base, tagged_chats(train_rows[: a.real_sft_rows]), None,
                                     steps=a.real_sft_steps, batch_size=a.real_sft_batch,
                                     lr=a.real_sft_lr, snapshots=tuple(a.real_sft_snapshots))
@@ -300,7 +276,7 @@ def part_real(a, out: Path, env: dict, uri: str, times: dict) -> dict:
     rewards = ("objective.rewards=[{_target_: mlxlab.objectives.rl.rewards.exact_answer},"
                "{_target_: mlxlab.objectives.rl.rewards.tool_call_parsed, weight: "
                f"{a.format_reward}}}]",) if a.format_reward else ()
-    heldout = write_jsonl(out / "real_heldout.jsonl", jsonl(ASSETS / "heldout.jsonl")[: a.real_heldout])
+    heldout = h.write_jsonl(out / "real_heldout.jsonl", jsonl(ASSETS / "heldout.jsonl")[: a.real_heldout])
     runs = {}
     for name, steps, extra in (("before", 1, ("optimizer.learning_rate=0.0",)),
                                ("after", a.real_steps, (f"optimizer.learning_rate={a.real_lr}",))):
@@ -317,8 +293,8 @@ def part_real(a, out: Path, env: dict, uri: str, times: dict) -> dict:
     return {"sft_steps": a.real_sft_steps, "sft_rows": a.real_sft_rows,
             "sft_last_loss": sft_loss,
             "start": base.name, "heldout_prompts": len(before), "runs": runs,
-            "train_reward_per_step": metric_history(client, runs["after"], "train/reward"),
-            "train_exact_answer_per_step": metric_history(
+            "train_reward_per_step": h.metric_history(client, runs["after"], "train/reward"),
+            "train_exact_answer_per_step": h.metric_history(
                 client, runs["after"], "train/rewards/exact_answer/mean"),
             "heldout_accuracy_before": sum(before) / len(before),
             "heldout_accuracy_after": sum(after) / len(after),
@@ -356,16 +332,16 @@ OPTIONS = [
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    add_options(parser, **{name.replace("-", "_"): (default, text, kind)
-                           for name, kind, default, text in OPTIONS},
-                reuse_sft=(False, "keep an SFT model an earlier invocation left in --out"))
+    h.add_options(parser, **{name.replace("-", "_"): (default, text, kind)
+                             for name, kind, default, text in OPTIONS},
+                  reuse_sft=(False, "keep an SFT model an earlier invocation left in --out"))
     a = parser.parse_args()
     if a.smoke:  # every stage of the tiny part and its speed, a few steps each; figures mean nothing
-        a.out, a.parts, a.seeds = str(smoke_dir("agent_tools")), "tiny,speed", 2
+        a.out, a.parts, a.seeds = str(h.smoke_dir("agent_tools")), "tiny,speed", 2
         a.tiny_hidden, a.tiny_sft_steps, a.tiny_steps, a.speed_rounds = 64, 4, 2, 1
         a.prompts, a.generations = 2, 2
     out = Path(a.out)
-    env, uri = cli_root(out)
+    env, uri = h.cli_root(out)
     parts = a.parts.split(",")
     results: dict = {"settings": vars(a)}
     times: dict[str, float] = {}
@@ -389,8 +365,8 @@ def main() -> None:
                                                          tools, a, a.speed_rounds)
                 times[f"speed_{name}"] = time.perf_counter() - started
         save()
-    write_record("agent-tools", results, question="quality", smoke=a.smoke,
-                 raw=str(out / "results.json"))
+    h.write_record("agent-tools", results, question="quality", smoke=a.smoke,
+                   raw=str(out / "results.json"))
     print(json.dumps({k: v for k, v in results.items() if k != "settings"}, indent=2,
                      default=str)[-6000:])
     print("wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))

@@ -27,20 +27,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.harness import (
-    REPO,
-    add_options,
-    cli_root,
-    line_value,
-    smoke_dir,
-    write_jsonl,
-    write_results,
-)
+import benchmarks.harness as h
 from benchmarks.harness import mlxlab_cli as mlxlab
 from benchmarks.harness import run_logged as run
 from benchmarks.harness import train_cli as train
 
-ASSETS = REPO / "src" / "mlxlab" / "assets" / "copy_format"
+ASSETS = h.REPO / "src" / "mlxlab" / "assets" / "copy_format"
 
 
 def fresh_copies(n: int, formatted: float = 0.0, seed: int = 1) -> list[dict]:
@@ -89,7 +81,7 @@ def sft(name: str, rows: Path, model: list[str], steps: int, env: dict, out: Pat
         f"trainer.eval_every_steps={steps}", "optimizer.learning_rate=3e-3",
         "callbacks.progress.enabled=false", "optimized_metric=val/loss", "optimized_mode=min",
         "seed=0", *extra), env, out / f"{name}.log")
-    return Path(line_value(text, "run dir:")), wall
+    return Path(h.line_value(text, "run dir:")), wall
 
 
 def teacher_and_student(a, env: dict, out: Path, uri: str, times: dict[str, float]
@@ -122,8 +114,8 @@ def teacher_and_student(a, env: dict, out: Path, uri: str, times: dict[str, floa
 
 def grpo_vs_base(a, out: Path) -> None:
     """--grpo: the base SFT'd and scored, GRPO over seeds from it, each seed compared with it."""
-    env, uri = cli_root(out)
-    rows = write_jsonl(out / "sft_train.jsonl", fresh_copies(2000, formatted=0.5))
+    env, uri = h.cli_root(out)
+    rows = h.write_jsonl(out / "sft_train.jsonl", fresh_copies(2000, formatted=0.5))
     times: dict[str, float] = {}
     # 1. the base: a short SFT from scratch, one token per character (258 = 256 bytes + 2)
     sft_dir, times["sft"] = sft("grpo_copy_sft", rows, scratch_model(64, 2), a.sft_steps, env, out,
@@ -143,30 +135,30 @@ def grpo_vs_base(a, out: Path) -> None:
         "callbacks.progress.enabled=false", "hydra/launcher=basic"), env, out / "grpo.log")
     compare, times["compare"] = run(mlxlab("runs", "compare", base_run, "latest", "--uri", uri,
                                            "--json"), env, out / "compare.log")
-    write_results(out, {"base_exact_match": base_acc, "base_run": base_run}, compare, compare,
-                  times, record="grpo-learning", smoke=a.smoke)
+    h.write_results(out, {"base_exact_match": base_acc, "base_run": base_run}, compare, compare,
+                    times, record="grpo-learning", smoke=a.smoke)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    add_options(parser, out=(None, "default /tmp/bench_gkd (--grpo: /tmp/bench_grpo)"),
-                teacher_steps=800, student_steps=300,
-                steps=(None, "default 300 (--grpo: 60)", int),
-                replicates=(None, "default 6 (--grpo: 3)", int), learning_rate=1e-3,
-                grpo=(False, "GRPO against its base instead (the steps of its base's SFT: "
-                      "--sft-steps)"), sft_steps=200)
+    h.add_options(parser, out=(None, "default /tmp/bench_gkd (--grpo: /tmp/bench_grpo)"),
+                  teacher_steps=800, student_steps=300,
+                  steps=(None, "default 300 (--grpo: 60)", int),
+                  replicates=(None, "default 6 (--grpo: 3)", int), learning_rate=1e-3,
+                  grpo=(False, "GRPO against its base instead (the steps of its base's SFT: "
+                        "--sft-steps)"), sft_steps=200)
     a = parser.parse_args()
     if a.grpo:
         if a.smoke:  # every stage, a few steps each, two GRPO seeds; the base's range not checked
-            a.out, a.sft_steps, a.steps, a.replicates = str(smoke_dir("grpo_learning")), 4, 2, 2
+            a.out, a.sft_steps, a.steps, a.replicates = str(h.smoke_dir("grpo_learning")), 4, 2, 2
         a.steps, a.replicates = a.steps or 60, a.replicates or 3
         return grpo_vs_base(a, Path(a.out or "/tmp/bench_grpo"))
     a.steps, a.replicates = a.steps or 300, a.replicates or 6
     if a.smoke:  # tiny step counts: the pipeline only
         a.teacher_steps, a.student_steps, a.steps, a.replicates = 20, 5, 4, 2
-        a.out = a.out or str(smoke_dir("gkd_learning"))
+        a.out = a.out or str(h.smoke_dir("gkd_learning"))
     out = Path(a.out or "/tmp/bench_gkd")
-    env, uri = cli_root(out)
+    env, uri = h.cli_root(out)
     times: dict[str, float] = {}
     teacher, teacher_acc, student, student_acc = teacher_and_student(a, env, out, uri, times)
 
@@ -188,10 +180,10 @@ def main() -> None:
                                            "--json"), env, out / "compare.log")
     table, _ = run(mlxlab("runs", "compare", "latest:g1", "latest:g2", "--metric",
                           "eval/heldout/exact_match", "--uri", uri), env, out / "compare.txt")
-    write_results(out, {"teacher_exact_match": teacher_acc, "student_exact_match": student_acc,
-                        "steps": a.steps, "replicates": a.replicates,
-                        "load_average": os.getloadavg()}, compare, table, times,
-                  record="gkd-learning", smoke=a.smoke)
+    h.write_results(out, {"teacher_exact_match": teacher_acc, "student_exact_match": student_acc,
+                          "steps": a.steps, "replicates": a.replicates,
+                          "load_average": os.getloadavg()}, compare, table, times,
+                    record="gkd-learning", smoke=a.smoke)
 
 
 if __name__ == "__main__":

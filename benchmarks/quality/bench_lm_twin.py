@@ -1,7 +1,6 @@
 """mlxlab's LM presets vs an independent PyTorch twin on exactly the same batches.
 
-    python benchmarks/quality/bench_lm_twin.py [--models nano,tiny] [--part all|mlxlab|torch|report]
-        [--twins reference,same] [--out DIR] [--heldout 800] [--threads 1] [override ...]
+    python benchmarks/quality/bench_lm_twin.py [--models nano,tiny] [--part mlxlab] [override ...]
 
 mlxlab trains `experiment=tinystories_<model>` (the shipped sample minus its last --heldout
 paragraphs) through `train(cfg)`, recording its initial weights and every batch; the twin

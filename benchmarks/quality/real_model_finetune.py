@@ -2,8 +2,7 @@
 a task it fails (a date in words -> its ISO form, exact match), scored before and after, beside
 mlx_lm.lora (and PyTorch + PEFT: real_model_torch_peft.py), and run in llama.cpp.
 
-    python benchmarks/quality/real_model_finetune.py [--work DIR] [--steps 80] [--batch 4]
-        [--train 400] [--heldout 200] [--rounds 1] [--float-base DTYPE] [--stages ...]
+    python benchmarks/quality/real_model_finetune.py --work DIR    (--help: the options)
 
 Stages (each kept under <work>/stages; a later call runs only what is missing): `base` (`mlxlab
 eval` of the GGUF), `train_mlxlab_<round>` (LoRA rank 8 on q/k/v/o of the 4-bit base) and
@@ -32,15 +31,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
-from benchmarks.harness import (  # noqa: E402
-    add_options,
-    in_round,
-    load,
-    print_table,
-    tiny_llama,
-    write_jsonl,
-    write_record,
-)
+import benchmarks.harness as h  # noqa: E402
+from benchmarks.harness import write_jsonl  # noqa: E402
 from benchmarks.speed import bench_lora  # noqa: E402
 
 MONTHS = list(calendar.month_name)[1:]
@@ -107,34 +99,34 @@ def mlxlab(*argv: str) -> str:
 def evaluate(model: str | Path, task: Path, uri: str, out: Path) -> dict:
     """`mlxlab eval MODEL TASK --json`: exact-match accuracy, its run id, per-example outputs and
     the seconds it took."""
-    started, before = time.perf_counter(), load()
+    started, before = time.perf_counter(), h.load()
     report = json.loads(mlxlab("eval", str(model), str(task), "--json", "--uri", uri,
                                "--max-new-tokens", str(MAX_NEW_TOKENS), "--out", str(out)))
     name = task.name.removesuffix(".jsonl")
     rows = [json.loads(line) for line in (out / f"{name}.jsonl").read_text().splitlines()]
     return {"accuracy": report["tasks"][name]["metrics"]["exact_match"]["value"],
             "run_id": report["run_id"], "n": len(rows), "seconds": time.perf_counter() - started,
-            "load_1min": [before, load()], "outputs": {r["id"]: r["output"] for r in rows}}
+            "load_1min": [before, h.load()], "outputs": {r["id"]: r["output"] for r in rows}}
 
 
 def train_mlxlab(model: str | Path, data: Path, args, out: Path) -> dict:
     """`mlxlab train experiment=finetune_chat` at a constant learning rate, no clipping."""
-    before = load()
+    before = h.load()
     run = bench_lora.run_mlxlab(out, [
         "experiment=finetune_chat",
         *bench_lora.lora_overrides(model, data, args.steps, batch=args.batch, lr=args.lr),
         f"trainer.eval_every_steps={args.steps}", "trainer.grad_clip=0",
         "trainer.schedule.name=constant", f"seed={args.seed}"], env())
-    return {**run, "load_1min": [before, load()]}
+    return {**run, "load_1min": [before, h.load()]}
 
 
 def train_mlx_lm(folder: Path, data: Path, args, out: Path, fast: bool = False) -> dict:
     """mlx_lm.lora with mlxlab's settings on mlxlab's OpenBLAS; `fast`: its loaded model on
     mlxlab's CPU quantized product (mlx-lm's loop on mlxlab's kernel)."""
-    before = load()
+    before = h.load()
     run = bench_lora.run_mlx_lm(folder, data, args.steps, out, openblas=True, fast_quantized=fast,
                                 seq=2047, batch=args.batch, lr=args.lr, env=env())
-    return {**run, "load_1min": [before, load()]}
+    return {**run, "load_1min": [before, h.load()]}
 
 
 def fuse(folder: Path, adapters: str, out: Path) -> Path:
@@ -173,7 +165,7 @@ def llama_cpp_accuracy(gguf: Path, folder: Path, heldout: list[dict]) -> dict:
     params.cpuparams_batch.n_threads = 1
     params.warmup = False
     server = xlc.Server(params)
-    started, before, right, outputs = time.perf_counter(), load(), 0, {}
+    started, before, right, outputs = time.perf_counter(), h.load(), 0, {}
     for row in heldout:
         prompt = tok.apply_chat_template([{"role": "user", "content": row["prompt"]}],
                                          tokenize=False, add_generation_prompt=True)
@@ -187,21 +179,21 @@ def llama_cpp_accuracy(gguf: Path, folder: Path, heldout: list[dict]) -> dict:
         right += generation_scores(text, Example(row["id"], prompt=row["prompt"],
                                                  answer=(row["answer"],)))["exact_match"]
     return {"accuracy": right / len(heldout), "n": len(heldout), "outputs": outputs,
-            "seconds": time.perf_counter() - started, "load_1min": [before, load()]}
+            "seconds": time.perf_counter() - started, "load_1min": [before, h.load()]}
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--float-base", default=None, metavar="DTYPE", help="every tool on the GGUF's "
                    "weights dequantized to DTYPE (mlx_lm.convert): LoRA on a float base, not QLoRA")
-    add_options(p, work=(None, "folder for data, runs and results (default: a new temporary "
-                         "one); a stage already there is not run again"),
-                train=400, heldout=200, steps=80, batch=4, lr=1e-3,
-                skip=(2, "first steps left out of tokens/s"), rounds=1, seed=0,
-                mlx_lm_as_shipped=(False, "also mlx_lm.lora on MLX's own CPU quantized matmul "
-                                   "(stages train_mlx_lm_0, mlx-lm): hours here"),
-                stages=(None, "only these stages (comma-separated, as the docstring names them); "
-                        "the rest are read from earlier runs when there"))
+    h.add_options(p, work=(None, "folder for data, runs and results (default: a new temporary "
+                           "one); a stage already there is not run again"),
+                  train=400, heldout=200, steps=80, batch=4, lr=1e-3,
+                  skip=(2, "first steps left out of tokens/s"), rounds=1, seed=0,
+                  mlx_lm_as_shipped=(False, "also mlx_lm.lora on MLX's own CPU quantized matmul "
+                                     "(stages train_mlx_lm_0, mlx-lm): hours here"),
+                  stages=(None, "only these stages (comma-separated, as the docstring names them); "
+                          "the rest are read from earlier runs when there"))
     args = p.parse_args(argv)
     if args.smoke:
         args.train, args.heldout, args.steps, args.batch, args.skip = 8, 4, 2, 2, 0
@@ -215,8 +207,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.smoke:
         # a tiny random llama with a ChatML template: the pipeline's every step in seconds
-        model = folder = tiny_llama(work / "tiny-llama", hidden=64, layers=2, heads=4, kv_heads=2,
-                                    intermediate=None, std=0.02, chat="chatml")
+        model = folder = h.tiny_llama(work / "tiny-llama", hidden=64, layers=2, heads=4, kv_heads=2,
+                                      intermediate=None, std=0.02, chat="chatml")
     else:
         from real_models import packaged_model
 
@@ -242,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
     saved.write_text(json.dumps(settings))
     result: dict = {"model": str(model), "folder": str(folder),
                     "settings": settings, "blas_threads": os.environ["OPENBLAS_NUM_THREADS"],
-                    "load_start": load()}
+                    "load_start": h.load()}
     wanted = set(args.stages.split(",")) if args.stages else None
 
     def stage(key: str, fn) -> None:
@@ -290,7 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
     # timed (a GPU), else beside its loop on mlxlab's CPU product
     other = "mlx-lm" if args.mlx_lm_as_shipped else "mlx-lm-fast"
     for rnd in range(1, args.rounds):
-        for tool in in_round(["mlxlab", other], rnd):
+        for tool in h.in_round(["mlxlab", other], rnd):
             out = work / "runs" / f"{tool}-{rnd}"
             stage(f"train_{tool.replace('-', '_')}_{rnd}",
                   lambda tool=tool, out=out: train_mlxlab(model, data, args, out)
@@ -298,12 +290,12 @@ def main(argv: list[str] | None = None) -> dict:
                                                         fast=tool == "mlx-lm-fast"))
     for path in sorted(stages.glob("*torch*peft*.json")):  # real_model_torch_peft.py's stages
         result[path.stem] = json.loads(path.read_text())
-    result["load_end"] = load()
+    result["load_end"] = h.load()
     result["table"] = table(result)
     (work / "results.json").write_text(json.dumps(result, indent=1))
-    write_record("real-model-finetune", result, question="quality", smoke=args.smoke,
-                 raw=str(work / "results.json"))
-    print_table(result["table"])
+    h.write_record("real-model-finetune", result, question="quality", smoke=args.smoke,
+                   raw=str(work / "results.json"))
+    h.print_table(result["table"])
     print(json.dumps({"paired": result.get("paired")}))
     return result
 

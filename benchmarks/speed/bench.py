@@ -8,6 +8,7 @@ bar), `replay` (saved batches, not the data pipeline), `nokernels` (trainer.fuse
 
     python benchmarks/speed/bench.py --models nano,tiny,bert --repeats 3
     python benchmarks/speed/bench.py --gemm-table --threads 2    (GEMM only: OpenBLAS vs MKL in MLX)
+    python benchmarks/speed/bench.py --bf16 --threads 2          (trainer.precision=bf16's products)
 """
 
 from __future__ import annotations
@@ -34,18 +35,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.harness import (
-    add_options,
-    clock,
-    in_round,
-    load_batches,
-    peak_rss_mb,
-    print_table,
-    reset_peak_rss,
-    rss_mb,
-    save_batches,
-    write_record,
-)
+import benchmarks.harness as h
 from mlxlab import kernels as mlxlab_kernels
 from mlxlab.runtime.compute.blas import blas_threads, set_blas_threads
 
@@ -78,9 +68,8 @@ def gemm_pair(n: int, repeats: int) -> tuple[float, float]:
     return 2 * n**3 / best_mlx / 1e9, 2 * n**3 / best_np / 1e9
 
 
-# ---- --gemm-table: MLX's products under each BLAS mlxlab can give it, beside PyTorch and numpy --
-
 GEMM_BLAS = ("openblas", "mkl")  # MLXLAB_BLAS values: one worker process each (a process has one)
+THREAD_VARS = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS", "MLXLAB_KERNEL_THREADS")
 TORCH_GEMM = """import json, sys, time, torch
 torch.set_num_threads(int(sys.argv[1]))
 out = {}
@@ -94,6 +83,36 @@ for n in json.loads(sys.argv[2]):
         best = min(best, time.perf_counter() - start)
     out[n] = 2 * n**3 / best / 1e9
 print(json.dumps({"torch": out}))"""
+# --bf16: a process's rows {name: {n: GFLOP/s}}: trainer.precision=bf16's products on a CPU with
+# bf16 units (MKL's cblas_gemm_bf16bf16f32 on float32 operands rounded to bf16), MLX's own bf16
+# matmul (a scalar loop, ~4 GFLOP/s: up to 512 only) and fp32; PyTorch's bf16 (on bf16 tensors
+# made before) and fp32. argv: mlx|torch, sizes, repeats, threads
+BF16_WORKER = """import json, sys, time
+kind, sizes, repeats = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+if kind == "mlx":
+    import mlxlab, mlx.core as mx
+    from mlxlab import kernels
+    rows = {"mlxlab bf16": (None, kernels.bf16_matmul), "MLX fp32": (None, mx.matmul),
+            "MLX bf16": (lambda x: x.astype(mx.bfloat16), mx.matmul)}
+    make, run = (lambda n: mx.random.normal((n, n))), (lambda f, a, b: mx.eval(f(a, b)))
+else:
+    import torch
+    torch.set_num_threads(int(sys.argv[4]))
+    rows = {"PyTorch bf16": (torch.Tensor.bfloat16, torch.matmul), "PyTorch fp32": (None, torch.matmul)}
+    make, run = (lambda n: torch.randn(n, n)), (lambda f, a, b: f(a, b))
+out = {}
+for name, (prepare, f) in rows.items():
+    for n in sizes:
+        a, b = (x if prepare is None else prepare(x) for x in (make(n), make(n)))
+        if name == "MLX bf16" and n > 512 or name == "mlxlab bf16" and f(a, b) is None:
+            continue  # MLX's loop: too slow; mlxlab's: no bf16 units or no MKL here
+        times = []
+        for _ in range(repeats + 1):  # the first call warms up
+            start = time.perf_counter()
+            run(f, a, b)
+            times.append(time.perf_counter() - start)
+        out.setdefault(name, {})[n] = 2 * n**3 / min(times[1:]) / 1e9
+print(json.dumps(out))"""
 
 
 def gemm_worker(sizes: list[int], repeats: int) -> None:
@@ -104,41 +123,47 @@ def gemm_worker(sizes: list[int], repeats: int) -> None:
                       "numpy": {n: p for n, (_, p) in pairs.items()}}))
 
 
-def gemm_table(sizes: list[int], threads: int, repeats: int, rounds: int, smoke: bool) -> None:
+def gemm_table(sizes: list[int], threads: int, repeats: int, rounds: int, smoke: bool,
+               bf16: bool = False) -> None:
     """fp32 n x n GFLOP/s of MLX+OpenBLAS, MLX+MKL, PyTorch (its own process, without mlxlab) and
-    numpy, at `threads` threads, in `rounds` interleaved rounds (ABBA), each cell its median."""
-    env = {**os.environ, **{v: str(threads) for v in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-                                                      "OMP_NUM_THREADS", "MLXLAB_KERNEL_THREADS")}}
-    commands = {f"MLX+{b}": ([sys.executable, __file__, "--gemm-worker", "--gemm",
-                              ",".join(map(str, sizes)), "--repeats", str(repeats)],
-                             {**env, "MLXLAB_BLAS": b}) for b in GEMM_BLAS}
-    if importlib.util.find_spec("torch"):
-        commands["PyTorch"] = ([sys.executable, "-c", TORCH_GEMM, str(threads), json.dumps(sizes),
-                                str(repeats)], env)
+    numpy, or (`bf16`) BF16_WORKER's rows, at `threads` threads, in `rounds` interleaved rounds
+    (ABBA), each cell its median."""
+    env = {**os.environ, **dict.fromkeys(THREAD_VARS, str(threads))}
+    if bf16:
+        commands = {kind: ([sys.executable, "-c", BF16_WORKER, kind, json.dumps(sizes), str(repeats),
+                            str(threads)], env) for kind in ("mlx", "torch")}
+    else:
+        commands = {f"MLX+{b}": ([sys.executable, __file__, "--gemm-worker", "--gemm",
+                                  ",".join(map(str, sizes)), "--repeats", str(repeats)],
+                                 {**env, "MLXLAB_BLAS": b}) for b in GEMM_BLAS}
+        if importlib.util.find_spec("torch"):
+            commands["PyTorch"] = ([sys.executable, "-c", TORCH_GEMM, str(threads), json.dumps(sizes),
+                                    str(repeats)], env)
     runs: dict[str, list] = {name: [] for name in commands}
     for r in range(rounds):
-        for name in in_round(list(commands), r):
+        for name in h.in_round(list(commands), r):
             proc = subprocess.run(commands[name][0], env=commands[name][1], capture_output=True,
                                   text=True, timeout=1800)
             runs[name].append(json.loads(proc.stdout.splitlines()[-1]) if proc.returncode == 0
                               else {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]})
-    cells = {**{name: (runs[name], "mlx") for name in commands if name.startswith("MLX")},
-             "PyTorch": (runs.get("PyTorch", []), "torch"), "numpy": (runs["MLX+openblas"], "numpy")}
-    head = ["n (GFLOP/s)", *cells]
-    table_rows = [[n, *(_median_cell(rows, key, n) for rows, key in cells.values())] for n in sizes]
-    shown = {"head": head, "rows": table_rows}
-    print_table(shown)
-    write_record("gemm-blas", {"threads": threads, "sizes": sizes, "rounds": runs, "table": shown},
-                 question="speed-pytorch", smoke=smoke)
+    if bf16:  # a column a row name, in the workers' order
+        if failed := [r["error"] for rs in runs.values() for r in rs if "error" in r]:
+            sys.exit(f"bench.py --bf16: a worker failed: {failed[0]}")
+        cells = {name: (rows, name) for rows in runs.values() for name in rows[0]}
+    else:
+        cells = {**{name: (runs[name], "mlx") for name in commands if name.startswith("MLX")},
+                 "PyTorch": (runs.get("PyTorch", []), "torch"), "numpy": (runs["MLX+openblas"], "numpy")}
+    shown = {"head": ["n (GFLOP/s)", *cells],
+             "rows": [[n, *(_median_cell(rows, key, n) for rows, key in cells.values())] for n in sizes]}
+    h.print_table(shown)
+    h.write_record("gemm-bf16" if bf16 else "gemm-blas", {"threads": threads, "sizes": sizes,
+                   "rounds": runs, "table": shown}, question="speed-pytorch", smoke=smoke)
 
 
 def _median_cell(rows: list[dict], key: str, n: int) -> str:
     """The rounds' median GFLOP/s at n; "-" where none ran (a failed round's error is recorded)."""
-    values = [row[key][str(n)] for row in rows if key in row]
+    values = [row[key][str(n)] for row in rows if str(n) in row.get(key, {})]
     return f"{statistics.median(values):.0f}" if values else "-"
-
-
-# ---- steady-state timing shared by all workers ------------------------------------------------
 
 
 def step_seconds(times: list, skip: set[int], warmup: int, steps: int) -> dict[int, tuple]:
@@ -182,9 +207,6 @@ def step_flops(meta: dict, shape: tuple) -> float:
             + 12 * meta["layers"] * meta["dim"] * t * b * t)
 
 
-# ---- worker: the mlxlab stack -------------------------------------------------------------------
-
-
 def compose(root: Path, overrides: list[str]):
     """The real train.yaml composed with Hydra's compose API, rooted in `root` (as in tests)."""
     from omegaconf import open_dict
@@ -198,6 +220,7 @@ def compose(root: Path, overrides: list[str]):
 
 
 def worker_mlxlab(spec: dict) -> dict:
+    """A worker: the mlxlab stack, train(cfg), its steps timed by benchmarks.callbacks."""
     from omegaconf import OmegaConf
 
     from benchmarks.callbacks import HOOKS, OVERRIDE, RECORD
@@ -212,21 +235,21 @@ def worker_mlxlab(spec: dict) -> dict:
     if spec["variant"] == "nokernels":
         overrides += ["trainer.fused_kernels=off"]
     cfg = compose(root, overrides)
-    RECORD["clock"] = clock
+    RECORD["clock"] = h.clock
     rec: dict = {"times": RECORD["times"], "evals": RECORD["evals"], "shapes": [], "batches": []}
 
     def on_step(step: int) -> None:
         if step == warmup:
             mx.reset_peak_memory()
-            reset_peak_rss()
+            h.reset_peak_rss()
         if step == warmup + steps:
             rec["mx_peak_mb"] = mx.get_peak_memory() / 2**20
-            rec["rss_peak_mb"] = peak_rss_mb()
+            rec["rss_peak_mb"] = h.peak_rss_mb()
 
     HOOKS["on_step"] = on_step
 
     def replay(batching, epoch):
-        batches = [{k: mx.array(v) for k, v in b.items()} for b in load_batches(spec["batches"])]
+        batches = [{k: mx.array(v) for k, v in b.items()} for b in h.load_batches(spec["batches"])]
         mx.eval(batches)
         yield from batches
 
@@ -235,7 +258,7 @@ def worker_mlxlab(spec: dict) -> dict:
     def fit(self, model, data, *args, **kwargs):
         if self.settings.grad_accum != 1:
             raise ValueError("bench.py times one batch per step: use trainer.grad_accum=1")
-        rec["rss_base_mb"] = rss_mb()
+        rec["rss_base_mb"] = h.rss_mb()
         rec["params"] = sum(v.size for _, v in tree_flatten(model.parameters()))
         rec["flops"] = dict(zip(("params_per_token", "params_per_sample", "layers", "dim"),
                                 matmul_params(model, data.task)))
@@ -256,7 +279,7 @@ def worker_mlxlab(spec: dict) -> dict:
     Trainer.fit = fit
     train(cfg)
     if spec["variant"] == "full" and spec.get("save_batches"):
-        save_batches(Path(spec["batches"]), rec["batches"])
+        h.save_batches(Path(spec["batches"]), rec["batches"])
     return {
         "times": rec["times"], "evals": rec["evals"], "shapes": rec["shapes"][: warmup + steps],
         "mx_peak_mb": rec.get("mx_peak_mb"),
@@ -268,10 +291,8 @@ def worker_mlxlab(spec: dict) -> dict:
     }
 
 
-# ---- worker: the minimal MLX loop ---------------------------------------------------------------
-
-
 def worker_mlx(spec: dict) -> dict:
+    """A worker: the minimal MLX loop on the mlxlab row's model, settings and saved batches."""
     from functools import partial
 
     import mlx.nn as nn
@@ -282,9 +303,9 @@ def worker_mlx(spec: dict) -> dict:
 
     ref = spec["reference"]  # what the mlxlab worker recorded
     meta, hp = ref["meta"], ref["trainer"]
-    batches = [{k: mx.array(v) for k, v in b.items()} for b in load_batches(spec["batches"])]
+    batches = [{k: mx.array(v) for k, v in b.items()} for b in h.load_batches(spec["batches"])]
     mx.eval(batches)
-    base = rss_mb()
+    base = h.rss_mb()
     mx.random.seed(0)
     model = instantiate(ref["model_cfg"], _convert_="all", vocab_size=meta["vocab_size"],
                         num_labels=meta["num_labels"])
@@ -300,16 +321,16 @@ def worker_mlx(spec: dict) -> dict:
         optimizer.update(model, grads)
         return loss
 
-    times = [clock()]
+    times = [h.clock()]
     for k, batch in enumerate(batches, start=1):
         loss = step(batch)
         mx.eval(loss, state)
-        times.append(clock())
+        times.append(h.clock())
         if k == spec["warmup"]:
             mx.reset_peak_memory()
-            reset_peak_rss()
+            h.reset_peak_rss()
     return {
-        "times": times, "mx_peak_mb": mx.get_peak_memory() / 2**20, "rss_mb": peak_rss_mb() - base,
+        "times": times, "mx_peak_mb": mx.get_peak_memory() / 2**20, "rss_mb": h.peak_rss_mb() - base,
         "params": sum(v.size for _, v in tree_flatten(model.parameters())),
     }
 
@@ -322,9 +343,6 @@ def worker_main(kind: str, spec_path: str) -> None:
     set_blas_threads(spec["threads"])
     result = WORKERS[kind](spec)
     Path(spec["result"]).write_text(json.dumps(result))
-
-
-# ---- the parent: run the workers, summarize ------------------------------------------------------
 
 
 SCRIPTS = Path(__file__).resolve().parent
@@ -415,7 +433,7 @@ def bench_round(name: str, spec: dict, args, tmp: Path, r: int) -> dict[str, dic
     order = ["mlxlab", *(f"mlxlab:{v}" for v in args.variants), "mlx"]
     plain = MODELS[name][1] == "tokens"  # torch_plain.py implements the decoders
     order += [] if args.no_torch else ["torch", *(["torch:plain"] if plain else [])]
-    order = in_round(order, r)
+    order = h.in_round(order, r)
     results = {}
     for impl in order:
         kind, _, variant = impl.partition(":")
@@ -533,33 +551,35 @@ def table(rows: list[dict], ratio_rows: list[tuple]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_options(parser, quick=(False, "validation settings: GEMM 512, warmup 2, 4 timed steps, batch 4"),
-                models="nano,tiny,bert", warmup=(None, "steps skipped (default 3)", int),
-                steps=(None, "steps timed (default: 20 for nano and tiny, 200 for bert)", int),
-                batch_size=(None, "trainer.batch_size (default: the experiment's)", int),
-                threads=(None, "BLAS and torch threads (default: OPENBLAS_NUM_THREADS, else cores)", int),
-                gemm=(None, "GEMM sizes (default 1024,2048)"),
-                variants=(None, f"extra mlxlab rows: comma list of {','.join(VARIANTS)} (default: "
-                          "all; --quick: none)"),
-                repeats=(None, "interleaved rounds of every row; the table shows medians (default "
-                         "3; --quick: 1)", int), no_torch=False, spec=(None, argparse.SUPPRESS))
+    h.add_options(parser, quick=(False, "validation settings: GEMM 512, warmup 2, 4 timed steps, batch 4"),
+                  models="nano,tiny,bert", warmup=(None, "steps skipped (default 3)", int),
+                  steps=(None, "steps timed (default: 20 for nano and tiny, 200 for bert)", int),
+                  batch_size=(None, "trainer.batch_size (default: the experiment's)", int),
+                  threads=(None, "BLAS and torch threads (default: OPENBLAS_NUM_THREADS, else cores)", int),
+                  gemm=(None, "GEMM sizes (default 1024,2048)"),
+                  variants=(None, f"extra mlxlab rows: comma list of {','.join(VARIANTS)} (default: "
+                            "all; --quick: none)"),
+                  repeats=(None, "interleaved rounds of every row; the table shows medians (default "
+                           "3; --quick: 1)", int), no_torch=False, spec=(None, argparse.SUPPRESS))
     parser.add_argument("--override", action="append", default=[],
                         help="extra Hydra override for every row (repeatable)")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--gemm-table", action="store_true",
                         help="only the GEMM table: MLX under each BLAS (OpenBLAS, MKL), PyTorch, numpy")
+    parser.add_argument("--bf16", action="store_true", help="only the bf16 product table: "
+                        "trainer.precision=bf16's (MKL), MLX's bf16 and fp32, PyTorch's bf16 and fp32")
     parser.add_argument("--gemm-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker_main(args.worker, args.spec)
-    if args.gemm_worker or args.gemm_table:
+    if args.gemm_worker or args.gemm_table or args.bf16:
         sizes = [int(n) for n in (args.gemm or ("64" if args.smoke else
                                                 "64,128,256,512,1024,2048")).split(",")]
-        repeats = args.repeats or (2 if args.smoke else 20)
+        repeats = args.repeats or (2 if args.smoke else 10 if args.bf16 else 20)
         if args.gemm_worker:
             return gemm_worker(sizes, repeats)
         threads = args.threads or int(os.environ.get("OPENBLAS_NUM_THREADS") or os.cpu_count() or 1)
-        return gemm_table(sizes, threads, repeats, 1 if args.smoke else 5, args.smoke)
+        return gemm_table(sizes, threads, repeats, 1 if args.smoke else 5, args.smoke, args.bf16)
     if args.smoke:  # --quick on nano, 1 + 2 steps, every worker (PyTorch's when installed)
         args.quick, args.models, args.warmup, args.steps = True, "nano", 1, 2
         args.gemm = "64"
@@ -606,9 +626,9 @@ def main() -> None:
             ratio_rows += model_ratios
             checks += [check] if check else []
     shown = table(rows, ratio_rows)
-    print_table(shown)
+    h.print_table(shown)
     pytorch = next((c for c in ratio_rows if c[0].endswith(": mlxlab / PyTorch eager")), None)
-    write_record("-".join(models) + "-vs-pytorch", {
+    h.write_record("-".join(models) + "-vs-pytorch", {
         "machine": info, "gemm": gemm, "rows": rows, "checks": checks, "table": shown,
         "ratios": [dict(zip(("what", "median", "target", "low", "high", "by_median_step"), c))
                    for c in ratio_rows]},

@@ -26,14 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.harness import (
-    add_options,
-    in_round,
-    print_table,
-    run_with_peak_rss,
-    save_batches,
-    write_record,
-)
+import benchmarks.harness as h
 
 HERE = Path(__file__).resolve().parent
 BARE = ["tracking=none", "callbacks.progress.enabled=false"]
@@ -64,8 +57,8 @@ def dump(folder: Path, overrides: list[str]) -> None:
         return {k: np.array(batch[k]) for k in ("input_ids", "attention_mask", "labels")}
 
     train = [numpy(b) for e in range(epochs) for b in data.train_batches(batching, e)]
-    save_batches(folder / "train.npz", train)
-    save_batches(folder / "val.npz", [numpy(b) for b in data.val_batches(batching)])
+    h.save_batches(folder / "train.npz", train)
+    h.save_batches(folder / "val.npz", [numpy(b) for b in data.val_batches(batching)])
     model = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
              if k not in ("_target_", "lora", "pretrained")}
     opt, schedule = cfg.optimizer, cfg.trainer.schedule
@@ -86,7 +79,7 @@ def run_mlxlab(extra: list[str], tmp: Path, env: dict[str, str] | None = None) -
     process's), timed from outside; the loop and first epoch from its log."""
     folder = Path(tempfile.mkdtemp(dir=tmp))  # a fresh ./mlruns and ./outputs, as a new clone
     cmd = [str(Path(sys.executable).with_name("mlxlab-train")), *extra]
-    done, _ = run_with_peak_rss(cmd, what=cmd[0], cwd=folder, env=env)
+    done, _ = h.run_with_peak_rss(cmd, what=cmd[0], cwd=folder, env=env)
     lines = (done.stdout + done.stderr).splitlines()
     evals = [m for m in map(EVAL_LINE.match, lines) if m]
     begin = next(stamp(m.group(1)) for m in map(TRAINING_LINE.match, lines) if m)
@@ -103,7 +96,7 @@ def run_mlxlab(extra: list[str], tmp: Path, env: dict[str, str] | None = None) -
 def run_twin(data: Path, threads: int) -> dict:
     cmd = [sys.executable, str(HERE / "torch_bert_run.py"), "--data", str(data),
            "--threads", str(threads)]
-    done, _ = run_with_peak_rss(cmd, what=cmd[1], env={**os.environ, "PYTHONPATH": str(HERE)})
+    done, _ = h.run_with_peak_rss(cmd, what=cmd[1], env={**os.environ, "PYTHONPATH": str(HERE)})
     res = json.loads(done.stdout.strip().splitlines()[-1])
     return {"wall_s": done.wall_s, "cpu_s": done.cpu_s, "loop_s": res["loop_s"], "first_epoch_s": None,
             "steps": len(res["step_s"]),
@@ -113,10 +106,10 @@ def run_twin(data: Path, threads: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_options(parser, repeats=3, threads=len(os.sched_getaffinity(0)),
-                rows=("readme,bare,twin", "a subset, in this order"),
-                epochs=(None, "trainer.max_epochs for the mlxlab rows (the default run's 40 when "
-                        "not given; not with the twin)", int))
+    h.add_options(parser, repeats=3, threads=len(os.sched_getaffinity(0)),
+                  rows=("readme,bare,twin", "a subset, in this order"),
+                  epochs=(None, "trainer.max_epochs for the mlxlab rows (the default run's 40 when "
+                          "not given; not with the twin)", int))
     parser.add_argument("--dump", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.smoke:  # every row, one round of one epoch (the twin's batches too)
@@ -141,15 +134,15 @@ def main() -> None:
                        capture_output=True)
     results = interleave(rows, args.repeats)
     shown = table(results)
-    print_table(shown)
+    h.print_table(shown)
     ours = "readme" if "readme" in results else "bare" if "bare" in results else None
     ratio = (statistics.median(x["wall_s"] / y["wall_s"] for x, y in zip(results[ours], results["twin"]))
              if ours and "twin" in results else None)
-    write_record("default-run-vs-pytorch", {**results, "table": shown}, question="speed-pytorch",
-                 reference=ratio and "the same run as a plain PyTorch script (speed/torch_bert_run.py)",
-                 ratio=ratio and round(ratio, 2),
-                 summary=ratio and f"wall time of the default experiment, `{ours}` row (lower is better)",
-                 smoke=args.smoke)
+    h.write_record("default-run-vs-pytorch", {**results, "table": shown}, question="speed-pytorch",
+                   reference=ratio and "the same run as a plain PyTorch script (speed/torch_bert_run.py)",
+                   ratio=ratio and round(ratio, 2),
+                   summary=ratio and f"wall time of the default experiment, `{ours}` row (lower is better)",
+                   smoke=args.smoke)
 
 
 def interleave(rows: dict[str, Callable[[], dict]], repeats: int) -> dict[str, list[dict]]:
@@ -157,7 +150,7 @@ def interleave(rows: dict[str, Callable[[], dict]], repeats: int) -> dict[str, l
     slow spell of a shared machine hits every row alike; prints each run as it ends."""
     results: dict[str, list[dict]] = {name: [] for name in rows}
     for r in range(repeats):
-        for name in in_round(list(rows), r):
+        for name in h.in_round(list(rows), r):
             res = rows[name]()
             results[name].append(res)
             first = "" if res["first_epoch_s"] is None else f"  first epoch {res['first_epoch_s']:5.2f} s"

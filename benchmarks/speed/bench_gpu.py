@@ -72,9 +72,6 @@ def budgeted_rows(keys: list[dict], deadline: float, measure) -> list[dict]:
     return rows
 
 
-# ---- MLX side (a worker process) -------------------------------------------------------------
-
-
 def gemm(sizes: list[int], deadline: float) -> dict[str, float]:
     """Best TFLOP/s of an n x n x n product per dtype, 10 timed repeats after 2 warm ones."""
     import mlx.core as mx
@@ -171,10 +168,8 @@ def mlx_worker(spec: dict) -> dict:
             "gemm_s": time.monotonic() - started}
 
 
-# ---- PyTorch side (a worker process that never imports mlxlab or MLX) -------------------------
-
-
 def torch_worker(spec: dict) -> dict:
+    """The PyTorch side: a worker process that never imports mlxlab or MLX."""
     try:
         import torch
     except ImportError:
@@ -229,9 +224,6 @@ def torch_worker(spec: dict) -> dict:
                          time.monotonic() + spec["budget"]["torch"], measure)
     return {"torch": torch.__version__, "device": torch.cuda.get_device_name() if on_gpu else "cpu",
             "rows": rows}
-
-
-# ---- runs of the real command ------------------------------------------------------------------
 
 
 def run_train(root: Path, overrides: list[str], timeout: float):

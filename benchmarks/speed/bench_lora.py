@@ -1,8 +1,7 @@
 """LoRA fine-tuning speed and memory, mlxlab beside mlx_lm.lora, on long rows and on chats; also
 the runners of both tools that bench_sizes.py and real_model_finetune.py use.
 
-    python benchmarks/speed/bench_lora.py [--rows long,chat] [--tools mlxlab,mlx-lm,mlx-lm-openblas]
-        [--steps 12] [--rounds 2] [--work DIR] [--seq 512] [--grad-checkpoint] [--model DIR]
+    python benchmarks/speed/bench_lora.py --rows chat --tools mlxlab,mlx-lm-openblas  (--help)
 
 A random Llama (hidden 512, 8 layers, 4 / 2 heads, ChatML; weights N(0, --init-std)), LoRA rank
 8 (alpha 16) on q/k/v/o, batch 4, Adam at 2e-4, 512 positions a row. `long`: rows of >= 600
@@ -27,8 +26,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
-from benchmarks.harness import add_options, in_round, print_table, run_with_peak_rss, write_record  # noqa: E402
+import benchmarks.harness as h  # noqa: E402
 
 SEQ, BATCH, RANK, ALPHA, LR = 512, 4, 8, 16.0, 2e-4
 MODEL = dict(hidden=512, layers=8, heads=4, kv_heads=2, chat="chatml")
@@ -107,11 +105,8 @@ def write_data(root: Path, n_train: int = 160, n_val: int = 8, seq: int = SEQ) -
 
 def prepare(work: Path, std: float = 0.2, seq: int = SEQ) -> tuple[Path, dict[str, Path]]:
     """The model folder (weights N(0, std)) and the data sets, written once under `work`."""
-    from tiny_hf_model import save_tiny_llama_without_torch
-
-    model = work / ("llama" if std == 0.2 else f"llama-std{std:g}")
-    if not (model / "config.json").exists():
-        save_tiny_llama_without_torch(model, intermediate=None, std=std, **MODEL)
+    model = h.tiny_llama(work / ("llama" if std == 0.2 else f"llama-std{std:g}"), intermediate=None,
+                         std=std, **MODEL)
     return model, write_data(work / ("data" if seq <= 512 else f"data-{seq}"), seq=seq)
 
 
@@ -141,8 +136,8 @@ def run_mlxlab(out: Path, overrides: list[str], env: dict | None = None,
     if step_times:
         cmd.append(f"+callbacks.step_times={{_target_:benchmarks.callbacks.StepTimes,path:{times}}}")
     path = os.pathsep.join([str(REPO / "src"), str(REPO)])  # benchmarks.callbacks
-    proc, rss = run_with_peak_rss(cmd, what="mlxlab", log=out.with_name(out.name + ".log"), cwd=REPO,
-                                  env={**(env or os.environ), "PYTHONPATH": path})
+    proc, rss = h.run_with_peak_rss(cmd, what="mlxlab", log=out.with_name(out.name + ".log"), cwd=REPO,
+                                    env={**(env or os.environ), "PYTHONPATH": path})
     rows = csv_metrics(out)
     tags = json.loads((out / "tracking" / "tags.json").read_text())
     clock = [float(x) for x in times.read_text().split()] if step_times else []
@@ -184,7 +179,7 @@ def run_mlx_lm(model: Path, data: Path, steps: int, out: Path, *, openblas: bool
             "lora_parameters": {"rank": RANK, "dropout": 0.0, "scale": ALPHA / RANK, "keys": MLX_LM_KEYS}}
     (out / "args.json").write_text(json.dumps(args))
     report = out / "report.jsonl"
-    proc, rss = run_with_peak_rss(
+    proc, rss = h.run_with_peak_rss(
         [sys.executable, "-c", MLX_LM_WORKER, str(out / "args.json"), str(report),
          "1" if openblas else "0", "1" if fast_quantized else "0"],
         what="mlx-lm", cwd=out, env=env or {**os.environ, "PYTHONPATH": str(REPO / "src")})
@@ -208,13 +203,13 @@ def summary(run: dict, skip: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_options(p, rows="long,chat", tools=",".join(TOOLS), steps=12,
-                skip=(2, "first steps left out (compiling)"), rounds=2, work=None,
-                init_std=(0.2, "the random weights' std: 0.2 (peaked attention, denormals in the "
-                          "backward) or 0.02 (a trained model's scale)"),
-                seq=(SEQ, "positions a row"), model=(None, "a Hugging Face folder (float weights) "
-                                                     "to fine-tune instead of the random Llama"),
-                grad_checkpoint=(False, "both tools recompute each decoder block in the backward"))
+    h.add_options(p, rows="long,chat", tools=",".join(TOOLS), steps=12,
+                  skip=(2, "first steps left out (compiling)"), rounds=2, work=None,
+                  init_std=(0.2, "the random weights' std: 0.2 (peaked attention, denormals in the "
+                            "backward) or 0.02 (a trained model's scale)"),
+                  seq=(SEQ, "positions a row"), model=(None, "a Hugging Face folder (float weights) "
+                                                       "to fine-tune instead of the random Llama"),
+                  grad_checkpoint=(False, "both tools recompute each decoder block in the backward"))
     args = p.parse_args()
     if args.smoke:  # long rows, 2 steps, one round; mlx-lm on mlxlab's OpenBLAS (the stock BLAS
         # runs the same code ~10x slower: minutes a step here)
@@ -227,7 +222,7 @@ def main() -> None:
     results: dict[tuple[str, str], list[dict]] = {}
     groups = args.rows.split(",")
     for rnd, kind, tool in ((r, k, t) for r in range(args.rounds) for k in groups
-                            for t in in_round(tools, r)):
+                            for t in h.in_round(tools, r)):
         out = work / "runs" / f"{kind}-{tool}-{rnd}"
         if tool == "mlxlab":
             run = run_mlxlab(out, [
@@ -243,14 +238,14 @@ def main() -> None:
         results.setdefault((kind, tool), []).append(s)
         print(json.dumps({"round": rnd, "rows": kind, "tool": tool, **s}), flush=True)
     shown = table(results, groups, tools)
-    print_table(shown)
+    h.print_table(shown)
     group = groups[0]
     other = next((t for t in tools if t.startswith("mlx-lm")), None)
     ratio = None
     if (group, "mlxlab") in results and (group, other) in results:
         ratio = round(statistics.median(r["tokens_per_sec"] for r in results[(group, "mlxlab")])
                       / statistics.median(r["tokens_per_sec"] for r in results[(group, other)]), 2)
-    write_record(f"lora-{group}s-vs-mlx-lm", {
+    h.write_record(f"lora-{group}s-vs-mlx-lm", {
         "args": vars(args), "runs": {f"{g}/{t}": runs for (g, t), runs in results.items()},
         "table": shown},
         question="speed-mlx", reference=ratio and f"mlx_lm.lora ({other})", ratio=ratio,

@@ -15,7 +15,6 @@ and OpenBLAS, alternating --rounds times: completions/s, completion tokens/s (co
 shared reward function) and MLX's peak; timed: the training call alone.
 
     python benchmarks/speed/bench_preference.py --grpo --model <folder> --prompts <prompts.jsonl>
-        [--steps 20] [--batch 8] [--group 8] [--max-tokens 8] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -33,18 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.harness import (  # noqa: E402
-    add_options,
-    metric_history,
-    print_table,
-    run_with_peak_rss,
-    smoke_dir,
-    tiny_hf_model,
-    tiny_llama,
-    write_record,
-)
+import benchmarks.harness as h  # noqa: E402
 
 LORA_VENV = Path(os.environ.get("MLXLORA_VENV", "/work/venvs/mlxlora"))
 MODEL = {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 6,
@@ -129,7 +118,7 @@ def grpo_lora(a) -> float:
 def one(a) -> None:
     import mlx.core as mx
 
-    sys.path.insert(0, str(REPO))
+    sys.path.insert(0, str(h.REPO))
     from benchmarks.speed import bench_preference as me  # the rewards' _target_, not __main__
 
     seconds = (me.grpo_mlxlab if a.side == "mlxlab" else me.grpo_lora)(a)
@@ -142,12 +131,10 @@ def one(a) -> None:
 
 def smoke_inputs(folder: Path) -> tuple[str, str]:
     """A tiny random Llama (scripts/tiny_hf_model.py, no torch) and 8 of the copy task's prompts."""
-    model = tiny_llama(folder / "model")
-    rows = (REPO / "src/mlxlab/assets/copy_format/train.jsonl").read_text().splitlines()[:8]
+    model = h.tiny_llama(folder / "model")
+    rows = (h.REPO / "src/mlxlab/assets/copy_format/train.jsonl").read_text().splitlines()[:8]
     (folder / "prompts.jsonl").write_text("\n".join(rows) + "\n")
     return str(model), str(folder / "prompts.jsonl")
-
-
 
 
 def one_token_words(tokenizer) -> list[str]:
@@ -200,7 +187,7 @@ def check_mlxlab_lengths(folder: Path, data: Path, length: int) -> None:
 
 def timed_run(cmd: list[str], env: dict, log: Path) -> dict:
     """Run `cmd`, its output in `log`: its peak RSS (MiB), CPU and wall seconds, output."""
-    done, rss = run_with_peak_rss(cmd, what=" ".join(cmd[:3]), log=log, env=env, cwd=REPO)
+    done, rss = h.run_with_peak_rss(cmd, what=" ".join(cmd[:3]), log=log, env=env, cwd=h.REPO)
     return {"rss_mb": rss, "cpu_s": done.cpu_s, "wall_s": done.wall_s, "log": done.stdout + done.stderr}
 
 
@@ -216,7 +203,7 @@ def run_mlx_lm_lora(work: Path, folder: Path, data: Path, steps: int, every: int
     # mlxlab's own binding (runtime/compute/blas.py) of the OpenBLAS it ships, then mlx-lm-lora
     from mlxlab.runtime.compute.blas import _bundled_openblas
 
-    env = {**os.environ, "MLXLAB_BLAS": str(_bundled_openblas()), "PYTHONPATH": str(REPO / "src")}
+    env = {**os.environ, "MLXLAB_BLAS": str(_bundled_openblas()), "PYTHONPATH": str(h.REPO / "src")}
     setup = "import mlxlab; assert mlxlab.blas.fast, mlxlab.blas; "
     cmd = [str(LORA_VENV / "bin" / "python"), "-c", setup + SHIM, *args]
     out = timed_run(cmd, env, work / f"{tag}.log")
@@ -242,7 +229,7 @@ def run_mlxlab(work: Path, folder: Path, data: Path, steps: int, every: int, cac
             f"hydra.run.dir={root}/run"]
     if cached:
         args += ["objective.reference=cached", f"data.cache_dir={work / 'cache'}"]
-    env = dict(os.environ, MLXLAB_ROOT=str(root), PYTHONPATH=str(REPO / "src"))
+    env = dict(os.environ, MLXLAB_ROOT=str(root), PYTHONPATH=str(h.REPO / "src"))
     env.pop("MLFLOW_TRACKING_URI", None)
     out = timed_run([sys.executable, "-m", "mlxlab.train", "experiment=dpo_chat", *args], env,
                     work / f"{tag}.log")
@@ -252,15 +239,15 @@ def run_mlxlab(work: Path, folder: Path, data: Path, steps: int, every: int, cac
     client = MlflowClient(f"sqlite:///{root}/mlruns/mlflow.db")
     run_id = next(r for e in client.search_experiments()
                   for r in client.search_runs([e.experiment_id])).info.run_id
-    return {**out, "pairs_per_s": metric_history(client, run_id, "train/samples_per_sec")[1:],
-            "mlx_peak_mb": max(metric_history(client, run_id, "memory/peak_mb"))}
+    return {**out, "pairs_per_s": h.metric_history(client, run_id, "train/samples_per_sec")[1:],
+            "mlx_peak_mb": max(h.metric_history(client, run_id, "memory/peak_mb"))}
 
 
 def grpo_main(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     """--grpo: both sides alternating --rounds times, each in its own process."""
     passed = [x for x in sys.argv[1:] if x != "--grpo"]
     if a.smoke:  # a tiny random Llama, 8 copy prompts, one step of 2 prompts x G 2, one round
-        a.model, a.prompts = smoke_inputs(smoke_dir("grpo_speed"))
+        a.model, a.prompts = smoke_inputs(h.smoke_dir("grpo_speed"))
         a.steps, a.batch, a.group, a.max_tokens, a.rounds = 1, 2, 2, 4, 1
         passed = [f"--{k.replace('_', '-')}={vars(a)[k]}"
                   for k in ("model", "prompts", "steps", "batch", "group", "max_tokens")]
@@ -273,8 +260,8 @@ def grpo_main(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     for _ in range(a.rounds):
         for side in ("mlxlab", "mlx-lm-lora"):
             argv = [sys.executable, __file__, "--grpo", "--side", side, *passed]
-            proc = subprocess.run(argv, capture_output=True, text=True, cwd=REPO,
-                                  env={**os.environ, "PYTHONPATH": f"{REPO / 'src'}:{REPO}"})
+            proc = subprocess.run(argv, capture_output=True, text=True, cwd=h.REPO,
+                                  env={**os.environ, "PYTHONPATH": f"{h.REPO / 'src'}:{h.REPO}"})
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             if not line:
                 sys.exit(f"{side} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
@@ -283,22 +270,22 @@ def grpo_main(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     per_round = [ours["completions_per_s"] / theirs["completions_per_s"]
                  for ours, theirs in zip(results[::2], results[1::2])]
     ratio = statistics.median(per_round)
-    write_record("grpo-vs-mlx-lm-lora", {"runs": results, "ratio_per_round": per_round},
-                 question="speed-mlx", reference="mlx-lm-lora's train_grpo, same model and settings",
-                 ratio=round(ratio, 2), summary="GRPO completions/s, median round (higher is better)",
-                 smoke=a.smoke)
-    print_table({"head": ["side", "completions/s", "completion tokens/s", "peak MB", "seconds"],
-                 "rows": [[r["side"], f"{r['completions_per_s']:.1f}", f"{r['tokens_per_s']:.1f}",
-                           f"{r['peak_mb']:.0f}", f"{r['seconds']:.1f}"] for r in results]})
+    h.write_record("grpo-vs-mlx-lm-lora", {"runs": results, "ratio_per_round": per_round},
+                   question="speed-mlx", reference="mlx-lm-lora's train_grpo, same model and settings",
+                   ratio=round(ratio, 2), summary="GRPO completions/s, median round (higher is better)",
+                   smoke=a.smoke)
+    h.print_table({"head": ["side", "completions/s", "completion tokens/s", "peak MB", "seconds"],
+                   "rows": [[r["side"], f"{r['completions_per_s']:.1f}", f"{r['tokens_per_s']:.1f}",
+                             f"{r['peak_mb']:.0f}", f"{r['seconds']:.1f}"] for r in results]})
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_options(parser, work=Path("/tmp/bench_preference"), rounds=2,
-                steps=(None, "default 16 (--grpo: 20)", int), every=4, variants=",".join(VARIANTS),
-                grpo=(False, "GRPO instead: objective=grpo beside mlx-lm-lora's train_grpo "
-                      "(--model, --prompts required)"),
-                model=None, prompts=None, batch=8, group=8, max_tokens=8, lr=2e-3)
+    h.add_options(parser, work=Path("/tmp/bench_preference"), rounds=2,
+                  steps=(None, "default 16 (--grpo: 20)", int), every=4, variants=",".join(VARIANTS),
+                  grpo=(False, "GRPO instead: objective=grpo beside mlx-lm-lora's train_grpo "
+                        "(--model, --prompts required)"),
+                  model=None, prompts=None, batch=8, group=8, max_tokens=8, lr=2e-3)
     parser.add_argument("--side", choices=["mlxlab", "mlx-lm-lora"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.grpo:
@@ -307,7 +294,7 @@ def main() -> None:
     args.steps = args.steps or 16
     if args.smoke:  # every variant, one round of 4 steps logged every 2 (the first line is left
         # out of the speed), its own model and pairs; mlx-lm-lora's where its venv is there
-        args.work, args.rounds, args.steps, args.every = smoke_dir("preference"), 1, 4, 2
+        args.work, args.rounds, args.steps, args.every = h.smoke_dir("preference"), 1, 4, 2
         if not (LORA_VENV / "bin" / "python").exists():
             print(f"{LORA_VENV}: no mlx-lm-lora venv, its variant skipped", flush=True)
             args.variants = "mlxlab,cached"
@@ -317,7 +304,7 @@ def main() -> None:
     work = args.work
     folder = work / "model"
     if not (folder / "config.json").is_file():
-        tiny_hf_model().save_tiny_model("llama", folder, chat="chatml", **MODEL)
+        h.tiny_hf_model().save_tiny_model("llama", folder, chat="chatml", **MODEL)
     data = work / "data"
     length = write_pairs(folder, data)
     check_mlxlab_lengths(folder, data, length)
@@ -344,11 +331,11 @@ def main() -> None:
     rates = {v: [statistics.median(x["pairs_per_s"]) for x in runs] for v, runs in results.items()}
     ratio = (statistics.median(a / b for a, b in zip(rates["mlxlab"], rates["lora_openblas"]))
              if {"mlxlab", "lora_openblas"} <= set(rates) else None)
-    write_record("dpo-vs-mlx-lm-lora", {"params": params, "side_tokens": length, "results": results},
-                 question="speed-mlx", reference=ratio and "mlx-lm-lora's DPO (lora_openblas)",
-                 ratio=ratio and round(ratio, 2), summary=ratio and "DPO pairs/s (higher is better)",
-                 smoke=args.smoke,
-                 raw=str(work / "results.json"))
+    h.write_record("dpo-vs-mlx-lm-lora", {"params": params, "side_tokens": length, "results": results},
+                   question="speed-mlx", reference=ratio and "mlx-lm-lora's DPO (lora_openblas)",
+                   ratio=ratio and round(ratio, 2), summary=ratio and "DPO pairs/s (higher is better)",
+                   smoke=args.smoke,
+                   raw=str(work / "results.json"))
     rows = []
     for v, runs in results.items():
         per_round = [statistics.median(x["pairs_per_s"]) for x in runs]
@@ -356,8 +343,8 @@ def main() -> None:
         rows.append([v, f"{med:.2f} ({', '.join(f'{x:.2f}' for x in per_round)})",
                      f"{med * 2 * length:.0f}", f"{statistics.median(x['rss_mb'] for x in runs):.0f}",
                      f"{statistics.median(x['mlx_peak_mb'] for x in runs):.0f}"])
-    print_table({"head": ["variant", "pairs/s (median, per round)", "tokens/s", "max RSS MiB",
-                          "MLX peak MiB"], "rows": rows})
+    h.print_table({"head": ["variant", "pairs/s (median, per round)", "tokens/s", "max RSS MiB",
+                            "MLX peak MiB"], "rows": rows})
 
 if __name__ == "__main__":
     main()

@@ -1,9 +1,7 @@
 """Fine-tuning at the sizes people fine-tune: trained tokens/s, peak memory and first-step seconds
 of mlxlab (unpacked, packed) beside mlx_lm.lora and PyTorch + PEFT, SmolLM2-135M to Llama-3.1-8B.
 
-    python benchmarks/speed/bench_sizes.py [--sizes smollm2,llama-1b,qwen3-1.7b,llama-3b,llama-8b]
-        [--modes lora,qlora] [--tools mlxlab,mlxlab-packed,mlx-lm,torch-peft] [--steps 4] [--skip 1]
-        [--rounds 1] [--dtype auto] [--tokenizer DIR] [--work DIR] [--table-only] [--smoke]
+    python benchmarks/speed/bench_sizes.py [--sizes llama-3b --modes lora --work DIR]  (--help)
     python benchmarks/speed/bench_sizes.py --sharded --sizes llama-1b --steps 4 [--threads N]
 
 Models: the packaged SmolLM2 GGUF and random weights in the published configs (CONFIGS; float32

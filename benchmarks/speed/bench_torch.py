@@ -16,17 +16,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
-from benchmarks.harness import (  # noqa: E402
-    add_options,
-    clock,
-    load_batches,
-    peak_rss_mb,
-    refuse_foreign,
-    reset_peak_rss,
-    rss_mb,
-    save_batches,
-    smoke_dir,
-)
+import benchmarks.harness as h  # noqa: E402
 
 
 def torch_models():
@@ -198,11 +188,11 @@ def worker_torch(spec: dict) -> dict:
     ref = spec["reference"]
     meta, hp = ref["meta"], ref["trainer"]
     batches = [{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in b.items()}
-               for b in load_batches(spec["batches"])]
+               for b in h.load_batches(spec["batches"])]
     for b in batches:
         for key in ("input_ids", "labels"):
             b[key] = b[key].long()
-    base = rss_mb()
+    base = h.rss_mb()
     Transformer, BertClassifier = torch_models()
     cfg = {k: v for k, v in ref["model_cfg"].items() if k not in ("_target_", "lora")}
     if meta["task"] == "lm":
@@ -226,18 +216,18 @@ def worker_torch(spec: dict) -> dict:
             return (ce * mask).sum() / mask.sum().clamp(min=1.0)
         return F.cross_entropy(model(batch["input_ids"], batch["attention_mask"]), batch["labels"])
 
-    times = [clock()]
+    times = [h.clock()]
     for k, batch in enumerate(batches, start=1):
         optimizer.zero_grad(set_to_none=True)
         loss = loss_of(batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), hp["grad_clip"])
         optimizer.step()
-        times.append(clock())
+        times.append(h.clock())
         if k == spec["warmup"]:
-            reset_peak_rss()
+            h.reset_peak_rss()
     return {
-        "times": times, "mx_peak_mb": None, "rss_mb": peak_rss_mb() - base,
+        "times": times, "mx_peak_mb": None, "rss_mb": h.peak_rss_mb() - base,
         "params": sum(p.numel() for p in model.parameters()),
         "optimizer": "fused" if optimizer.defaults.get("fused") else "foreach",
     }
@@ -247,7 +237,7 @@ def smoke_spec(folder: Path) -> Path:
     """A spec of bench.py's shape without bench.py: a 1-layer decoder, 3 steps of random ids."""
     rng = np.random.default_rng(0)
     ids = [rng.integers(0, 64, (2, 17)) for _ in range(3)]
-    save_batches(folder / "batches.npz", [
+    h.save_batches(folder / "batches.npz", [
         {"input_ids": i[:, :-1], "labels": i[:, 1:], "loss_mask": np.ones((2, 16), np.float32)}
         for i in ids])
     spec = {"threads": 1, "warmup": 1, "batches": str(folder / "batches.npz"),
@@ -261,15 +251,15 @@ def smoke_spec(folder: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_options(parser, spec=(None, "the JSON spec bench.py writes"))
+    h.add_options(parser, spec=(None, "the JSON spec bench.py writes"))
     args = parser.parse_args()
     if args.smoke:
-        args.spec = str(smoke_spec(smoke_dir("bench_torch")))
+        args.spec = str(smoke_spec(h.smoke_dir("bench_torch")))
     if not args.spec:
         parser.error("--spec is required")
     spec = json.loads(Path(args.spec).read_text())
     result = worker_torch(spec)
-    refuse_foreign("bench_torch")
+    h.refuse_foreign("bench_torch")
     result["clean"] = True
     Path(spec["result"]).write_text(json.dumps(result))
 

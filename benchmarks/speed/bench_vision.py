@@ -2,8 +2,7 @@
 own trainer (`python -m mlx_vlm.train`, mlx-vlm 0.7.10), on the same rows, model folder, LoRA,
 batch, steps and image size, each in its own process on the same MLX and OpenBLAS.
 
-    python benchmarks/speed/bench_vision.py [--shapes smolvlm,qwen2_5_vl] [--steps 6] [--skip 2]
-        [--rounds 2] [--batch 4] [--qwen-layers 2] [--work DIR] [--smoke]
+    python benchmarks/speed/bench_vision.py --shapes smolvlm --steps 6 --skip 2  (--help)
 
 Random float32 models in the real shapes (never downloaded; tests/vision_models.py's tokenizer
 and processor files): `smolvlm` (SmolVLM-256M: 512-pixel images, one row a batch, BATCH_LIMIT)
@@ -26,14 +25,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
-from benchmarks.harness import (  # noqa: E402
-    add_options,
-    in_round,
-    print_table,
-    run_with_peak_rss,
-    smoke_dir,
-    write_record,
-)
+import benchmarks.harness as h  # noqa: E402
 from benchmarks.speed.bench_lora import lora_overrides  # noqa: E402
 from benchmarks.speed.bench_lora import run_mlxlab as run_lora_mlxlab  # noqa: E402
 
@@ -213,8 +205,8 @@ def run_mlx_vlm(model: Path, data: Path, steps: int, batch: int, quantize: bool,
             "--val-batches", "1", "--adapter-file", str(out / "adapters.safetensors")]
     if quantize:
         args += ["--quantization-bits", "4", "--quantization-group-size", "64"]
-    _, rss = run_with_peak_rss([sys.executable, "-c", MLX_VLM_WORKER, str(report), *args],
-                               what="mlx-vlm", log=out.parent / f"{out.name}.log", cwd=out, env=env)
+    _, rss = h.run_with_peak_rss([sys.executable, "-c", MLX_VLM_WORKER, str(report), *args],
+                                 what="mlx-vlm", log=out.parent / f"{out.name}.log", cwd=out, env=env)
     rows = [json.loads(line) for line in report.read_text().splitlines()]
     return {"steps": [{"step": r["iteration"], "tokens_per_sec": r["tokens_per_second"],
                        "peak_mb": r["peak_memory"] * 1e9 / 2**20, "loss": r["train_loss"],
@@ -232,15 +224,15 @@ def summarize(run: dict, skip: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_options(p, shapes="smolvlm,qwen2_5_vl", tools="mlxlab,mlx-vlm", steps=6,
-                skip=(2, "first steps left out of tokens/s"), rounds=2, batch=4,
-                rows=(64, "training rows of the shapes task"),
-                qwen_layers=(2, "decoder and vision layers of the Qwen2.5-VL-3B-shaped model"),
-                work=None)
+    h.add_options(p, shapes="smolvlm,qwen2_5_vl", tools="mlxlab,mlx-vlm", steps=6,
+                  skip=(2, "first steps left out of tokens/s"), rounds=2, batch=4,
+                  rows=(64, "training rows of the shapes task"),
+                  qwen_layers=(2, "decoder and vision layers of the Qwen2.5-VL-3B-shaped model"),
+                  work=None)
     args = p.parse_args()
     if args.smoke:
         args.steps, args.skip, args.rounds, args.batch, args.rows = 2, 0, 1, 2, 8
-    work = Path(args.work) if args.work else (smoke_dir("bench_vision") if args.smoke else
+    work = Path(args.work) if args.work else (h.smoke_dir("bench_vision") if args.smoke else
                                               Path(tempfile.mkdtemp(prefix="bench_vision_")))
     mlxlab_data, vlm_data = write_rows(work / "data", args.rows)
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
@@ -254,7 +246,7 @@ def main() -> None:
         folder = work / f"{name}{'-smoke' if args.smoke else ''}"
         model = save_model(name, folder, shape, layers, args.smoke)
         batch = min(args.batch, BATCH_LIMIT.get(name, args.batch))
-        for rnd, tool in ((r, t) for r in range(args.rounds) for t in in_round(tools, r)):
+        for rnd, tool in ((r, t) for r in range(args.rounds) for t in h.in_round(tools, r)):
             run, data = (run_mlxlab, mlxlab_data) if tool == "mlxlab" else (run_mlx_vlm, vlm_data)
             s = {**summarize(run(model, data, args.steps, batch, quantize,
                                  work / "runs" / f"{name}-{tool}-{rnd}", env), args.skip),
@@ -275,14 +267,14 @@ def main() -> None:
                       "loads": loads, "speed_ratio": speed, "peak_ratio": peak})
         shown.append([name, tool, runs[0]["batch"], f"{row['step_s']:.2f}", f"{row['tokens_per_sec']:.2f}",
                       f"{row['peak_mb']:.0f}", f"{row['rss_mb']:.0f}", loads, speed, peak])
-    print_table({"head": ["shape", "tool", "batch", "step s", "trained tokens/s", "MLX peak MB",
-                          "peak RSS MB", "load", "mlxlab's speed", "mlxlab's peak"], "rows": shown})
+    h.print_table({"head": ["shape", "tool", "batch", "step s", "trained tokens/s", "MLX peak MB",
+                            "peak RSS MB", "load", "mlxlab's speed", "mlxlab's peak"], "rows": shown})
     first = next((row for row in table if row["speed_ratio"] != "-"), None)
-    write_record("vision-vs-mlx-vlm", {"table": table, "runs": {f"{k[0]}/{k[1]}": v for k, v in results.items()}},
-                 question="speed-mlx", reference=first and "mlx-vlm's own trainer (python -m mlx_vlm.train)",
-                 ratio=first and float(first["speed_ratio"].rstrip("x")),
-                 summary=first and f"vision-language LoRA step speed, {first['shape']} (higher is better)",
-                 smoke=args.smoke)
+    h.write_record("vision-vs-mlx-vlm", {"table": table, "runs": {f"{k[0]}/{k[1]}": v for k, v in results.items()}},
+                   question="speed-mlx", reference=first and "mlx-vlm's own trainer (python -m mlx_vlm.train)",
+                   ratio=first and float(first["speed_ratio"].rstrip("x")),
+                   summary=first and f"vision-language LoRA step speed, {first['shape']} (higher is better)",
+                   smoke=args.smoke)
 
 if __name__ == "__main__":
     main()
