@@ -206,11 +206,12 @@ def main(argv: list[str] | None = None) -> None:
                      "at equal settings (higher is better)")
     if args.part in ("quality", "both"):
         heldout = work / "held_out.jsonl"
-        lines = [json.dumps({"id": r["file_name"], "audio": str(Path(args.data) / "test" /
-                 r["file_name"]), "text": r["transcription"]}) + "\n"
-                 for r in read_split(Path(args.data) / "test")]
-        heldout.write_text("".join(lines))
-        heldout.with_name("val8.jsonl").write_text("".join(lines[:8]))
+        rows = [(r["file_name"], str(Path(args.data) / "test" / r["file_name"]),
+                 r["transcription"]) for r in read_split(Path(args.data) / "test")]
+        heldout.write_text("".join(json.dumps({"id": i, "audio": a, "text": t}) + "\n"
+                                   for i, a, t in rows))
+        heldout.with_name("val8.jsonl").write_text("".join(json.dumps(
+            {"file_name": a, "transcription": t}) + "\n" for _, a, t in rows[:8]))
         figures = {"settings": vars(args), **quality(args, work, env, uri, heldout)}
         q = figures["pooled"]
         figures["table"] = {"head": ["trainer", "held-out WER (pooled seeds)", "vs the base"],
