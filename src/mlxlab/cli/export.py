@@ -99,7 +99,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("run", help=RUN_HELP)
     parser.add_argument("--format", choices=["hf", "mlx-lm", "mlx-vlm", "peft", "gguf",
-                                             "sentence-transformers"], default="hf", dest="fmt")
+                                             "sentence-transformers", "whisper.cpp"],
+                        default="hf", dest="fmt")
     parser.add_argument("--out", required=True,
                         help="folder to write (new or empty); --format gguf: the .gguf file")
     parser.add_argument("--quant", default=None,
@@ -140,12 +141,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="--format hf and gguf from a run: write without loading the folder "
                              "in transformers and comparing its logits with the fine-tune's "
                              "(the model card says unchecked)")
+    parser.add_argument("--probe", default=None, metavar="TASK",
+                        help="--format whisper.cpp: the transcription task (audio/text rows) "
+                        "the file is checked and judged on (default: the run's eval.tasks)")
     parser.set_defaults(lora="fuse")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    if args.fmt == "whisper.cpp" or args.probe is not None:
+        from mlxlab.cli.export_whisper_cpp import export_whisper_cpp_verb
+
+        return export_whisper_cpp_verb(args)
     if args.fmt == "sentence-transformers" or _is_embedder(args):
         return _embedder(args)
     if args.fmt == "gguf":
