@@ -20,23 +20,11 @@ N_TIMESTAMPS = 1501
 
 
 def _filler(count: int) -> list[str]:
-    """`count` distinct lower-case ASCII words of 2-4 letters, each with a leading space
-    marker (Ġ) on every other, as BPE vocabularies hold them."""
-    words = (("Ġ" if i % 2 else "") + "".join(w) for i, w in enumerate(itertools.chain(
-        *(itertools.product(string.ascii_lowercase, repeat=n) for n in (2, 3, 4)))))
-    return _unique(words, count)
-
-
-def _unique(words, count: int) -> list[str]:
-    seen: list[str] = []
-    found = set()
-    for word in words:
-        if word not in found:
-            found.add(word)
-            seen.append(word)
-            if len(seen) == count:
-                break
-    return seen
+    """`count` distinct lower-case ASCII words of 2-4 letters, every other one with BPE's
+    leading-space marker (Ġ)."""
+    words = itertools.chain(*(itertools.product(string.ascii_lowercase, repeat=n)
+                              for n in (2, 3, 4)))
+    return [("Ġ" if i % 2 else "") + "".join(w) for i, w in zip(range(count), words)]
 
 
 def whisper_cpp_tokenizer(folder: Path) -> dict[str, int]:
@@ -49,10 +37,8 @@ def whisper_cpp_tokenizer(folder: Path) -> dict[str, int]:
     folder.mkdir(parents=True, exist_ok=True)
     chars = bytes_to_unicode()
     vocab = {chars[b]: i for i, b in enumerate(range(256))}
-    for word in _filler(REGULAR - 256 + 64):
-        if len(vocab) == REGULAR:
-            break
-        vocab.setdefault(word, len(vocab))
+    for word in _filler(REGULAR - 256):
+        vocab[word] = len(vocab)
     vocab["<|endoftext|>"] = REGULAR
     source = folder / "bpe"
     source.mkdir(exist_ok=True)
@@ -76,18 +62,19 @@ def whisper_cpp_tokenizer(folder: Path) -> dict[str, int]:
 
 def whisper_cpp_folder(folder: Path, n_mels: int = 80, seed: int = 0, layers: int = 2,
                        d_model: int = 64, text_positions: int = 20, active: int = 16,
-                       cross: float = 1.5, conv: float = 0.5) -> Path:
+                       cross: float = 3.0, conv: float = 0.3) -> Path:
     """A tiny random multilingual Whisper (vocabulary 51,865) saved by transformers into
     `folder`, with the tokenizer above, its feature extractor and generation config.
 
-    Its weights are shaped so that its greedy transcripts are short, depend on the audio, and
-    keep their argmax under float16 rounding (whisper.cpp's f16 weights and activations):
-    `active` tokens have embeddings of norm ~8, every other row a thousandth of that; the body's
-    weights are small (std 0.09: perturbations shrink through the layers), the
-    cross-attention's large (std 1.5: the audio steers the decoder); the end token's
-    embedding points along the decoder's final LayerNorm bias (norm 1.8), so transcripts end
-    within a few tokens. `text_positions` 20 lets whisper.cpp decode 5 tokens (n_text_ctx / 2
-    - 5)."""
+    Its weights are shaped so that its greedy transcripts are short, depend on long audio
+    (`long_tone`), and mostly keep their argmax under float16 (whisper.cpp's f16 weights,
+    activations and caches): `active` tokens have embeddings of norm ~8, every other row a
+    thousandth of that; the body's weights are small (std 0.09: perturbations shrink through
+    the layers); the cross-attention's queries and keys small too (it averages the encoder's
+    frames, no saturated softmax to flip) and its values and output large (std `cross`: the
+    audio steers the decoder), the convolutions' weights of std `conv`; the end token's
+    embedding points along the decoder's final LayerNorm bias (norm 1.8). `text_positions`
+    20 lets whisper.cpp decode 5 tokens (n_text_ctx / 2 - 5)."""
     import numpy as np
     import torch
     from transformers import (
@@ -135,3 +122,11 @@ def whisper_cpp_folder(folder: Path, n_mels: int = 80, seed: int = 0, layers: in
     model.save_pretrained(str(folder))
     WhisperFeatureExtractor(feature_size=n_mels).save_pretrained(str(folder))
     return folder
+
+
+def long_tone(i: int):
+    """Utterance `i` of the probe: a 22-28 s tone with a little noise (long, so the frames the
+    cross-attention averages differ from clip to clip; whisper.cpp's window is 30 s)."""
+    from whisper_fixtures import tone
+
+    return tone(28.0 - 2 * (i % 4), 150.0 + 310 * i, seed=i)

@@ -119,13 +119,13 @@ def export_whisper_cpp(source: str | Path, out: str | Path, quant: str = "f16", 
 def fused_weights(model: Any) -> dict[str, np.ndarray]:
     """The model's parameters as float32 numpy under transformers' names, LoRA adapters fused
     into their weights (in place: the model is the export's from here on)."""
+    import mlx.core as mx
     from mlx.utils import tree_flatten
 
     from mlxlab.models.adapters.lora import fuse_lora
 
     fuse_lora(model)
-    return {name: np.array(value.astype("float32") if hasattr(value, "astype") else value,
-                           np.float32)
+    return {name: np.array(value.astype(mx.float32))
             for name, value in tree_flatten(model.parameters())}
 
 
