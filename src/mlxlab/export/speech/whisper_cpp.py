@@ -179,7 +179,8 @@ def _whisper_cpp(written: Path, probe: Probe, limit: int, work: Path, quant: str
         texts = whisper_cpp_transcripts(written, flat, language=probe.language,
                                         max_new_tokens=limit, work=work / "whisper_cpp")
     except ValueError as err:
-        raise ExportError(f"refused: {err}" + (f" ({F32_ABORT})" if quant == "f32" else ""))
+        raise ExportError(f"refused: {err}" + (f" ({F32_ABORT})" if quant == "f32" else "")) \
+            from None
     out, start = [], 0
     for task in audio:
         out.append(texts[start:start + len(task)])
