@@ -1,5 +1,5 @@
-"""`mlxlab export RUN --format hf|mlx-lm|mlx-vlm|peft|gguf --out DIR`: a finished run for transformers,
-mlx-lm, PEFT or llama.cpp / Ollama.
+"""`mlxlab export RUN --format hf|mlx-lm|mlx-vlm|peft|gguf|mlx-whisper --out DIR`: a finished run for
+transformers, mlx-lm, PEFT, llama.cpp / Ollama or mlx-whisper.
 
     mlxlab export outputs/finetune_completions/<time> --format mlx-lm --out exported/ft
         [--dtype float16|bfloat16|float32] [--quantize 4|8] [--fuse-lora | --adapters]
@@ -75,6 +75,17 @@ measured in llama.cpp: the mean and min cosine of its vectors to the source's on
 each held-out query's nDCG@10 against the run and its base, as a decoder's; --accept-loss
 writes a loss anyway. RUN may be the embedder run itself (its sentence_transformer/ folder).
 
+    mlxlab export outputs/finetune_speech/<time> --format hf --out exported/whisper-ft
+    mlxlab export outputs/finetune_speech/<time> --format mlx-whisper [--quantize 4|8] --out DIR
+
+A Whisper (a run of model=whisper, or a Whisper folder) exports as transformers'
+WhisperForConditionalGeneration folder (--format hf: LoRA fused, the base's config, generation
+config, tokenizer and feature-extractor files), proved in transformers (its logits on a probe
+and its greedy transcript of a probe audio are mlxlab's), or as mlx-whisper's folder (--format
+mlx-whisper: float16 as mlx-whisper's convert.py writes it, --quantize 2|3|4|5|6|8 as it
+quantizes, group size 64),
+read back by mlxlab and by mlx-whisper (mlx_whisper.transcribe gives mlxlab's transcript).
+
 --format hf (and peft, and gguf from a run, through its float hf folder) is checked where it is
 made: transformers loads what was written and must give the fine-tune's logits on a 2x16-token
 probe (max gap 1e-3 of the logits' scale), else the export is refused with the gap; the model
@@ -91,6 +102,10 @@ import sys
 
 from mlxlab.cli.common import RUN_HELP
 
+# the formats only a Whisper exports as (export/speech/pipeline.py FORMATS has every Whisper one)
+SPEECH_ONLY = ("mlx-whisper",)
+TEXT_BITS = (4, 8)  # what --quantize takes for mlx-lm
+
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -99,7 +114,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("run", help=RUN_HELP)
     parser.add_argument("--format", choices=["hf", "mlx-lm", "mlx-vlm", "peft", "gguf",
-                                             "sentence-transformers", "whisper.cpp"],
+                                             "sentence-transformers", *SPEECH_ONLY,
+                                             "whisper.cpp"],
                         default="hf", dest="fmt")
     parser.add_argument("--out", required=True,
                         help="folder to write (new or empty); --format gguf: the .gguf file")
@@ -110,9 +126,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="--format gguf K-quants of a run: the importance matrix's training "
                         "rows (default 128; 0: quantize without one)")
     parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
-                        help="weights dtype (default: the pretrained checkpoint's, else float32)")
-    parser.add_argument("--quantize", type=int, choices=[4, 8], default=None,
-                        help="bits, mlx-lm format only (group size 64, as mlx_lm.convert -q)")
+                        help="weights dtype (default: the pretrained checkpoint's, else float32; "
+                        "--format mlx-whisper: float16)")
+    parser.add_argument("--quantize", type=int, default=None, metavar="BITS",
+                        help="bits, group size 64: --format mlx-lm 4|8 (as mlx_lm.convert -q), "
+                        "--format mlx-whisper 2|3|4|5|6|8 (as mlx-whisper's convert.py)")
     parser.add_argument("--quantize-method", choices=["rtn", "gptq", "awq"], default=None,
                         help="--quantize: rtn rounds each weight to its nearest level (mlx_lm."
                         "convert -q; the default); gptq and awq are mlx_lm.quant's calibrated "
@@ -154,6 +172,12 @@ def main(argv: list[str]) -> int:
         from mlxlab.cli.export_whisper_cpp import export_whisper_cpp_verb
 
         return export_whisper_cpp_verb(args)
+    if args.fmt in SPEECH_ONLY or _is_whisper(args):
+        return _speech(args)
+    if args.quantize is not None and args.quantize not in TEXT_BITS:
+        print(f"mlxlab export: error: --quantize {args.quantize}: --format mlx-lm takes 4 or 8 "
+              "bits", file=sys.stderr)
+        return 2
     if args.fmt == "sentence-transformers" or _is_embedder(args):
         return _embedder(args)
     if args.fmt == "gguf":
@@ -386,4 +410,73 @@ def _embedder(args: argparse.Namespace) -> int:
     gaps = ", ".join(f"{who} {gap:.2g}" for who, gap in check["max_abs_gap"].items())
     print(f"read back: max |vector gap| {gaps} <= {check['allowed_gap']:g} on {check['texts']} "
           "texts" + (f" and prompts {', '.join(check['prompts'])}" if check["prompts"] else ""))
+    return 0
+
+
+def _is_whisper(args: argparse.Namespace) -> bool:
+    """Whether RUN is a Whisper folder or a speech run (model=whisper), whatever --format says."""
+    from mlxlab.export.speech.source import is_whisper_source
+
+    return is_whisper_source(args.run)
+
+
+def _speech(args: argparse.Namespace) -> int:
+    """A Whisper: --format hf or mlx-whisper (export/speech/); the options of the text exports
+    are refused, not ignored."""
+    from mlxlab.export.speech import FORMATS
+
+    given = [flag for flag, value in (
+        ("--quant", args.quant), ("--quantize-method", args.quantize_method),
+        ("--imatrix-rows", args.imatrix_rows), ("--draft", args.draft), ("--tasks", args.tasks),
+        ("--accept-loss", args.accept_loss), ("--adapters", args.lora == "adapters")) if value]
+    if args.fmt in SPEECH_ONLY and not _is_whisper(args):
+        from pathlib import Path
+
+        what = ("does not exist" if not Path(args.run).expanduser().exists() else
+                "is not a Whisper model (a run of model=whisper or a Whisper folder)")
+        print(f"mlxlab export: error: {args.run} {what}: --format {args.fmt} writes Whisper "
+              "models only", file=sys.stderr)
+        return 2
+    if args.fmt not in FORMATS:
+        print(f"mlxlab export: error: --format {args.fmt} does not take a Whisper model: a "
+              f"Whisper exports as --format {' | '.join(FORMATS)} | whisper.cpp",
+              file=sys.stderr)
+        return 2
+    if given:
+        print(f"mlxlab export: error: {', '.join(given)} "
+              f"{'does' if len(given) == 1 else 'do'} not apply to a Whisper export (--format "
+              f"{' | '.join(FORMATS)}, --dtype, --quantize with mlx-whisper, --no-check)",
+              file=sys.stderr)
+        return 2
+    return _speech_export(args)
+
+
+def _speech_export(args: argparse.Namespace) -> int:
+    from mlxlab.export.speech import export_whisper
+
+    try:
+        report = export_whisper(args.run, args.out, args.fmt, args.dtype, quantize=args.quantize,
+                                overwrite=args.overwrite, check=args.check)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"mlxlab export: error: {err}", file=sys.stderr)
+        return 2
+    bits = f", {report['quantize']}-bit" if report["quantize"] else ""
+    print(f"exported {report['checkpoint'] or report['source']} -> {args.out} ({args.fmt}, "
+          f"{report['dtype']}{bits}{', LoRA fused' if report['lora'] else ''})")
+    if report.get("read_back"):
+        gap = report["read_back"]
+        print(f"read back by mlxlab: max |logit gap| {gap['max_abs_logit_gap']:.3g} <= "
+              f"{gap['allowed_gap']:.3g}")
+    check = report["check"]
+    if check["status"] == "checked":
+        print(f"checked in {check['checker']}: max |logit gap| {check['max_abs_logit_gap']:.3g} "
+              f"<= {check['allowed_gap']:.3g}; probe audio transcribed as mlxlab does: "
+              f"{check['transcript']['text']!r}")
+    elif check["status"] == "read back":
+        print(f"read back by {check['checker']}: probe audio transcribed as "
+              f"{check['transcript']['text']!r}")
+    else:
+        print(f"unchecked: {check['why']}")
+    if report.get("retention"):
+        print(f"retention: {report['retention']['status']} ({report['retention']['why']})")
     return 0
