@@ -266,3 +266,55 @@ def test_bad_input_is_one_line_and_writes_nothing(case, tmp_path, cli_env):
         assert done.returncode == 2 and len(lines) == 1, done.stderr[-2000:]
         assert lines[0].startswith("mlxlab export: error:") and says in lines[0], lines[0]
         assert not out.exists()
+
+
+@needs_whisper_cpp
+@pytest.mark.slow
+def test_a_lora_run_exports_fused_and_f32_is_refused(case, tmp_path, cli_env):
+    """A few-step LoRA run of the folder (model=whisper, data=speech) through the verb: the
+    float file holds the fused weights (read back: not the base's) and whisper.cpp's check
+    passes on the probe; q8_0 is judged against the run and the run with its adapters off;
+    --quant f32, which whisper.cpp's CPU convolution aborts on, is refused in one line and
+    nothing is written."""
+    from mlx.utils import tree_flatten
+
+    from mlxlab.export.speech.ggml_file import read_ggml
+    from mlxlab.models.adapters.lora import fuse_lora
+    from mlxlab.runs.speech_model import load_speech_model
+    from speech_fixtures import utterance_set
+
+    data = tmp_path / "data"
+    train = write_jsonl(data / "train.jsonl", utterance_set(data, 6))
+    run_dir = tmp_path / "run"
+    done = subprocess.run(
+        [MLXLAB, "train", "model=whisper", "data=speech", "objective=speech_to_text",
+         f"model.pretrained={case['folder']}", f"data.train_file={train}",
+         "data.val_fraction=0.25", "optimized_metric=val/loss", "optimized_mode=min",
+         "trainer.batch_size=2", "trainer.max_steps=2", "trainer.eval_every_steps=2",
+         "trainer.schedule.warmup_steps=0", "callbacks.progress.enabled=false",
+         "tracking=none", f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    out = tmp_path / "ft.bin"
+    done = _cli([run_dir, "--format", "whisper.cpp", "--probe", case["probe"], "--out", out],
+                cli_env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "checked in whisper.cpp" in done.stdout, done.stdout
+    fused = dict(tree_flatten(fuse_lora(load_speech_model(run_dir).model).parameters()))
+    back = read_ggml(out)
+    query = np.array(fused["model.decoder.layers.0.self_attn.q_proj.weight"])
+    np.testing.assert_array_equal(back.tensors["decoder.blocks.0.attn.query.weight"].values,
+                                  query.astype(np.float16).astype(np.float32))
+    assert not np.array_equal(query, case["weights"][
+        "model.decoder.layers.0.self_attn.q_proj.weight"])  # the adapters are in it
+    q8 = tmp_path / "ft-q8.bin"
+    done = _cli([run_dir, "--format", "whisper.cpp", "--quant", "q8_0", "--probe",
+                 case["probe"], "--accept-loss", "--out", q8], cli_env)
+    assert done.returncode == 0 and "base: the run with its adapters off" in done.stdout, (
+        done.stdout + done.stderr)[-3000:]
+    f32 = tmp_path / "ft-f32.bin"
+    done = _cli([run_dir, "--format", "whisper.cpp", "--quant", "f32", "--probe",
+                 case["probe"], "--out", f32], cli_env)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and "f16 kernels" in lines[0], done.stderr
+    assert not f32.exists()
