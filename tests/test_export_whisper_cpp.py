@@ -318,3 +318,23 @@ def test_a_lora_run_exports_fused_and_f32_is_refused(case, tmp_path, cli_env):
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and "f16 kernels" in lines[0], done.stderr
     assert not f32.exists()
+
+
+def test_a_vocabulary_off_whisper_s_layout_is_refused():
+    """whisper.cpp reads the special tokens at Whisper's ids: a small vocabulary, or one whose
+    <|endoftext|> sits elsewhere, is one line naming --format hf; Whisper's own layouts pass."""
+    from mlxlab.export.speech.whisper_cpp_layout import check_vocabulary, special_ids
+    from speech_fixtures import whisper_tokenizer
+
+    tokenizer = whisper_tokenizer()  # the byte symbols, then Whisper's special tokens
+    with pytest.raises(ValueError, match="holds 288 tokens.*--format hf"):
+        check_vocabulary({"vocab_size": 288}, tokenizer)
+    with pytest.raises(ValueError, match=r"<\|endoftext\|> is id 256; whisper.cpp reads it as "
+                                         r"id 50257"):
+        check_vocabulary({"vocab_size": VOCAB}, tokenizer)
+    # openai/whisper-tiny.en, -tiny and large-v3's ids
+    assert special_ids(51864) == {"<|endoftext|>": 50256, "<|startoftranscript|>": 50257,
+                                  "<|notimestamps|>": 50362}
+    assert special_ids(51865)["<|notimestamps|>"] == 50363
+    assert special_ids(51865)["<|transcribe|>"] == 50359
+    assert special_ids(51866)["<|notimestamps|>"] == 50364

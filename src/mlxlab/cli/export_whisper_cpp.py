@@ -49,5 +49,6 @@ def export_whisper_cpp_verb(args: argparse.Namespace) -> int:
             print(f"  {measure['line']}")
         if entry["accepted_loss"]:
             print(f"written with --accept-loss although it lost on {', '.join(entry['lost'])}")
+        print(f"retention recorded: {entry.get('recorded', 'no')}")
     print(f"whisper.cpp: whisper-cli -m {report['out']} -f AUDIO.wav")
     return 0

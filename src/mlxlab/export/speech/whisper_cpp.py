@@ -107,6 +107,7 @@ def export_whisper_cpp(source: str | Path, out: str | Path, quant: str = "f16", 
                 utterances.tasks, run_texts, theirs, base_texts, base_from=base_from,
                 written=str(out), accept_loss=accept_loss,
                 instead="export --quant q8_0 or f16")
+            report["retention"]["recorded"] = _record(loaded, quant, report["retention"])
         else:
             report["check"] = compare_transcripts(utterances, run_texts, theirs, decisive)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -114,6 +115,18 @@ def export_whisper_cpp(source: str | Path, out: str | Path, quant: str = "f16", 
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return report
+
+
+def _record(loaded: Any, quant: str, entry: dict) -> str:
+    """The retention on a run's MLflow run (export/retention.py's `record`): "yes", or why
+    not."""
+    if loaded.kind != "run" or loaded.checkpoint is None:
+        return "no: not a run"
+    from mlxlab.checkpoint import CheckpointState
+    from mlxlab.export.retention import record
+
+    why = record(CheckpointState.read(loaded.checkpoint), f"whisper.cpp-{quant}", entry)
+    return why or "yes"
 
 
 def fused_weights(model: Any) -> dict[str, np.ndarray]:
@@ -154,7 +167,7 @@ def _base_transcripts(loaded: Any, probe: Probe, limit: int
             return ([_mlxlab_transcripts(loaded, a, probe.language, limit) for a in probe.audio],
                     "the run with its adapters off")
     if loaded.kind != "run":
-        return None, "none: a Whisper folder, not a fine-tune (judged against itself)"
+        return None, "none: a Whisper folder, not a fine-tune (judged against the folder)"
     from mlxlab.checkpoint import CheckpointState
     from mlxlab.runs.named_model import EvalModel
 
