@@ -200,6 +200,7 @@ def test_the_judge_refuses_a_lost_gain_and_keeps_a_kept_one():
 
 
 @needs_whisper_cpp
+@pytest.mark.slow  # two whisper.cpp processes: about 20 s on a loaded 2-core box
 def test_the_float_export_transcribes_as_the_run_in_whisper_cpp(case, tmp_path):
     """f16 through export_whisper_cpp: whisper.cpp loads the written file and transcribes the
     decisive probe utterances as mlxlab's greedy decoding of the folder does (the check

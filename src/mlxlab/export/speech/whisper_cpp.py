@@ -84,11 +84,13 @@ def export_whisper_cpp(source: str | Path, out: str | Path, quant: str = "f16", 
     if quant in QUANTIZED and not utterances.tasks:
         raise ExportError(f"--quant {quant} is judged on transcribed utterances: give --probe "
                           "TASK.jsonl (audio/text rows), or export a run scored on eval.tasks")
+    if quant not in QUANTIZED:  # a float file is checked on the first CHECKED utterances
+        utterances.audio = [audio[:CHECKED] for audio in utterances.audio]
     limit = token_limit(int(config["max_target_positions"]))
     run_texts = [_mlxlab_transcripts(loaded, audio, utterances.language, limit)
                  for audio in utterances.audio]
     decisive = ([] if quant in QUANTIZED else
-                [[_decisive(loaded, clip, utterances.language, limit) for clip in audio[:CHECKED]]
+                [[_decisive(loaded, clip, utterances.language, limit) for clip in audio]
                  for audio in utterances.audio])
     base_texts, base_from = (_base_transcripts(loaded, utterances, limit)
                              if quant in QUANTIZED else (None, ""))
@@ -186,7 +188,7 @@ def _base_transcripts(loaded: Any, probe: Probe, limit: int
 
 def _whisper_cpp(written: Path, probe: Probe, limit: int, work: Path, quant: str
                  ) -> list[list[str]]:
-    audio = [a if quant in QUANTIZED else a[:CHECKED] for a in probe.audio]
+    audio = probe.audio
     flat = [clip for task in audio for clip in task]
     try:
         texts = whisper_cpp_transcripts(written, flat, language=probe.language,
