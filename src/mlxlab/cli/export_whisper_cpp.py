@@ -41,14 +41,11 @@ def export_whisper_cpp_verb(args: argparse.Namespace) -> int:
         print(f"checked in {check['checker']}: the run's transcripts on {check['utterances']} "
               f"probe utterances ({check['probe']}; {check['near_ties']} with a near-tie "
               f"under {check['margin']} logits not compared)")
-    entry = report.get("retention")
-    if entry:
-        print(f"retention, transcribed by whisper.cpp from the written file on "
-              f"{entry['utterances']} utterances ({report['probe']}; base: {entry['base']}):")
-        for measure in entry["measures"]:
-            print(f"  {measure['line']}")
-        if entry["accepted_loss"]:
-            print(f"written with --accept-loss although it lost on {', '.join(entry['lost'])}")
-        print(f"retention recorded: {entry.get('recorded', 'no')}")
+    if report.get("retention"):
+        from mlxlab.cli.export import _print_retention
+
+        entry = report["retention"]
+        entry["checker"] = f"whisper.cpp on {entry['utterances']} utterances ({report['probe']})"
+        _print_retention(report)
     print(f"whisper.cpp: whisper-cli -m {report['out']} -f AUDIO.wav")
     return 0
