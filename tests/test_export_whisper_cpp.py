@@ -202,16 +202,18 @@ def test_the_judge_refuses_a_lost_gain_and_keeps_a_kept_one():
 @needs_whisper_cpp
 @pytest.mark.slow  # two whisper.cpp processes: about 20 s on a loaded 2-core box
 def test_the_float_export_transcribes_as_the_run_in_whisper_cpp(case, tmp_path):
-    """f16 through export_whisper_cpp: whisper.cpp loads the written file and transcribes the
-    decisive probe utterances as mlxlab's greedy decoding of the folder does (the check
-    passes), and what it wrote reads back as the folder's weights."""
+    """f16 through export_whisper_cpp: whisper.cpp loads the written file and chooses the
+    tokens mlxlab's greedy decoding of the folder chooses through every decisive step (the
+    check passes), and what it wrote reads back as the folder's weights."""
     from mlxlab.export.speech.ggml_file import read_ggml
     from mlxlab.export.speech.whisper_cpp import export_whisper_cpp
     from mlxlab.export.speech.whisper_cpp_run import whisper_cpp_transcripts
 
     out = tmp_path / "ggml-tiny.bin"
     report = export_whisper_cpp(case["folder"], out, "f16", probe=case["probe"])
-    assert report["check"]["status"] == "checked" and report["check"]["utterances"] >= 2
+    check = report["check"]
+    assert check["status"] == "checked" and check["utterances"] == 4, check
+    assert check["decisive_tokens"] >= 8 and check["equal_transcripts"] >= 2, check
     assert out.is_file() and report["bytes"] == out.stat().st_size
     back = read_ggml(out)
     np.testing.assert_array_equal(back.tensors["encoder.conv1.weight"].values,

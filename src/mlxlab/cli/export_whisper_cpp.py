@@ -38,9 +38,10 @@ def export_whisper_cpp_verb(args: argparse.Namespace) -> int:
           f"{report['bytes'] / 2**20:.1f} MiB)")
     check = report.get("check")
     if check:
-        print(f"checked in {check['checker']}: the run's transcripts on {check['utterances']} "
-              f"probe utterances ({check['probe']}; {check['near_ties']} with a near-tie "
-              f"under {check['margin']} logits not compared)")
+        print(f"checked in {check['checker']}: the run's tokens through every decisive step "
+              f"({check['decisive_tokens']} of {check['tokens']}: a lead of {check['margin']} "
+              f"logits or more) on {check['utterances']} probe utterances ({check['probe']}); "
+              f"{check['equal_transcripts']} of {check['utterances']} transcripts equal in full")
     if report.get("retention"):
         from mlxlab.cli.export import _print_retention
 

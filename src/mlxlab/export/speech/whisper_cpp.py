@@ -5,11 +5,12 @@ its LoRA adapters fused, proven by whisper.cpp itself before it is moved to FILE
 - float (f16, f32): whisper.cpp (whisper_cpp_run.py) transcribes the probe utterances from
   the written file and must give, utterance by utterance, the transcript mlxlab's greedy
   decoding gives of the run (decoding/transcription.py); any difference refuses the export.
-  Compared are the utterances mlxlab decodes decisively: every greedy step's chosen token
-  ahead of the next by at least MARGIN logits. Where two tokens are closer, float16 (the
-  file's weights, whisper.cpp's activations) may legitimately pick the other: those
-  utterances are counted and reported, not compared; a probe with no decisive utterance
-  refuses the export (give --probe other utterances);
+  Compared, token for token, are the steps mlxlab decides decisively: an utterance's chosen
+  tokens up to its first step whose token leads the next by under MARGIN logits. There,
+  float16 (the file's weights, whisper.cpp's activations) may legitimately pick the other,
+  and the rest of the transcript follows from that pick, so it is reported (how many
+  transcripts are equal in full), not compared; a probe with no decisive step refuses the
+  export (give --probe other utterances);
 - quantized (q8_0, q5_0, q5_1, q4_0: gguf-py's quantizers, in the layout whisper.cpp's
   quantize tool writes): whisper.cpp transcribes every utterance of the run's transcription
   tasks (eval.tasks) or of --probe, and the word and character error rates are judged per
@@ -42,7 +43,7 @@ from mlxlab.export.speech.whisper_cpp_layout import (
     mel_filters,
     vocabulary,
 )
-from mlxlab.export.speech.whisper_cpp_run import token_limit, whisper_cpp_transcripts
+from mlxlab.export.speech.whisper_cpp_run import token_limit, whisper_cpp_decode
 
 CHECKED = 8   # probe utterances a float export is checked on
 MARGIN = 0.5  # logits: a greedy step closer than this is a near-tie float16 may flip
@@ -103,7 +104,7 @@ def export_whisper_cpp(source: str | Path, out: str | Path, quant: str = "f16", 
             vocabulary(loaded.tokenizer, int(config["vocab_size"])), ggml_tensors(weights, quant)))
         report = {"format": "whisper.cpp", "source": str(loaded.path), "out": str(out),
                   "quant": quant, "bytes": size, "probe": utterances.where}
-        theirs = _whisper_cpp(written, utterances, limit, work, quant)
+        theirs, their_ids = _whisper_cpp(written, utterances, limit, work, quant)
         if quant in QUANTIZED:
             report["retention"] = judge_transcripts(
                 utterances.tasks, run_texts, theirs, base_texts, base_from=base_from,
@@ -111,7 +112,8 @@ def export_whisper_cpp(source: str | Path, out: str | Path, quant: str = "f16", 
                 instead="export --quant q8_0 or f16")
             report["retention"]["recorded"] = _record(loaded, quant, report["retention"])
         else:
-            report["check"] = compare_transcripts(utterances, run_texts, theirs, decisive)
+            report["check"] = compare_transcripts(utterances, run_texts, theirs, their_ids,
+                                                  decisive)
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(written), str(out))
     finally:
@@ -187,25 +189,28 @@ def _base_transcripts(loaded: Any, probe: Probe, limit: int
 
 
 def _whisper_cpp(written: Path, probe: Probe, limit: int, work: Path, quant: str
-                 ) -> list[list[str]]:
-    audio = probe.audio
-    flat = [clip for task in audio for clip in task]
+                 ) -> tuple[list[list[str]], list[list[list[int]]]]:
+    """whisper.cpp's transcripts and chosen ids of every probe utterance, per task."""
+    flat = [clip for task in probe.audio for clip in task]
     try:
-        texts = whisper_cpp_transcripts(written, flat, language=probe.language,
+        texts, ids = whisper_cpp_decode(written, flat, language=probe.language,
                                         max_new_tokens=limit, work=work / "whisper_cpp")
     except ValueError as err:
         raise ExportError(f"refused: {err}" + (f" ({F32_ABORT})" if quant == "f32" else "")) \
             from None
-    out, start = [], 0
-    for task in audio:
-        out.append(texts[start:start + len(task)])
+    out_texts, out_ids, start = [], [], 0
+    for task in probe.audio:
+        out_texts.append(texts[start:start + len(task)])
+        out_ids.append(ids[start:start + len(task)])
         start += len(task)
-    return out
+    return out_texts, out_ids
 
 
-def _decisive(loaded: Any, clip: np.ndarray, language: str, limit: int) -> bool:
-    """Whether mlxlab's greedy decoding of `clip` is decisive: at every step the chosen token
-    (the end included) leads every other allowed token by MARGIN logits or more."""
+def _decisive(loaded: Any, clip: np.ndarray, language: str, limit: int
+              ) -> tuple[list[int], int, int]:
+    """mlxlab's greedy choice for `clip` (its tokens, the end token included where it
+    ended), how many leading steps are decisive (the chosen token leads every other allowed
+    token by MARGIN logits or more) and the end token's id."""
     import mlx.core as mx
 
     from mlxlab.data.audio_features import log_mel_batch
@@ -224,40 +229,46 @@ def _decisive(loaded: Any, clip: np.ndarray, language: str, limit: int) -> bool:
         row[[t for t in prompt.suppress if t < row.size]] = -np.inf
         if step == 0:
             row[[t for t in prompt.begin_suppress if t < row.size]] = -np.inf
-        lead = row[token] - np.max(np.delete(row, token))
-        if lead < MARGIN:
-            return False
-    return True
+        if row[token] - np.max(np.delete(row, token)) < MARGIN:
+            return chosen, step, prompt.eos
+    return chosen, len(chosen), prompt.eos
 
 
 def compare_transcripts(probe: Probe, run: list[list[str]], theirs: list[list[str]],
-                        decisive: list[list[bool]]) -> dict:
-    """The float file's check: whisper.cpp's transcripts equal to the run's on every
-    utterance mlxlab decodes decisively (an ExportError naming the first that differs, or
-    where none is decisive)."""
-    compared = differ = ties = 0
+                        their_ids: list[list[list[int]]],
+                        decisive: list[list[tuple[list[int], int, int]]]) -> dict:
+    """The float file's check: on every probe utterance, whisper.cpp's chosen tokens are
+    mlxlab's through the decisive steps (an ExportError naming the first utterance where they
+    are not, or where no step is decisive); how many transcripts are equal in full is
+    reported."""
+    utterances = equal = compared = total = differ = 0
     first = ""
-    for task, ours, other, sure in zip(probe.tasks, run, theirs, decisive, strict=True):
-        for ident, a, b, clear in zip(task.ids, ours, other, sure, strict=False):
-            if not clear:
-                ties += 1
-                continue
-            compared += 1
-            if a != b:
+    for task, ours, other, ids, sure in zip(probe.tasks, run, theirs, their_ids, decisive,
+                                            strict=True):
+        for ident, a, b, got, (chosen, lead, eos) in zip(task.ids, ours, other, ids, sure,
+                                                         strict=False):
+            utterances += 1
+            equal += a == b
+            compared += lead
+            total += len(chosen)
+            seq = [t for t in got if t < eos] + ([eos] if eos in got else [])
+            if seq[:lead] != chosen[:lead]:
                 differ += 1
                 first = first or f"{task.task}/{ident}: the run {a!r}, whisper.cpp {b!r}"
     if differ:
-        raise ExportError(f"refused: whisper.cpp transcribes the written file differently from "
-                          f"the run on {differ} of {compared} probe utterances ({first}); the "
-                          "file does not hold the run's model: export --format hf")
+        raise ExportError(f"refused: whisper.cpp decodes the written file differently from the "
+                          f"run on {differ} of {utterances} probe utterances, within the steps "
+                          f"mlxlab decides by {MARGIN} logits or more ({first}); the file does "
+                          "not hold the run's model: export --format hf")
     if not compared:
-        raise ExportError(f"refused: mlxlab's greedy decoding of the {ties} probe utterances "
-                          f"has a near-tie (two tokens within {MARGIN} logits) on each, where "
-                          "float16 may pick either, so whisper.cpp's reading of the file is "
-                          "not proven: give --probe other utterances")
+        raise ExportError(f"refused: mlxlab's greedy decoding of the {utterances} probe "
+                          f"utterances has a near-tie (two tokens within {MARGIN} logits) at "
+                          "its first step on each, where float16 may pick either, so "
+                          "whisper.cpp's reading of the file is not proven: give --probe other "
+                          "utterances")
     return {"status": "checked", "checker": "whisper.cpp (pywhispercpp)",
-            "utterances": compared, "near_ties": ties, "margin": MARGIN,
-            "probe": probe.where}
+            "utterances": utterances, "equal_transcripts": equal, "decisive_tokens": compared,
+            "tokens": total, "margin": MARGIN, "probe": probe.where}
 
 
 def probe_utterances(loaded: Any, probe: str | Path | None) -> Probe:

@@ -67,7 +67,16 @@ def _last_line(log: Path) -> str:
 def whisper_cpp_transcripts(path: Path, audios: Sequence[np.ndarray], *, language: str,
                             max_new_tokens: int, work: Path, timeout: float = 1800) -> list[str]:
     """Each 16 kHz utterance of `audios` transcribed by whisper.cpp from the model file
-    `path` (greedy, as the module says), its text stripped. whisper.cpp runs in a child
+    `path` (greedy, as the module says), its text stripped."""
+    return whisper_cpp_decode(path, audios, language=language, max_new_tokens=max_new_tokens,
+                              work=work, timeout=timeout)[0]
+
+
+def whisper_cpp_decode(path: Path, audios: Sequence[np.ndarray], *, language: str,
+                       max_new_tokens: int, work: Path, timeout: float = 1800
+                       ) -> tuple[list[str], list[list[int]]]:
+    """whisper.cpp's transcripts of `audios` (whisper_cpp_transcripts) and the token ids it
+    chose for each, its end token included where it ended. whisper.cpp runs in a child
     process: a file it aborts on (a failed GGML_ASSERT ends the process) is a ValueError line
     naming the assertion, not a crash of the export."""
     import json
@@ -88,7 +97,7 @@ def whisper_cpp_transcripts(path: Path, audios: Sequence[np.ndarray], *, languag
         assert_line = [line for line in (done.stderr or "").splitlines() if "GGML_ASSERT" in line]
         raise ValueError(f"whisper.cpp failed on {path.name} (exit {done.returncode}): "
                          f"{(assert_line or [why])[0].strip()}")
-    return json.loads(result.read_text())
+    return json.loads(result.read_text()), json.loads((work / "tokens.json").read_text())
 
 
 def _transcribe_in_child(path: Path, work: Path) -> None:
@@ -102,11 +111,18 @@ def _transcribe_in_child(path: Path, work: Path) -> None:
                   no_context=True, temperature=0.0, temperature_inc=0.0, entropy_thold=-1.0,
                   logprob_thold=-1.0e30, no_speech_thold=2.0, suppress_blank=True,
                   max_tokens=max(0, settings["max_new_tokens"] - 1))
+    import _pywhispercpp as pw
+
     with np.load(work / "audio.npz") as audio:
-        texts = []
+        texts, tokens = [], []
         for i in range(len(audio.files)):
             segments = model.transcribe(audio[f"arr_{i}"], **params)
             texts.append(" ".join(s.text for s in segments).strip())
+            ctx = model._ctx  # pywhispercpp's whisper_context: the chosen ids are read from it
+            tokens.append([pw.whisper_full_get_token_id(ctx, j, t)
+                           for j in range(pw.whisper_full_n_segments(ctx))
+                           for t in range(pw.whisper_full_n_tokens(ctx, j))])
+    (work / "tokens.json").write_text(json.dumps(tokens))
     (work / "transcripts.json").write_text(json.dumps(texts))
 
 
