@@ -59,6 +59,7 @@ class Probe:
     audio: list[list[np.ndarray]] = field(default_factory=list)
     language: str = "en"
     where: str = ""
+    non_speech: bool = False  # the model suppresses text tokens (OpenAI's non-speech symbols)
 
 
 def export_whisper_cpp(source: str | Path, out: str | Path, quant: str = "f16", *,
@@ -82,6 +83,9 @@ def export_whisper_cpp(source: str | Path, out: str | Path, quant: str = "f16", 
     config = loaded.model.config
     check_vocabulary(config, loaded.tokenizer)
     utterances = probe_utterances(loaded, probe)
+    eot = int(loaded.tokenizer.convert_tokens_to_ids("<|endoftext|>"))
+    utterances.non_speech = any(int(t) < eot for t in
+                                loaded.model.generation_config.get("suppress_tokens") or [])
     if quant in QUANTIZED and not utterances.tasks:
         raise ExportError(f"--quant {quant} is judged on transcribed utterances: give --probe "
                           "TASK.jsonl (audio/text rows), or export a run scored on eval.tasks")
@@ -194,7 +198,8 @@ def _whisper_cpp(written: Path, probe: Probe, limit: int, work: Path, quant: str
     flat = [clip for task in probe.audio for clip in task]
     try:
         texts, ids = whisper_cpp_decode(written, flat, language=probe.language,
-                                        max_new_tokens=limit, work=work / "whisper_cpp")
+                                        max_new_tokens=limit, work=work / "whisper_cpp",
+                                        non_speech=probe.non_speech)
     except ValueError as err:
         raise ExportError(f"refused: {err}" + (f" ({F32_ABORT})" if quant == "f32" else "")) \
             from None

@@ -10,8 +10,10 @@ does (decoding/transcription.py):
   value, and its own limit is n_text_ctx / 2 - 4, so `max_new_tokens` must stay under that
   (`token_limit`);
 - whisper.cpp always suppresses its special tokens and, as the first token, a blank and the
-  end (suppress_blank): what a Whisper checkpoint's generation config suppresses too, so the
-  two greedy decodings agree where the logits do.
+  end (suppress_blank): what a Whisper checkpoint's generation config suppresses too; where
+  that config also suppresses text tokens (OpenAI's non-speech symbols, as checkpoints do),
+  whisper.cpp suppresses its own list of them (suppress_nst, the same list), so the two
+  greedy decodings agree where the logits do.
 
 whisper.cpp computes the log-mel features itself, from the file's mel filters; audio shorter
 than a second it refuses to transcribe, so utterances are padded with silence to 1.1 s (the
@@ -73,10 +75,11 @@ def whisper_cpp_transcripts(path: Path, audios: Sequence[np.ndarray], *, languag
 
 
 def whisper_cpp_decode(path: Path, audios: Sequence[np.ndarray], *, language: str,
-                       max_new_tokens: int, work: Path, timeout: float = 1800
-                       ) -> tuple[list[str], list[list[int]]]:
+                       max_new_tokens: int, work: Path, timeout: float = 1800,
+                       non_speech: bool = False) -> tuple[list[str], list[list[int]]]:
     """whisper.cpp's transcripts of `audios` (whisper_cpp_transcripts) and the token ids it
-    chose for each, its end token included where it ended. whisper.cpp runs in a child
+    chose for each, its end token included where it ended; `non_speech` suppresses OpenAI's
+    non-speech symbols (a checkpoint whose generation config does). whisper.cpp runs in a child
     process: a file it aborts on (a failed GGML_ASSERT ends the process) is a ValueError line
     naming the assertion, not a crash of the export."""
     import json
@@ -86,7 +89,8 @@ def whisper_cpp_decode(path: Path, audios: Sequence[np.ndarray], *, language: st
     work.mkdir(parents=True, exist_ok=True)
     padded = [np.asarray(a, np.float32) for a in audios]
     np.savez(work / "audio.npz", *[np.pad(a, (0, max(0, SHORTEST - a.size))) for a in padded])
-    settings = {"language": language, "max_new_tokens": max_new_tokens}
+    settings = {"language": language, "max_new_tokens": max_new_tokens,
+                "non_speech": non_speech}
     (work / "settings.json").write_text(json.dumps(settings))
     done = subprocess.run([sys.executable, "-m", __name__, str(path), str(work)],
                           capture_output=True, text=True, timeout=timeout)
@@ -110,6 +114,7 @@ def _transcribe_in_child(path: Path, work: Path) -> None:
     params = dict(language=settings["language"], no_timestamps=True, single_segment=True,
                   no_context=True, temperature=0.0, temperature_inc=0.0, entropy_thold=-1.0,
                   logprob_thold=-1.0e30, no_speech_thold=2.0, suppress_blank=True,
+                  suppress_nst=bool(settings.get("non_speech")),
                   max_tokens=max(0, settings["max_new_tokens"] - 1))
     import _pywhispercpp as pw
 
