@@ -114,7 +114,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("run", help=RUN_HELP)
     parser.add_argument("--format", choices=["hf", "mlx-lm", "mlx-vlm", "peft", "gguf",
-                                             "sentence-transformers", *SPEECH_ONLY],
+                                             "sentence-transformers", *SPEECH_ONLY,
+                                             "whisper.cpp"],
                         default="hf", dest="fmt")
     parser.add_argument("--out", required=True,
                         help="folder to write (new or empty); --format gguf: the .gguf file")
@@ -158,12 +159,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="--format hf and gguf from a run: write without loading the folder "
                              "in transformers and comparing its logits with the fine-tune's "
                              "(the model card says unchecked)")
+    parser.add_argument("--probe", default=None, metavar="TASK",
+                        help="--format whisper.cpp: the transcription task (audio/text rows) "
+                        "the file is checked and judged on (default: the run's eval.tasks)")
     parser.set_defaults(lora="fuse")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    if args.fmt == "whisper.cpp" or args.probe is not None:
+        from mlxlab.cli.export_whisper_cpp import export_whisper_cpp_verb
+
+        return export_whisper_cpp_verb(args)
     if args.fmt in SPEECH_ONLY or _is_whisper(args):
         return _speech(args)
     if args.quantize is not None and args.quantize not in TEXT_BITS:
@@ -431,7 +439,8 @@ def _speech(args: argparse.Namespace) -> int:
         return 2
     if args.fmt not in FORMATS:
         print(f"mlxlab export: error: --format {args.fmt} does not take a Whisper model: a "
-              f"Whisper exports as --format {' | '.join(FORMATS)}", file=sys.stderr)
+              f"Whisper exports as --format {' | '.join(FORMATS)} | whisper.cpp",
+              file=sys.stderr)
         return 2
     if given:
         print(f"mlxlab export: error: {', '.join(given)} "
