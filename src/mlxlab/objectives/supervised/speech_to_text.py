@@ -66,9 +66,8 @@ def check_encoder_cache(value: Any) -> str:
 
 def check_mel_bins(model: nn.Module, data: Any) -> None:
     """The data's log-mel bins are the model's (a folder whose files do not say is read as 80)."""
-    want = getattr(model, "config", {}).get("num_mel_bins")
-    have = getattr(data, "n_mels", None)
-    if want is not None and have is not None and int(want) != int(have):
+    want, have = model.config.get("num_mel_bins"), data.n_mels
+    if want is not None and int(want) != int(have):
         raise ConfigError(f"the data makes {have} log-mel bins and the model takes {want}: put "
                           f"a preprocessor_config.json with \"feature_size\": {want} in the model "
                           "folder (transformers' WhisperFeatureExtractor settings)")
@@ -96,7 +95,7 @@ class SpeechToText(Objective):
         if self.states is not None:
             self.states.close()
         check_mel_bins(setup.model, setup.data)
-        frozen = getattr(setup.model, "frozen_encoder", False)
+        frozen = setup.model.frozen_encoder
         self.states = None
         if self.encoder_cache == "auto" and frozen and setup.float32_step:
             self.states = EncoderStates()
