@@ -204,8 +204,13 @@ def test_quantized_mlx_whisper_export_loads_quantized(openai_vocab, tmp_path):
     import mlx.nn as nn
     from mlx_whisper.load_models import load_model
 
-    out = tmp_path / "q4"
-    report = export_whisper(openai_vocab, out, "mlx-whisper", quantize=4)
+    from mlxlab.export.hf import ExportError
+
+    with pytest.raises(ExportError, match="judged on the run's transcribed utterances"):
+        export_whisper(openai_vocab, tmp_path / "judged", "mlx-whisper", quantize=4)
+    assert not (tmp_path / "judged").exists()
+    out = tmp_path / "q4"  # --no-check: written, not judged
+    report = export_whisper(openai_vocab, out, "mlx-whisper", quantize=4, check=False)
     config = json.loads((out / "config.json").read_text())
     assert config["quantization"] == {"group_size": 64, "bits": 4}
     weights = mx.load(str(out / "weights.safetensors"))
@@ -214,8 +219,39 @@ def test_quantized_mlx_whisper_export_loads_quantized(openai_vocab, tmp_path):
     assert weights["decoder.positional_embedding"].dtype == mx.float16  # not quantized
     model = load_model(str(out), dtype=mx.float32)
     assert isinstance(model.decoder.blocks[0].mlp1, nn.QuantizedLinear)
-    assert report["check"]["status"] == "read back" and report["retention"]["status"]
+    assert report["check"]["status"] == "unchecked"
+    assert report["retention"]["status"] == "not judged"
     assert "library_name: mlx" in (out / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_quantized_mlx_whisper_export_of_a_run_is_judged_by_word_error_rate(openai_vocab,
+                                                                             tmp_path):
+    """A run scored on eval.tasks, exported 4-bit to mlx-whisper: mlx-whisper's transcripts
+    of the task's utterances are paired with the run's and its adapters-off base's; the
+    judgement is in the report (written with --accept-loss whatever it found)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from conftest import compose_cfg
+    from mlxlab.train import train
+    from speech_fixtures import utterance_set, write_jsonl
+
+    data = tmp_path / "data"
+    rows = utterance_set(data, 6)
+    task = write_jsonl(data / "task.jsonl", [{"id": r["file_name"], "audio": str(
+        data / r["file_name"]), "text": r["transcription"]} for r in rows[:3]])
+    cfg = compose_cfg(tmp_path, [
+        "experiment=finetune_speech", "tracking=none", "callbacks.progress.enabled=false",
+        f"model.pretrained={openai_vocab}", f"data.train_file={write_jsonl(data / 'train.jsonl', rows)}",
+        "data.val_fraction=0.25", f"eval.tasks=[{task}]", "trainer.batch_size=2",
+        "trainer.max_steps=2", "trainer.eval_every_steps=2", "trainer.schedule.warmup_steps=0"])
+    train(cfg)
+    GlobalHydra.instance().clear()
+    report = export_whisper(cfg.paths.output_dir, tmp_path / "q4", "mlx-whisper", quantize=4,
+                            accept_loss=True)
+    judged = report["retention"]
+    assert judged["base"] == "the run with its adapters off", judged
+    assert "task" in json.dumps(judged), judged
 
 
 @pytest.mark.slow

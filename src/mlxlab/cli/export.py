@@ -428,7 +428,8 @@ def _speech(args: argparse.Namespace) -> int:
     given = [flag for flag, value in (
         ("--quant", args.quant), ("--quantize-method", args.quantize_method),
         ("--imatrix-rows", args.imatrix_rows), ("--draft", args.draft), ("--tasks", args.tasks),
-        ("--accept-loss", args.accept_loss), ("--adapters", args.lora == "adapters")) if value]
+        ("--accept-loss", args.accept_loss and not (args.fmt == "mlx-whisper" and args.quantize)),
+        ("--adapters", args.lora == "adapters")) if value]
     if args.fmt in SPEECH_ONLY and not _is_whisper(args):
         from pathlib import Path
 
@@ -445,7 +446,8 @@ def _speech(args: argparse.Namespace) -> int:
     if given:
         print(f"mlxlab export: error: {', '.join(given)} "
               f"{'does' if len(given) == 1 else 'do'} not apply to a Whisper export (--format "
-              f"{' | '.join(FORMATS)}, --dtype, --quantize with mlx-whisper, --no-check)",
+              f"{' | '.join(FORMATS)}, --dtype, --quantize [--accept-loss] with mlx-whisper, "
+              "--no-check)",
               file=sys.stderr)
         return 2
     return _speech_export(args)
@@ -456,7 +458,8 @@ def _speech_export(args: argparse.Namespace) -> int:
 
     try:
         report = export_whisper(args.run, args.out, args.fmt, args.dtype, quantize=args.quantize,
-                                overwrite=args.overwrite, check=args.check)
+                                overwrite=args.overwrite, check=args.check,
+                                accept_loss=args.accept_loss)
     except (FileNotFoundError, ValueError) as err:
         print(f"mlxlab export: error: {err}", file=sys.stderr)
         return 2

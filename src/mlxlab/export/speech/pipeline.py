@@ -55,6 +55,7 @@ class SpeechRequest:
     bits: int | None = None
     overwrite: bool = False
     check: bool = True
+    accept_loss: bool = False
 
 
 Writer = Callable[[WhisperSource, Probe, Path, SpeechRequest], dict]
@@ -132,11 +133,11 @@ def check_request(request: SpeechRequest) -> None:
 
 def export_whisper(source: str | Path, out: str | Path, fmt: str = "hf", dtype: str | None = None,
                    quantize: int | None = None, overwrite: bool = False,
-                   check: bool = True) -> dict:
+                   check: bool = True, accept_loss: bool = False) -> dict:
     """Write the Whisper `source` names (a speech run: its best checkpoint; or a Whisper
     folder) to `out` in `fmt`; returns the report also saved as out/export_report.json."""
     request = SpeechRequest(fmt, Path(out).expanduser(), dtype or DEFAULT_DTYPE.get(fmt, "float32"),
-                            quantize, overwrite, check)
+                            quantize, overwrite, check, accept_loss)
     check_request(request)
     with whisper_source(source) as loaded:
         return _export(loaded, request)
@@ -161,7 +162,7 @@ def _export(source: WhisperSource, request: SpeechRequest) -> dict:
             tool = (transcriber(tmp, probe.language, None) if request.fmt == "mlx-whisper"
                     and request.check and mlx_whisper_version() else None)
             report["retention"] = judge_written(
-                source, Written(tmp, request.fmt, request.bits, tool))
+                source, Written(tmp, request.fmt, request.bits, tool), request.accept_loss)
         _write_card(source, request, report, tmp)
         (tmp / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -92,12 +92,12 @@ def export_whisper_cpp(source: str | Path, out: str | Path, quant: str = "f16", 
     if quant not in QUANTIZED:  # a float file is checked on the first CHECKED utterances
         utterances.audio = [audio[:CHECKED] for audio in utterances.audio]
     limit = token_limit(int(config["max_target_positions"]))
-    run_texts = [_mlxlab_transcripts(loaded, audio, utterances.language, limit)
+    run_texts = [mlxlab_transcripts(loaded, audio, utterances.language, limit)
                  for audio in utterances.audio]
     decisive = ([] if quant in QUANTIZED else
                 [[_decisive(loaded, clip, utterances.language, limit) for clip in audio]
                  for audio in utterances.audio])
-    base_texts, base_from = (_base_transcripts(loaded, utterances, limit)
+    base_texts, base_from = (base_transcripts(loaded, utterances, limit)
                              if quant in QUANTIZED else (None, ""))
     weights = fused_weights(loaded.model)
     work = Path(tempfile.mkdtemp(prefix="mlxlab-whisper-cpp-"))
@@ -150,7 +150,7 @@ def fused_weights(model: Any) -> dict[str, np.ndarray]:
             for name, value in tree_flatten(model.parameters())}
 
 
-def _mlxlab_transcripts(loaded: Any, audio: list[np.ndarray], language: str,
+def mlxlab_transcripts(loaded: Any, audio: list[np.ndarray], language: str,
                         limit: int) -> list[str]:
     from mlxlab.data.audio_features import log_mel_batch
     from mlxlab.decoding.transcription import transcribe
@@ -164,7 +164,7 @@ def _mlxlab_transcripts(loaded: Any, audio: list[np.ndarray], language: str,
     return out
 
 
-def _base_transcripts(loaded: Any, probe: Probe, limit: int
+def base_transcripts(loaded: Any, probe: Probe, limit: int
                       ) -> tuple[list[list[str]] | None, str]:
     """The base's transcripts: the run with its adapters off, the pretrained folder a full
     fine-tune started from, or none (a folder exported as it is)."""
@@ -172,7 +172,7 @@ def _base_transcripts(loaded: Any, probe: Probe, limit: int
 
     if has_adapters(loaded.model):
         with adapters_off(loaded.model):
-            return ([_mlxlab_transcripts(loaded, a, probe.language, limit) for a in probe.audio],
+            return ([mlxlab_transcripts(loaded, a, probe.language, limit) for a in probe.audio],
                     "the run with its adapters off")
     if loaded.kind != "run":
         return None, "none: a Whisper folder, not a fine-tune (judged against the folder)"
@@ -189,7 +189,7 @@ def _base_transcripts(loaded: Any, probe: Probe, limit: int
     except Exception as err:  # noqa: BLE001 - no base is a reported gap, not a failed export
         return None, f"none: {folder} did not load ({type(err).__name__})"
     other = EvalModel(base, loaded.tokenizer, folder, "pretrained")
-    return [_mlxlab_transcripts(other, a, probe.language, limit) for a in probe.audio], str(folder)
+    return [mlxlab_transcripts(other, a, probe.language, limit) for a in probe.audio], str(folder)
 
 
 def _whisper_cpp(written: Path, probe: Probe, limit: int, work: Path, quant: str
