@@ -18,7 +18,6 @@ ids, exports to it; its blocks' MLP is 4 x the width and its output tied to the 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -28,28 +27,12 @@ from mlx.utils import tree_flatten
 
 from mlxlab.export.hf import DTYPES, ExportError
 from mlxlab.models.speech.whisper import sinusoids
-from mlxlab.models.speech.whisper_folder import MLX_WHISPER_DIMS, MULTILINGUAL_VOCAB
+from mlxlab.models.speech.whisper_folder import MLX_WHISPER_DIMS, MULTILINGUAL_VOCAB, renamed
 
 GROUP_SIZE = 64  # mlx-whisper's convert.py --q-group-size default
 BITS = (2, 3, 4, 5, 6, 8)  # what nn.quantize's affine mode takes
 # Whisper's vocabularies: English-only (51864), multilingual (51865), large-v3's (51866)
 WHISPER_VOCABS = (51864, 51865, 51866)
-# transformers' names for the parts of a block -> mlx-whisper's
-PARTS = [
-    (r"\.self_attn\.q_proj\.", ".attn.query."), (r"\.self_attn\.k_proj\.", ".attn.key."),
-    (r"\.self_attn\.v_proj\.", ".attn.value."), (r"\.self_attn\.out_proj\.", ".attn.out."),
-    (r"\.encoder_attn\.q_proj\.", ".cross_attn.query."),
-    (r"\.encoder_attn\.k_proj\.", ".cross_attn.key."),
-    (r"\.encoder_attn\.v_proj\.", ".cross_attn.value."),
-    (r"\.encoder_attn\.out_proj\.", ".cross_attn.out."),
-    (r"\.self_attn_layer_norm\.", ".attn_ln."), (r"\.encoder_attn_layer_norm\.", ".cross_attn_ln."),
-    (r"\.fc1\.", ".mlp1."), (r"\.fc2\.", ".mlp2."), (r"\.final_layer_norm\.", ".mlp_ln."),
-    (r"^model\.(encoder|decoder)\.layers\.", r"\1.blocks."),
-    (r"^model\.encoder\.conv", "encoder.conv"), (r"^model\.encoder\.layer_norm\.", "encoder.ln_post."),
-    (r"^model\.decoder\.embed_tokens\.", "decoder.token_embedding."),
-    (r"^model\.decoder\.embed_positions\.weight$", "decoder.positional_embedding"),
-    (r"^model\.decoder\.layer_norm\.", "decoder.ln."),
-]
 # the largest gap of the encoder's stored positions from the sinusoids (torch's float32 sin,
 # which transformers folders store, is ~1e-4 off the exact values)
 SINUSOID_GAP = 1e-3
@@ -95,9 +78,7 @@ def check_mlx_whisper(model: Any, tokenizer: Any) -> None:
 def mlx_whisper_name(name: str) -> str:
     """A transformers Whisper parameter's mlx-whisper name ('model.decoder.layers.0.fc1.weight'
     -> 'decoder.blocks.0.mlp1.weight'; quantized leaves .scales / .biases alike)."""
-    new = name
-    for pattern, replacement in PARTS:
-        new = re.sub(pattern, replacement, new)
+    new = renamed(name, to_mlx_whisper=True)
     if new.startswith("model.") or new.startswith("proj_out"):
         raise ExportError(f"{name} has no mlx-whisper name")
     return new

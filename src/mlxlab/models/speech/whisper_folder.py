@@ -8,7 +8,6 @@ line naming what is missing, raised before anything is built or written."""
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -34,22 +33,37 @@ MLX_WHISPER_DIMS = {
 # Whisper's vocabularies: the multilingual one (51865 and more: large-v3's 51866) puts
 # <|endoftext|> at 50257, the English-only one (51864) at 50256; the start of transcript follows
 MULTILINGUAL_VOCAB = 51865
-# mlx-whisper's names for the parts of a block -> transformers'
-MLX_WHISPER_PARTS = [
-    (r"\.attn\.query\.", ".self_attn.q_proj."), (r"\.attn\.key\.", ".self_attn.k_proj."),
-    (r"\.attn\.value\.", ".self_attn.v_proj."), (r"\.attn\.out\.", ".self_attn.out_proj."),
-    (r"\.cross_attn\.query\.", ".encoder_attn.q_proj."),
-    (r"\.cross_attn\.key\.", ".encoder_attn.k_proj."),
-    (r"\.cross_attn\.value\.", ".encoder_attn.v_proj."),
-    (r"\.cross_attn\.out\.", ".encoder_attn.out_proj."),
-    (r"\.attn_ln\.", ".self_attn_layer_norm."), (r"\.cross_attn_ln\.", ".encoder_attn_layer_norm."),
-    (r"\.mlp1\.", ".fc1."), (r"\.mlp2\.", ".fc2."), (r"\.mlp_ln\.", ".final_layer_norm."),
-    (r"^(encoder|decoder)\.blocks\.", r"model.\1.layers."),
-    (r"^encoder\.conv", "model.encoder.conv"), (r"^encoder\.ln_post\.", "model.encoder.layer_norm."),
-    (r"^decoder\.token_embedding\.", "model.decoder.embed_tokens."),
-    (r"^decoder\.positional_embedding$", "model.decoder.embed_positions.weight"),
-    (r"^decoder\.ln\.", "model.decoder.layer_norm."),
+# transformers' names for a Whisper's parts beside mlx-whisper's, read both ways (loading
+# here, `--format mlx-whisper` in export/speech/mlx_whisper_folder.py): a block's parts match
+# between dots (mlx-whisper's `.attn.` never inside `.cross_attn.`), the rest at a name's start
+# (^) or whole ($)
+NAME_PAIRS = [
+    (".self_attn.q_proj.", ".attn.query."), (".self_attn.k_proj.", ".attn.key."),
+    (".self_attn.v_proj.", ".attn.value."), (".self_attn.out_proj.", ".attn.out."),
+    (".encoder_attn.q_proj.", ".cross_attn.query."), (".encoder_attn.k_proj.", ".cross_attn.key."),
+    (".encoder_attn.v_proj.", ".cross_attn.value."),
+    (".encoder_attn.out_proj.", ".cross_attn.out."),
+    (".self_attn_layer_norm.", ".attn_ln."), (".encoder_attn_layer_norm.", ".cross_attn_ln."),
+    (".fc1.", ".mlp1."), (".fc2.", ".mlp2."), (".final_layer_norm.", ".mlp_ln."),
+    ("^model.encoder.layers.", "^encoder.blocks."), ("^model.decoder.layers.", "^decoder.blocks."),
+    ("^model.encoder.conv", "^encoder.conv"), ("^model.encoder.layer_norm.", "^encoder.ln_post."),
+    ("^model.decoder.embed_tokens.", "^decoder.token_embedding."),
+    ("^model.decoder.embed_positions.weight$", "^decoder.positional_embedding$"),
+    ("^model.decoder.layer_norm.", "^decoder.ln."),
 ]
+
+
+def renamed(name: str, to_mlx_whisper: bool) -> str:
+    """`name` in the other naming of NAME_PAIRS (unchanged where no pair matches)."""
+    for hf, mlx_whisper in NAME_PAIRS:
+        old, new = (hf, mlx_whisper) if to_mlx_whisper else (mlx_whisper, hf)
+        start, end = old.startswith("^"), old.endswith("$")
+        core = old.strip("^$")
+        if (start and end and name == core) or (start and not end and name.startswith(core)):
+            return new.strip("^$") + name[len(core):]
+        if not start and core in name:
+            name = name.replace(core, new, 1)
+    return name
 NOT_WHISPER = ("a Whisper folder is a transformers one (config.json with model_type whisper and "
                "*.safetensors), an mlx-whisper one (config.json with n_mels, ... and "
                "weights.safetensors or weights.npz) or a CTranslate2 (faster-whisper) one "
@@ -140,20 +154,18 @@ def rename_mlx_whisper(weights: Mapping[str, mx.array]) -> dict[str, mx.array]:
     """mlx-whisper's parameter names and layouts as transformers': its convolutions (out,
     kernel, in) become (out, in, kernel); the alignment heads (no parameter of transformers')
     are dropped, and the encoder's sinusoids are not stored by either."""
-    renamed = {}
+    out = {}
     for name, value in weights.items():
         if name == "alignment_heads":
             continue
-        new = name
-        for pattern, replacement in MLX_WHISPER_PARTS:
-            new = re.sub(pattern, replacement, new)
+        new = renamed(name, to_mlx_whisper=False)
         if not new.startswith("model."):
             raise ConfigError(f"mlx-whisper weight {name!r} has no transformers name: the "
                               "folder is not mlx-whisper's Whisper layout")
         if ".conv" in new and new.endswith(".weight"):
             value = value.transpose(0, 2, 1)
-        renamed[new] = value
-    return renamed
+        out[new] = value
+    return out
 
 
 def load_weights(folder: Path, raw_config: Mapping) -> dict[str, mx.array]:
