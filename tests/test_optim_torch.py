@@ -174,3 +174,20 @@ def test_training_steps_match_pytorch():
         for name, p in twin.named_parameters():
             np.testing.assert_allclose(np.array(ours[name]), p.detach().numpy(), rtol=1e-4, atol=2e-6,
                                        err_msg=f"step {k + 1}: {name}")
+
+
+def test_constant_schedule_warms_up_as_pytorch_then_holds_the_peak():
+    """trainer.schedule.name=constant with warmup_steps: PyTorch's LinearLR warmup (from
+    lr / warmup) then the peak held, step for step; with 0 warmup steps, the peak throughout."""
+    from mlxlab.training.optim import LRSchedule
+
+    warmup = 4
+    schedule = LRSchedule("constant", warmup_steps=warmup)(LR, TOTAL)
+    ref = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=LR)
+    sched = torch.optim.lr_scheduler.LinearLR(ref, start_factor=1 / warmup, total_iters=warmup)
+    for step in range(TOTAL):
+        assert float(schedule(mx.array(step))) == pytest.approx(ref.param_groups[0]["lr"],
+                                                                rel=1e-6), step
+        ref.step()
+        sched.step()
+    assert LRSchedule("constant")(LR, TOTAL) == LR

@@ -58,7 +58,8 @@ def overrides(args, steps: int, seed: int, heldout: Path | None, data: Path | No
         "trainer.eval_every_steps=100000"]
     return ["experiment=finetune_speech", f"model.pretrained={args.ct2}",
             f"data.train_file={data or args.data}", "model.lora.modules=[decoder]",
-            "trainer.schedule.name=constant", f"trainer.batch_size={args.batch}",
+            "trainer.schedule.name=constant", "trainer.schedule.warmup_steps=0",
+            f"trainer.batch_size={args.batch}",
             f"optimizer.learning_rate={args.lr}", f"trainer.max_steps={steps}", f"seed={seed}",
             *tasks]
 

@@ -25,7 +25,8 @@ SCHEDULES = ("cosine", "constant")
 
 @dataclass(frozen=True)
 class LRSchedule:
-    """`trainer.schedule`: linear warmup then cosine decay to min_lr_ratio x the peak, or constant."""
+    """`trainer.schedule`: linear warmup then cosine decay to min_lr_ratio x the peak, or
+    linear warmup then constant (no warmup with warmup_steps 0)."""
 
     name: str = "cosine"      # cosine | constant
     warmup_steps: int = 0     # linear warmup from peak / warmup_steps to the peak
@@ -38,7 +39,12 @@ class LRSchedule:
 
     def __call__(self, learning_rate: float, total_steps: int):
         if self.name == "constant":
-            return learning_rate
+            warmup = min(int(self.warmup_steps), max(int(total_steps), 1) - 1)
+            if warmup <= 0:
+                return learning_rate
+            return optim.join_schedules(
+                [optim.linear_schedule(learning_rate / warmup, learning_rate, warmup),
+                 lambda _: mx.array(learning_rate)], [warmup])
         return warmup_cosine(learning_rate, total_steps, self.warmup_steps, self.min_lr_ratio)
 
 
