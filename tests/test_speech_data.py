@@ -138,14 +138,19 @@ def recipe_labels(tokenizer, texts: list[str], start_id: int) -> np.ndarray:
     return labels
 
 
-@pytest.mark.parametrize("loss_on_prompt", [False, True])
-def test_prompt_and_label_masks_follow_the_recipe(jsonl_set, model_folder, loss_on_prompt):
+@pytest.mark.parametrize(("loss_on_prompt", "leading_space"),
+                         [(False, False), (True, False), (False, True)])
+def test_prompt_and_label_masks_follow_the_recipe(jsonl_set, model_folder, loss_on_prompt,
+                                                  leading_space):
+    """transformers' recipe (leading_space=false: the bare text), and Whisper's own first
+    word with its space (the default)."""
     data = SpeechTranscripts(str(jsonl_set), processor=str(model_folder), val_fraction=0.34,
-                             loss_on_prompt=loss_on_prompt)
+                             loss_on_prompt=loss_on_prompt, leading_space=leading_space)
     data.setup()
     tok = data.whisper_tokenizer
     batch = next(iter(data.train_batches(BATCHING, 0)))
     texts = [data.splits["train"].texts[i] for i in np.array(batch["index"])]
+    texts = [" " + t for t in texts] if leading_space else texts
     inputs, labels = np.array(batch["decoder_input_ids"]), np.array(batch["labels"])
     start, en, transcribe, no_ts, end = tok.convert_tokens_to_ids(
         ["<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|notimestamps|>",

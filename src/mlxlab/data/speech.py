@@ -19,9 +19,11 @@ token; `labels` are the sequence but its first token (position t predicts token 
 -100 where no loss is taken: the padding, and the prompt's tokens after <|startoftranscript|>
 (the language, task and no-timestamps tokens, which decoding forces) unless
 `loss_on_prompt` (what transformers' DataCollatorSpeechSeq2SeqWithPadding does: its labels keep
-them). `input_features` are the utterances' log-mel features (data/audio_features.py),
-computed per batch from the files; `index` is each row's place in its split, whose
-`utterance_ids` name it (per-utterance metrics).
+them). A transcript is tokenized with a leading space (" Hello", the first token Whisper itself
+decodes) unless `leading_space` is false (transformers' recipe, the bare text).
+`input_features` are the utterances' log-mel features (data/audio_features.py), computed per
+batch from the files; `index` is each row's place in its split, whose `utterance_ids` name it
+(per-utterance metrics).
 """
 
 from __future__ import annotations
@@ -127,14 +129,17 @@ class SpeechTranscripts(FixedBatchRows):
                  val_fraction: float = 0.1, columns: Mapping[str, Any] | None = None,
                  language: str | None = "en", task: str = "transcribe",
                  processor: str | None = None, tokenizer: dict | None = None,
-                 silence_floor: float = 1e-4, loss_on_prompt: bool = False, seed: int = 0,
+                 silence_floor: float = 1e-4, loss_on_prompt: bool = False,
+                 leading_space: bool = True, seed: int = 0,
                  split_seed: int | None = None) -> None:
         super().__init__()
         check_fraction("data.val_fraction", val_fraction)
         check_choice("data.task", task, TASKS)
         check_number("data.silence_floor", silence_floor, float, 0.0)
-        if not isinstance(loss_on_prompt, bool):
-            raise ConfigError(f"data.loss_on_prompt={loss_on_prompt!r}: use true or false")
+        for name, value in (("loss_on_prompt", loss_on_prompt), ("leading_space", leading_space)):
+            if not isinstance(value, bool):
+                raise ConfigError(f"data.{name}={value!r}: use true or false")
+        self.leading_space = leading_space
         self.train_file, self.val_file, self.path = train_file, val_file, str(train_file)
         self.val_fraction, self.seed = float(val_fraction), int(seed)
         self.split_seed = int(seed if split_seed is None else split_seed)
@@ -224,7 +229,10 @@ class SpeechTranscripts(FixedBatchRows):
     def _encode(self, utterances: Utterances) -> Encoded:
         """The split's token sequences; a transcript longer than the decoder takes is one
         ConfigError line naming its row."""
-        texts = self.whisper_tokenizer(utterances.texts, add_special_tokens=False).input_ids
+        # Whisper writes a transcript's first word with its leading space (" Hello"), as its
+        # decoder produces it; transformers' recipe tokenizes the bare text (leading_space=false)
+        texts = [" " + t.strip() if self.leading_space else t for t in utterances.texts]
+        texts = self.whisper_tokenizer(texts, add_special_tokens=False).input_ids
         sequences = []
         for ids, path, where in zip(texts, utterances.paths, utterances.where):
             sequence = np.asarray([*self.prompt, *ids, self.end_id], np.int32)
