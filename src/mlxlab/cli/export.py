@@ -101,6 +101,7 @@ import json
 import sys
 
 from mlxlab.cli.common import RUN_HELP
+from mlxlab.cli.export_retention_lines import print_retention
 
 # the formats only a Whisper exports as (export/speech/pipeline.py FORMATS has every Whisper one)
 SPEECH_ONLY = ("mlx-whisper",)
@@ -216,7 +217,7 @@ def main(argv: list[str]) -> int:
               f"perplexity {b['perplexity']:.4f} -> {a['perplexity']:.4f} "
               f"({100 * report['perplexity_increase']:+.2f}%), next-token accuracy "
               f"{b['accuracy']:.4f} -> {a['accuracy']:.4f}")
-    _print_retention(report)
+    print_retention(report)
     print(json.dumps({k: report[k] for k in ("format", "dtype", "quantize", "lora")}))
     return 0
 
@@ -226,20 +227,6 @@ def _retention(args: argparse.Namespace):
 
     tasks = [t for t in (args.tasks or "").split(",") if t]
     return Retention(tasks=tasks, accept_loss=args.accept_loss)
-
-
-def _print_retention(report: dict) -> None:
-    """What the written model kept of the fine-tune's gain, a line per measure."""
-    entry = report.get("retention")
-    if not entry:
-        return
-    print(f"retention, read back from what was written"
-          f"{' by ' + entry['checker'] if entry.get('checker') else ''} (base: {entry['base']}):")
-    for measure in entry["measures"]:
-        print(f"  {measure['line']}")
-    if entry["accepted_loss"]:
-        print(f"written with --accept-loss although it lost on {', '.join(entry['lost'])}")
-    print(f"retention recorded: {entry.get('recorded', 'no')}")
 
 
 def _print_check(report: dict) -> None:
@@ -304,7 +291,7 @@ def _gguf(args: argparse.Namespace) -> int:
           f"({report['architecture']}, {report['quant']}, {report['bytes'] / 2**20:.1f} MiB)")
     _print_check(report)
     _print_file_check(report)
-    _print_retention(report)
+    print_retention(report)
     style = report["chat_style"] or "none recognised: the GGUF's own template"
     print(f"Ollama: {report['modelfile']} (chat template: {style}); "
           f"ollama create NAME -f {report['modelfile']}")
@@ -333,7 +320,7 @@ def _gguf_adapters(args: argparse.Namespace) -> int:
         print(f"mlxlab export: error: {err}", file=sys.stderr)
         return 2
     base, adapter = report["base"], report["adapter"]
-    _print_retention(report)  # the pair as read back from its two files
+    print_retention(report)  # the pair as read back from its two files
     if base["written"]:
         print(f"exported {report['checkpoint']}: base -> {base['gguf']} ({base['architecture']}, "
               f"{base['quant']}, {base['bytes'] / 2**20:.1f} MiB; pretrained weights, not fused)")
@@ -403,7 +390,7 @@ def _embedder(args: argparse.Namespace) -> int:
             print(f"checked in {check['checker']}: min cosine {check['min_cosine']:.7f} over "
                   f"{check['texts']} texts" if check["status"] == "checked"
                   else f"unchecked: {check['why']}")
-        _print_retention(report)
+        print_retention(report)
         return 0
     print(f"exported {report['source']} -> {args.out} (sentence-transformers, float32, "
           f"{report['dimension']}-dim vectors)")

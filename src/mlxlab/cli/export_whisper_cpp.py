@@ -43,10 +43,10 @@ def export_whisper_cpp_verb(args: argparse.Namespace) -> int:
               f"logits or more) on {check['utterances']} probe utterances ({check['probe']}); "
               f"{check['equal_transcripts']} of {check['utterances']} transcripts equal in full")
     if report.get("retention"):
-        from mlxlab.cli.export import _print_retention
+        from mlxlab.cli.export_retention_lines import print_retention
 
         entry = report["retention"]
         entry["checker"] = f"whisper.cpp on {entry['utterances']} utterances ({report['probe']})"
-        _print_retention(report)
+        print_retention(report)
     print(f"whisper.cpp: whisper-cli -m {report['out']} -f AUDIO.wav")
     return 0
