@@ -1,8 +1,9 @@
 """Speech data and the speech-to-text objective against transformers: Whisper's log-mel
 features (WhisperFeatureExtractor), audio reading (channels, resampling), the three layouts of
 utterances (audiofolder, jsonl, CSV), the decoder prompt and label masks (transformers'
-DataCollatorSpeechSeq2SeqWithPadding), the loss (WhisperForConditionalGeneration's), every
-bad-audio refusal before a run folder exists, and a real `mlxlab train` run (slow)."""
+DataCollatorSpeechSeq2SeqWithPadding), the loss (WhisperForConditionalGeneration's), a LoRA
+step (with PEFT and torch's AdamW), every bad-audio refusal before a run folder exists, and a
+real `mlxlab train` run (slow)."""
 
 from __future__ import annotations
 
@@ -214,6 +215,69 @@ def test_loss_equals_transformers_whisper_loss(jsonl_set, model_folder):
     nll = -np.take_along_axis(logp, np.where(scored, labels, 0)[..., None], -1)[..., 0]
     np.testing.assert_allclose(np.array(aux["example_loss"]),
                                (nll * scored).sum(1) / scored.sum(1), rtol=1e-4)
+
+
+def test_lora_steps_equal_transformers_with_peft(jsonl_set, model_folder):
+    """The reference recipe's step (transformers' loss, PEFT's LoRA on the decoder, torch's
+    AdamW, a global-norm clip of 1) and mlxlab's, from the same adapter values on the same
+    batches: the gradients at the first step and the loss at each of three steps agree."""
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import WhisperForConditionalGeneration
+
+    from mlxlab.models.speech.whisper import WhisperModel
+    from mlxlab.objectives.supervised.speech_to_text import speech_to_text_loss
+    from mlxlab.training.optim import clip_by_global_norm
+
+    data = SpeechTranscripts(str(jsonl_set), processor=str(model_folder), val_fraction=0.34)
+    data.setup()
+    batches = list(data.train_batches(Batching(batch_size=2, bucket_multiple=8), 0))[:3]
+    names = "q_proj|k_proj|v_proj|out_proj|fc1|fc2"
+    torch.manual_seed(0)
+    reference = get_peft_model(WhisperForConditionalGeneration.from_pretrained(model_folder),
+                               LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=(
+                                   rf".*\bdecoder\.layers\.\d+\..*\b({names})")))
+    theirs = {n: p for n, p in reference.named_parameters() if p.requires_grad}
+    for n, p in theirs.items():  # B away from zero: every adapter gets a gradient
+        if "lora_B" in n:
+            p.data = torch.randn(p.shape) * 0.05
+    model = WhisperModel(pretrained=str(model_folder), lora={
+        "rank": 4, "alpha": 8, "targets": ["query", "key", "value", "out", "fc1", "fc2"],
+        "modules": ["decoder"]})
+
+    def their_name(name: str) -> str:
+        layer, which = name.rsplit(".lora_", 1)
+        return f"base_model.model.{layer}.lora_{which.upper()}.default.weight"
+
+    ours = dict(nn.utils.tree_flatten(model.trainable_parameters()))
+    assert len(ours) == len(theirs) > 0
+    model.load_weights([(n, mx.array(theirs[their_name(n)].detach().numpy().T)) for n in ours],
+                       strict=False)
+    step = nn.value_and_grad(model, lambda m, b: speech_to_text_loss(m, b)[0])
+    adamw = optim.AdamW(learning_rate=1e-2, weight_decay=0.0, bias_correction=True)
+    torch_adamw = torch.optim.AdamW(list(theirs.values()), lr=1e-2, weight_decay=0.0)
+    for i, batch in enumerate(batches):
+        torch_adamw.zero_grad()
+        out = reference(**{k: torch.tensor(np.array(batch[k]), dtype=dtype) for k, dtype in (
+            ("input_features", torch.float32), ("decoder_input_ids", torch.long),
+            ("labels", torch.long))})
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(theirs.values()), 1.0)
+        torch_adamw.step()
+        loss, grads = step(model, batch)
+        grads, _ = clip_by_global_norm(grads, 1.0)
+        if i == 0:  # torch's gradients are clipped in place by now
+            for name, grad in nn.utils.tree_flatten(grads):
+                want = theirs[their_name(name)].grad.numpy().T
+                scale = np.abs(want).max()
+                assert scale > 0, name
+                np.testing.assert_allclose(np.array(grad) / scale, want / scale, atol=1e-4,
+                                           err_msg=name)
+        adamw.update(model, grads)
+        mx.eval(model.parameters())
+        assert float(loss) == pytest.approx(out.loss.item(), rel=1e-4), i
 
 
 # ---- bad audio: one line, before a run folder exists ------------------------------------
