@@ -7,7 +7,7 @@ float32, each trainer in its own process.
 
     python benchmarks/speech/bench_speech_finetune.py [--part speed|quality|both]
         [--speed-rows 64] [--speed-steps 16] [--rounds 2] [--skip 2] [--steps 30]
-        [--seeds 0,1,2] [--reference-seeds 0,1,2] [--work DIR] [--smoke]
+        [--seeds 0,1,2] [--reference-seeds 0,1,2] [--work DIR] [--reuse] [--smoke]
 
 - speed: --rounds alternating rounds (ABBA) of --speed-steps steps on the first --speed-rows
   training utterances (16 steps of 8 over 64: two epochs, as the experiment's 100 steps over
@@ -67,6 +67,8 @@ def overrides(args, steps: int, seed: int, heldout: Path | None, data: Path | No
 def reference(args, work: Path, steps: int, seed: int, score: bool, env: dict,
               data: Path | None = None) -> dict:
     out = work / f"reference_s{seed}_{steps}.json"
+    if args.reuse and out.exists():  # a finished run's (its peak RSS was its own run's figure)
+        return {**json.loads(out.read_text()), "rss_mb": None}
     cmd = [sys.executable, str(REFERENCE), "--data", str(data or args.data), "--model", args.hf,
            "--steps",
            str(steps), "--batch", str(args.batch), "--lr", str(args.lr), "--modules", "decoder",
@@ -153,15 +155,17 @@ def quality(args, work: Path, env: dict, uri: str, heldout: Path) -> dict:
 
     client = MlflowClient(uri)
     scores = lambda log: run_scores(client, client.get_run(run_id(log)), None, "last")  # noqa: E731
-    done, _ = run_with_peak_rss(mlxlab_cli("eval", args.ct2, str(heldout)), what="base eval",
-                                env=env, cwd=env["MLXLAB_ROOT"], log=work / "base_eval.log")
-    base = scores(done.stdout + done.stderr)
+    if not (args.reuse and (work / "base_eval.log").exists()):
+        run_with_peak_rss(mlxlab_cli("eval", args.ct2, str(heldout)), what="base eval", env=env,
+                          cwd=env["MLXLAB_ROOT"], log=work / "base_eval.log")
+    base = scores((work / "base_eval.log").read_text())
     task = next(iter(base))
     ours, theirs, per_seed = {}, {}, []
     for seed in args.seeds:
         log = work / f"train_s{seed}.log"
-        run_with_peak_rss(mlxlab_cli("train", *overrides(args, args.steps, seed, heldout)),
-                          what="mlxlab train", env=env, cwd=env["MLXLAB_ROOT"], log=log)
+        if not (args.reuse and log.exists()):
+            run_with_peak_rss(mlxlab_cli("train", *overrides(args, args.steps, seed, heldout)),
+                              what="mlxlab train", env=env, cwd=env["MLXLAB_ROOT"], log=log)
         ours[seed] = scores(log.read_text())
         if seed in args.reference_seeds:
             ref = reference(args, work, args.steps, seed, True, env)["heldout"]
@@ -186,7 +190,8 @@ def main(argv: list[str] | None = None) -> None:
     add_options(p, data=str(CACHE / "speech-set"), ct2=str(CACHE / "whisper-base-ct2"),
                 hf=str(CACHE / "whisper-base"), steps=30, seeds="0,1,2", speed_steps=16, rounds=2,
                 speed_rows=64, skip=2, batch=8, lr=1e-3, part="both", reference_seeds="0,1,2",
-                work=str(Path("/tmp") / "bench_speech_finetune"))
+                work=str(Path("/tmp") / "bench_speech_finetune"),
+                reuse=(False, "quality: keep the runs --work holds (a rerun after a kill)"))
     args = p.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.reference_seeds = [int(s) for s in args.reference_seeds.split(",")]
