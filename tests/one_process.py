@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 from conftest import PYTHON, REPO
@@ -61,6 +62,11 @@ print("\nRESULTS " + json.dumps(results))
 def names_here() -> list[str]:
     """An `after`: the names in the working directory (what a refused start left there)."""
     return sorted(p.name for p in Path.cwd().iterdir())
+
+
+def names_and_time() -> list:
+    """An `after`: names_here and the moment the command ended (time.monotonic)."""
+    return [names_here(), time.monotonic()]
 
 
 def each_in_one_process(argvs: list[list[str]], env: dict, cwd: Path | None = None,

@@ -128,11 +128,12 @@ def test_dead_server_fails_fast_with_one_line(tmp_path, cli_env):
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     start = time.monotonic()
     # the run, then a sweep (which fails before any job), in turn in one process
-    (code, err, names, out), (sweep_code, sweep_err, _, sweep_out) = each_in_one_process(
-        [["mlxlab-train", f"tracking.uri={uri}", "trainer.max_epochs=1"],
-         ["mlxlab-train", "-m", f"tracking.uri={uri}", "trainer.max_epochs=1,2"]],
-        cli_env, cwd=tmp_path, after="one_process:names_here", timeout=240, stdout=True)
-    elapsed = time.monotonic() - start  # both, and the process start
+    (code, err, (names, ended), out), (sweep_code, sweep_err, _, sweep_out) = \
+        each_in_one_process(
+            [["mlxlab-train", f"tracking.uri={uri}", "trainer.max_epochs=1"],
+             ["mlxlab-train", "-m", f"tracking.uri={uri}", "trainer.max_epochs=1,2"]],
+            cli_env, cwd=tmp_path, after="one_process:names_and_time", timeout=240, stdout=True)
+    elapsed = ended - start  # the process start and the run
     assert code == 2, (out[-2000:], err[-2000:])
     errors = [line for line in err.splitlines() if line.startswith("mlxlab: error:")]
     assert len(errors) == 1 and uri in errors[0] and "tracking=none" in errors[0], err
