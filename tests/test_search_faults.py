@@ -269,6 +269,20 @@ def test_a_failed_jobs_reason_reaches_its_mlflow_run(grid_with_a_failing_job):
     )
 
 
+def test_a_grids_jobs_group_under_one_parent(grid_with_a_failing_job):
+    """Both jobs of the grid (the one that trained and the one that failed) are child runs of
+    its one parent run, each with the value it swept."""
+    _, client = grid_with_a_failing_job
+    runs = runs_of(client)
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(children) == 2 and len(parents) == 1
+    assert parents[0].data.tags.get("mlxlab.role") == "sweep"
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+    assert {int(r.data.params["model.hidden_size"]) for r in children} == {32, 33}
+    assert sorted(r.info.status for r in children) == ["FAILED", "FINISHED"]
+
+
 def test_a_failed_or_empty_sweep_is_never_latest(grid_with_a_failing_job, capsys):
     """Newer than the real sweep: a FAILED parent with no runs (what a refused start left
     before this check) and a FINISHED one with none (n_trials=-2 made it). `mlxlab runs list`
