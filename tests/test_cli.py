@@ -113,8 +113,13 @@ def test_serve_refuses_language_model_settings_for_a_classifier(classifier_run, 
     """MLflow's model server checks no key and no body size and has no draft: a setting asked
     for is not ignored. (In-process: test_serve_bad_target_is_one_clear_line runs `mlxlab serve`'s
     exit 2 as a process of its own.)"""
+    from mlxlab.cli import serve
     from mlxlab.runtime import settings
 
+    def started(*_):  # a setting let through would start MLflow's server: fail, not hang
+        raise AssertionError("the classifier's server was started")
+
+    monkeypatch.setattr(serve, "_mlflow", started)
     run_dir = classifier_run[0]
     for argv, key in (([], "k"), (["--max-request-mib", "1"], None),
                       (["--draft", str(run_dir)], None)):
