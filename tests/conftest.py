@@ -275,12 +275,14 @@ SLOW_CASES = ("tests/test_remote.py::test_server_stopped_mid_upload[gcs]",
 # the other worker idle for its length (pyproject's addopts keep this order:
 # --no-loadscope-reorder; xdist's own order is by test count, which put these last).
 LONGEST_FILES = (
-    "test_remote.py", "test_preference.py", "test_real_model.py", "test_config.py",
-    "test_reward.py", "test_eval_tasks.py", "test_adapter_checkpoints.py", "test_trainer.py",
-    "test_train.py", "test_cli.py", "test_search_faults.py", "test_sharded_training.py",
-    "test_tracking_background.py", "test_serve_openai.py", "test_new_user.py", "test_lm_eval.py",
-    "test_checks_first.py", "test_chat.py", "test_vision.py", "test_resume.py", "test_grpo_tools.py",
-    "test_sandbox.py", "test_export_architectures.py", "test_blas.py", "test_kto.py",
+    "test_config.py", "test_preference.py", "test_reward.py", "test_search_faults.py",
+    "test_trainer.py", "test_train.py", "test_serve_openai.py", "test_new_user.py", "test_cli.py",
+    "test_eval_tasks.py", "test_remote.py", "test_vision.py", "test_tracking_background.py",
+    "test_blas.py", "test_adapter_checkpoints.py", "test_lm_eval.py",
+    "test_export_architectures.py", "test_grpo_tools.py", "test_resume.py", "test_real_model.py",
+    "test_checks_first.py", "test_finetune.py", "test_sharded_training.py",
+    "test_mlx_lm_decoders.py", "test_wandb_tracking.py", "test_export_gguf.py", "test_sandbox.py",
+    "test_kto.py",
 )
 
 

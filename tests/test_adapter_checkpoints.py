@@ -204,10 +204,19 @@ def test_a_changed_or_missing_base_is_refused_in_one_line(runs, tmp_path):
 
 
 def test_an_unknown_save_base_value_is_one_line(runs, tmp_path):
-    done = train(runs["base"], tmp_path / "bad", runs["pairs"], "checkpoint.save_base=maybe",
-                 check=False)
-    assert "checkpoint.save_base='maybe'" in one_line_error(done)
-    assert not (tmp_path / "bad" / "checkpoints").exists()
+    """Through mlxlab-train's main (the app `mlxlab train` supervises) in a process of its own."""
+    import os
+
+    from one_process import each_in_one_process
+
+    run_dir = tmp_path / "bad"
+    ((code, stderr, _),) = each_in_one_process(
+        [["mlxlab-train", *overrides(runs["base"], runs["pairs"], "checkpoint.save_base=maybe"),
+          f"paths.root_dir={tmp_path}", f"hydra.run.dir={run_dir}"]],
+        {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, cwd=tmp_path)
+    assert "checkpoint.save_base='maybe'" in one_line_error(
+        subprocess.CompletedProcess([], code, "", stderr))
+    assert not (run_dir / "checkpoints").exists()
 
 
 def test_dora_on_a_base_quantized_at_load_round_trips_its_trained_parameters(runs, tmp_path):

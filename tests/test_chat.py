@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 from pathlib import Path
 
 import mlx.core as mx
@@ -17,7 +16,6 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from conftest import PYTHON
 from hf_helpers import save_tiny_model, tiny
 from mlxlab.config import asset_path
 from mlxlab.data.batching import Batching
@@ -524,50 +522,70 @@ def test_finetune_chat_trains_and_is_tracked(chat_model, make_cfg, tmp_path):
     assert (Path(cfg.paths.output_dir) / "tokenizer_config.json").is_file()  # template kept
 
 
-def test_a_bad_chat_file_fails_in_one_line(chat_model, tmp_path):
-    """`mlxlab train experiment=finetune_chat` on a file mixing formats: exit 2 and one line
+def bad_chat_files(root: Path) -> dict[str, tuple[Path, list[str]]]:
+    """The chat files each refused below: {case: (the file, extra overrides)}."""
+    mixed = write_jsonl(root / "mixed.jsonl", [*story_chats(1), {"prompt": "a",
+                                                                  "completion": "b"}])
+    rows = story_chats(3)
+    latin1 = root / "latin1.jsonl"
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    latin1.write_bytes(text.encode() + b'{"messages": [{"role": "user", "content": "caf'
+                       + b"\xe9" + b'"}]}\n')
+    rows[1]["messages"][0]["content"] = 5
+    content_int = write_jsonl(root / "content_int.jsonl", rows)
+    template = Path(__file__).parent / "chat_templates" / "mistral_v0_3.jinja"
+    system = write_jsonl(root / "system.jsonl", [{"messages": [
+        {"role": "system", "content": "Be kind."}, {"role": "user", "content": "Who is Tim?"},
+        {"role": "assistant", "content": "Tim is a dog."}, {"role": "user", "content": "Sue?"},
+        {"role": "assistant", "content": "His friend."}]}] * 4)
+    return {"mixed": (mixed, [f"hydra.run.dir={root / 'run'}"]), "latin1": (latin1, []),
+            "content_int": (content_int, []),
+            "system": (system, [f"data.chat_template={template}", f"hydra.run.dir={root / 'run'}"])}
+
+
+@pytest.fixture(scope="module")
+def bad_chats(chat_model, tmp_path_factory) -> dict[str, tuple[Path, tuple]]:
+    """`mlxlab-train experiment=finetune_chat` (the training app `mlxlab train` supervises) on
+    each bad chat file, in turn in one process rooted in one folder: {case: (the file, (exit
+    status, stderr, the folder's names after it))}."""
+    import os
+
+    from one_process import each_in_one_process
+
+    root = tmp_path_factory.mktemp("bad-chats")
+    files = bad_chat_files(root)
+    argvs = [["mlxlab-train", "experiment=finetune_chat", f"model.pretrained={chat_model['folder']}",
+              f"data.train_file={path}", "tracking=none", f"paths.root_dir={root}", *extra]
+             for path, extra in files.values()]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    done = each_in_one_process(argvs, env, cwd=root, after="one_process:names_here")
+    return {case: (path, result) for (case, (path, _)), result in zip(files.items(), done,
+                                                                       strict=True)}
+
+
+def test_a_bad_chat_file_fails_in_one_line(bad_chats):
+    """`mlxlab-train experiment=finetune_chat` on a file mixing formats: exit 2 and one line
     naming the file, the lines and the fix."""
-    mixed = write_jsonl(tmp_path / "mixed.jsonl", [*story_chats(1), {"prompt": "a",
-                                                                      "completion": "b"}])
-    done = subprocess.run(
-        [PYTHON, "-m", "mlxlab.cli.main", "train", "experiment=finetune_chat",
-         f"model.pretrained={chat_model['folder']}", f"data.train_file={mixed}", "tracking=none",
-         f"paths.root_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}"],
-        capture_output=True, text=True, cwd=tmp_path,
-    )
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [
+    mixed, (code, stderr, _) = bad_chats["mixed"]
+    assert code == 2, stderr[-3000:]
+    assert stderr.strip().splitlines() == [
         f"mlxlab: error: {mixed} mixes formats: line 1 is chat, line 2 is completions; keep one "
         "format per file"]
 
 
 @pytest.mark.parametrize("case", ["latin1", "content_int"])
-def test_a_chat_file_that_cannot_render_is_one_line_and_leaves_no_run_folder(
-        chat_model, tmp_path, case):
+def test_a_chat_file_that_cannot_render_is_one_line_and_leaves_no_run_folder(bad_chats, case):
     """A non-UTF-8 byte (otherwise a 25-line UnicodeDecodeError traceback, exit 1) and `"content":
     5` (Jinja's TypeError) fail in one line naming the file and line, exit 2, and the failed run
     leaves no empty run folder behind."""
-    rows = story_chats(3)
-    bad = tmp_path / "bad.jsonl"
-    if case == "latin1":
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        bad.write_bytes(text.encode() + b'{"messages": [{"role": "user", "content": "caf'
- + b"\xe9" + b'"}]}\n')
-        expected = f"{bad}:4: byte 0xe9 is not UTF-8"
-    else:
-        rows[1]["messages"][0]["content"] = 5
-        write_jsonl(bad, rows)
-        expected = f"{bad}:2: message 1 (user) has content 5"
-    done = subprocess.run(
-        [PYTHON, "-m", "mlxlab.cli.main", "train", "experiment=finetune_chat",
-         f"model.pretrained={chat_model['folder']}", f"data.train_file={bad}", "tracking=none",
-         f"paths.root_dir={tmp_path}"],
-        capture_output=True, text=True, cwd=tmp_path,
-    )
-    assert done.returncode == 2, done.stderr[-3000:]
-    lines = done.stderr.strip().splitlines()
+    bad, (code, stderr, names) = bad_chats[case]
+    expected = (f"{bad}:4: byte 0xe9 is not UTF-8" if case == "latin1" else
+                f"{bad}:2: message 1 (user) has content 5")
+    assert code == 2, stderr[-3000:]
+    lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"mlxlab: error: {expected}"), lines
-    assert not (tmp_path / "outputs").exists()
+    assert "outputs" not in names, names
 
 
 def test_mlxlab_eval_names_a_task_file_that_is_not_utf8(tmp_path, capsys):
@@ -582,26 +600,15 @@ def test_mlxlab_eval_names_a_task_file_that_is_not_utf8(tmp_path, capsys):
                    "byte): save the file as UTF-8, e.g. iconv -f latin1 -t utf-8"], err
 
 
-def test_a_chat_whose_turns_cannot_be_placed_fails_in_one_line(chat_model, tmp_path):
+def test_a_chat_whose_turns_cannot_be_placed_fails_in_one_line(bad_chats):
     """`mlxlab-train experiment=finetune_chat` with Mistral v0.3's real template
     (data.chat_template=) on this ChatML tokenizer, where [INST] is plain text, and chats with a
     system prompt: the template writes an earlier turn's prompt otherwise in the whole chat, so
     which tokens are the assistant's cannot be told: exit 2 and one line naming the chat, the
     template problem and the fix, instead of training on 'Who is Tim?[/INST]'."""
-    template = Path(__file__).parent / "chat_templates" / "mistral_v0_3.jinja"
-    rows = write_jsonl(tmp_path / "system.jsonl", [{"messages": [
-        {"role": "system", "content": "Be kind."}, {"role": "user", "content": "Who is Tim?"},
-        {"role": "assistant", "content": "Tim is a dog."}, {"role": "user", "content": "Sue?"},
-        {"role": "assistant", "content": "His friend."}]}] * 4)
-    done = subprocess.run(
-        [str(Path(PYTHON).parent / "mlxlab-train"), "experiment=finetune_chat",
-         f"model.pretrained={chat_model['folder']}", f"data.train_file={rows}",
-         f"data.chat_template={template}", "tracking=none", f"paths.root_dir={tmp_path}",
-         f"hydra.run.dir={tmp_path / 'run'}"],
-        capture_output=True, text=True, cwd=tmp_path,
-    )
-    assert done.returncode == 2, done.stderr
-    lines = done.stderr.strip().splitlines()
+    rows, (code, stderr, _) = bad_chats["system"]
+    assert code == 2, stderr
+    lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"mlxlab: error: {rows}:")  # its line
     assert "writes assistant turn 2 so that which tokens are the assistant's cannot be told" \
         in lines[0] and "{% generation %}" in lines[0] and "data.chat_template=" in lines[0]

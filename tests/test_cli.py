@@ -60,17 +60,18 @@ def test_runs_list_show_compare_make_best_and_last_explicit(classifier_run, caps
     assert "FINISHED" in row and f"{metrics['val/accuracy']:.4f}" in row
     assert "best val/accuracy" in listing
 
-    show = mlxlab("runs", "show", run_dir, "--uri", uri)  # by folder: finds its MLflow run
-    assert show.returncode == 0, show.stderr
-    assert f"run {run_id}" in show.stdout and "best checkpoint: step" in show.stdout
-    assert "last checkpoint: step 100" in show.stdout
-    accuracy = next(line for line in show.stdout.splitlines() if line.split()[:1] == ["val/accuracy"])
+    # show and compare too: test_dead_runs and test_resume run `runs show`, test_eval_tasks and
+    # others `runs compare`, as processes of their own
+    assert main(["runs", "show", str(run_dir), "--uri", uri]) == 0  # by folder: its MLflow run
+    show = capsys.readouterr().out
+    assert f"run {run_id}" in show and "best checkpoint: step" in show
+    assert "last checkpoint: step 100" in show
+    accuracy = next(line for line in show.splitlines() if line.split()[:1] == ["val/accuracy"])
     assert accuracy.split()[1] == f"{metrics['val/accuracy']:.4f}"  # the best column
-    assert "optimizer.learning_rate" in show.stdout  # params
+    assert "optimizer.learning_rate" in show  # params
 
-    compare = mlxlab("runs", "compare", run_id, run_dir, "--uri", uri, "--all-params")
-    assert compare.returncode == 0, compare.stderr
-    lines = compare.stdout.splitlines()
+    assert main(["runs", "compare", run_id, str(run_dir), "--uri", uri, "--all-params"]) == 0
+    lines = capsys.readouterr().out.splitlines()
     best = next(line for line in lines if line.strip().startswith("best val/accuracy")).split()
     assert best[2:] == [f"{metrics['val/accuracy']:.4f}"] * 2
     assert any(line.strip().startswith("last val/accuracy") for line in lines)
@@ -107,18 +108,31 @@ def test_serve_bad_target_is_one_clear_line(tmp_path):
                                    "modules.json)")
 
 
-def test_serve_refuses_language_model_settings_for_a_classifier(classifier_run, tmp_path):
+def test_serve_refuses_language_model_settings_for_a_classifier(classifier_run, monkeypatch,
+                                                                capsys):
     """MLflow's model server checks no key and no body size and has no draft: a setting asked
-    for is not ignored."""
+    for is not ignored. (In-process: test_serve_bad_target_is_one_clear_line runs `mlxlab serve`'s
+    exit 2 as a process of its own.)"""
+    from mlxlab.cli import serve
+    from mlxlab.runtime import settings
+
+    def started(*_):  # a setting let through would start MLflow's server: fail, not hang
+        raise AssertionError("the classifier's server was started")
+
+    monkeypatch.setattr(serve, "_mlflow", started)
     run_dir = classifier_run[0]
-    env = {**os.environ, "MLXLAB_API_KEY": "k"}
-    for argv, environment in (([], env), (["--max-request-mib", "1"], None),
-                              (["--draft", str(run_dir)], None)):
-        done = mlxlab("serve", run_dir, *argv, env=environment)
-        assert done.returncode == 2, done.stderr[-2000:]
-        assert done.stderr.strip().startswith("mlxlab serve: error: an API key (--api-key, "
-                                              "MLXLAB_API_KEY), --max-request-mib and --draft "
-                                              "are for language models"), done.stderr
+    for argv, key in (([], "k"), (["--max-request-mib", "1"], None),
+                      (["--draft", str(run_dir)], None)):
+        if key:
+            monkeypatch.setenv("MLXLAB_API_KEY", key)
+        else:
+            monkeypatch.delenv("MLXLAB_API_KEY", raising=False)
+        settings.reload()
+        assert main(["serve", str(run_dir), *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.strip().startswith("mlxlab serve: error: an API key (--api-key, "
+                                      "MLXLAB_API_KEY), --max-request-mib and --draft "
+                                      "are for language models"), err
 
 
 def free_port() -> int:

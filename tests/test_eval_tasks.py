@@ -130,12 +130,24 @@ def test_finetune_logs_task_metrics_at_each_evaluation(world):
 
 @pytest.fixture(scope="module")
 def base_eval(world) -> dict:
-    """`mlxlab eval <base folder> mc.jsonl --json` (a subprocess: the verb as a user runs it)."""
-    done = subprocess.run(
-        [PYTHON, "-m", "mlxlab.cli.main", "eval", str(world["base"]), str(world["mc"]),
-         "--uri", world["uri"], "--json"], capture_output=True, text=True, cwd=world["root"])
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    """`mlxlab eval <base folder> mc.jsonl --json`, its main in this process (the verb runs as a
+    process of its own in test_mlxlab_eval_writes_its_progress_to_stderr_when_it_is_a_file)."""
+    import contextlib
+    import io
+    import os
+
+    from mlxlab.cli.main import main
+
+    out, here = io.StringIO(), os.getcwd()
+    os.chdir(world["root"])
+    try:
+        with contextlib.redirect_stdout(out):
+            code = main(["eval", str(world["base"]), str(world["mc"]), "--uri", world["uri"],
+                         "--json"])
+    finally:
+        os.chdir(here)
+    assert code == 0, out.getvalue()[-3000:]
+    return json.loads(out.getvalue().strip().splitlines()[-1])
 
 
 def test_mlxlab_eval_on_the_base_folder_logs_a_run_with_the_same_metric(world, base_eval):
@@ -490,15 +502,19 @@ def test_a_chat_models_run_scores_its_tasks_through_the_template(tmp_path):
     files = make_tasks(tmp_path)
     mc10 = write_jsonl(tmp_path / "mc10.jsonl",
                        [json.loads(line) for line in files["mc"].read_text().splitlines()[:10]])
+    from hydra.core.global_hydra import GlobalHydra
+
+    from mlxlab.config import compose_config
+    from mlxlab.train import train
+
     run_dir = tmp_path / "run"
-    done = subprocess.run(
-        [PYTHON, "-m", "mlxlab.cli.main", "train", "experiment=finetune_completions",
-         f"model.pretrained={base}", f"data.train_file={files['pairs']}",
-         f"data.val_file={files['val']}", "data.max_length=32", "tracking=none",
-         "callbacks.progress.enabled=false", "trainer.max_steps=4", "trainer.eval_every_steps=2",
-         "trainer.batch_size=8", f"eval.tasks=[{mc10}]", f"paths.root_dir={tmp_path}",
-         f"hydra.run.dir={run_dir}"], capture_output=True, text=True, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
+    train(compose_config(tmp_path, [
+        "experiment=finetune_completions", f"model.pretrained={base}",
+        f"data.train_file={files['pairs']}", f"data.val_file={files['val']}",
+        "data.max_length=32", "tracking=none", "callbacks.progress.enabled=false",
+        "trainer.max_steps=4", "trainer.eval_every_steps=2", "trainer.batch_size=8",
+        f"eval.tasks=[{mc10}]"], output_dir=run_dir))
+    GlobalHydra.instance().clear()
     best = read_scores(run_dir / "eval_tasks" / "best")["mc10"]
     assert best.prompts == "chat template"
     source = load_eval_model(run_dir)

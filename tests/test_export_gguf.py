@@ -304,15 +304,19 @@ def test_a_run_exports_to_gguf_with_mlxlabs_logits_and_a_modelfile(lm_run, tmp_p
     assert modelfile.startswith("FROM ./run.gguf\n")
 
 
-def test_a_chatml_model_gets_ollamas_chatml_template_and_stop(models, tmp_path):
+def test_a_chatml_model_gets_ollamas_chatml_template_and_stop(models, tmp_path, capsys):
+    """The verb's main in this process (the test above runs `mlxlab export` as a process)."""
+    from mlxlab.cli.main import main
+
     folder, _ = models["qwen3"]
     out = tmp_path / "chat.gguf"
-    done = export(str(folder), "--format", "gguf", "--quant", "q4_0", "--out", str(out))
-    assert done.returncode == 0, done.stderr
+    capsys.readouterr()
+    assert main(["export", str(folder), "--format", "gguf", "--quant", "q4_0", "--out",
+                 str(out)]) == 0
     modelfile = (tmp_path / "chat.Modelfile").read_text()
     assert "TEMPLATE \"\"\"{{- range .Messages }}<|im_start|>{{ .Role }}" in modelfile
     assert 'PARAMETER stop "<|im_end|>"' in modelfile
-    assert "(chat template: chatml)" in done.stdout
+    assert "(chat template: chatml)" in capsys.readouterr().out
 
 
 def test_exports_into_one_folder_each_keep_their_own_modelfile(models, tmp_path):

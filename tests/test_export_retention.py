@@ -5,13 +5,11 @@ leaves nothing behind, --accept-loss, and the record on the run's MLflow run."""
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import PYTHON
 from hf_helpers import save_tiny_model
 from mlxlab.export import ExportError, export_gguf, export_run
 from mlxlab.export.retention import Column, Retention, _kept
@@ -184,15 +182,17 @@ def test_gguf_is_judged_from_the_file_and_a_refusal_leaves_no_file(lora_run, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ft.Modelfile", "ft.gguf"]
 
 
-def test_tasks_on_an_export_that_changes_nothing_is_an_error(lora_run, tmp_path):
+def test_tasks_on_an_export_that_changes_nothing_is_an_error(lora_run, tmp_path, monkeypatch,
+                                                             capsys):
+    """In-process (test_export and others run `mlxlab export` as a process of its own)."""
+    from mlxlab.cli.main import main
+
     task = tmp_path / "t.jsonl"
     task.write_text(json.dumps({"prompt": "Once upon a", "answer": " time"}) + "\n")
-    done = subprocess.run(
-        [PYTHON, "-m", "mlxlab.cli.main", "export", str(lora_run["run"]), "--format", "mlx-lm",
-         "--dtype", "float32", "--tasks", str(task),
-         "--out", str(tmp_path / "f32")], capture_output=True, text=True, cwd=tmp_path)
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1].startswith(
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", str(lora_run["run"]), "--format", "mlx-lm", "--dtype", "float32",
+                 "--tasks", str(task), "--out", str(tmp_path / "f32")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
         "mlxlab export: error: --tasks judges an export that changes the weights")
     assert not (tmp_path / "f32").exists()
 

@@ -263,12 +263,16 @@ def test_bad_input_is_one_line_and_writes_nothing(case, tmp_path, cli_env):
         ([case["folder"], "--format", "hf", "--probe", case["probe"], "--out", out],
          "--probe is for --format whisper.cpp"),
     ]
-    for args, says in cases:
-        done = _cli(args, cli_env)
-        lines = done.stderr.strip().splitlines()
-        assert done.returncode == 2 and len(lines) == 1, done.stderr[-2000:]
+    from one_process import each_in_one_process
+
+    # in turn in one process (`mlxlab export` runs as a process of its own in test_export)
+    done = each_in_one_process([["mlxlab", "export", *args] for args, _ in cases], cli_env,
+                               cwd=tmp_path, after="one_process:names_here")
+    for (_, says), (code, stderr, names) in zip(cases, done, strict=True):
+        lines = stderr.strip().splitlines()
+        assert code == 2 and len(lines) == 1, stderr[-2000:]
         assert lines[0].startswith("mlxlab export: error:") and says in lines[0], lines[0]
-        assert not out.exists()
+        assert "out.bin" not in names, names
 
 
 @needs_whisper_cpp

@@ -6,17 +6,16 @@ folder and `mlxlab generate` names the file."""
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import gguf
 import pytest
 
-from conftest import MLXLAB
 from gguf_files import DROP, rewrite_gguf, tiny_llama_gguf
 from mlxlab.errors import ConfigError
 from mlxlab.models import sources
 from mlxlab.models.sources import resolve
+from one_process import each_in_one_process
 
 STRING = gguf.GGUFValueType.STRING
 
@@ -128,15 +127,17 @@ def test_train_and_generate_name_the_file_exit_2_and_create_nothing(tiny, tmp_pa
     (root / "chats.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}, '
                                       '{"role": "assistant", "content": "hello"}]}\n')
     env["MLXLAB_ROOT"] = str(root)
-    for args in (["train", "experiment=finetune_chat", "data.train_file=chats.jsonl",
-                  f"model.pretrained={file}"],
-                 ["generate", str(file), "--prompt", "hi", "--max-tokens", "2"]):
-        out = subprocess.run([MLXLAB, *args], capture_output=True, text=True, env=env, cwd=root,
-                             timeout=300)
-        lines = [line for line in out.stderr.splitlines() if line.strip()]
-        assert out.returncode == 2, (args[0], out.stderr[-2000:])
+    # the two in turn in one process (mlxlab-train: the training app `mlxlab train` supervises)
+    commands = (["mlxlab-train", "experiment=finetune_chat", "data.train_file=chats.jsonl",
+                 f"model.pretrained={file}"],
+                ["mlxlab", "generate", str(file), "--prompt", "hi", "--max-tokens", "2"])
+    done = each_in_one_process(list(commands), env, cwd=root, after="one_process:names_here")
+    for args, (code, stderr, names) in zip(commands, done, strict=True):
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        assert code == 2, (args[0], stderr[-2000:])
         assert len(lines) == 1 and str(file) in lines[0], (args[0], lines)
         assert "head_count=5 does not divide" in lines[0], lines
+        assert names == ["chats.jsonl"], (args[0], names)
     assert sorted(p.name for p in root.iterdir()) == ["chats.jsonl"]
     assert not (tmp_path / "cache" / "models").exists() or not any(
         (tmp_path / "cache" / "models" / "gguf").iterdir())

@@ -183,10 +183,14 @@ def test_a_dataset_missing_offline_is_one_line_and_leaves_no_run(world, tmp_path
                  marks=pytest.mark.slow),
     ("missing.yaml", "lm-eval task file not found"),
 ])
-def test_a_bad_task_entry_is_one_line_before_the_model_loads(tmp_path, entry, message):
-    done = mlxlab("eval", tmp_path / "nowhere", "--tasks", entry, "--no-track", cwd=tmp_path)
-    assert done.returncode == 2
-    assert message in done.stderr.strip().splitlines()[-1]
+def test_a_bad_task_entry_is_one_line_before_the_model_loads(tmp_path, monkeypatch, capsys,
+                                                            entry, message):
+    """In-process (`mlxlab eval` runs as a process of its own in test_eval_tasks, test_reward)."""
+    from mlxlab.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", str(tmp_path / "nowhere"), "--tasks", entry, "--no-track"]) == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
 
 
 def test_harness_tasks_pair_binary_scores_by_mcnemar_and_others_by_bootstrap():

@@ -123,19 +123,24 @@ def test_sweep_runs_have_distinct_names_params_inputs_and_log_lines(tmp_path, cl
 
 
 def test_dead_server_fails_fast_with_one_line(tmp_path, cli_env):
+    from one_process import each_in_one_process
+
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     start = time.monotonic()
-    out = cli([f"tracking.uri={uri}", "trainer.max_epochs=1"], tmp_path, cli_env, timeout=120)
-    elapsed = time.monotonic() - start
-    assert out.returncode == 2, (out.stdout[-2000:], out.stderr[-2000:])
-    errors = [line for line in out.stderr.splitlines() if line.startswith("mlxlab: error:")]
-    assert len(errors) == 1 and uri in errors[0] and "tracking=none" in errors[0], out.stderr
+    # the run, then a sweep (which fails before any job), in turn in one process
+    (code, err, (names, ended), out), (sweep_code, sweep_err, _, sweep_out) = \
+        each_in_one_process(
+            [["mlxlab-train", f"tracking.uri={uri}", "trainer.max_epochs=1"],
+             ["mlxlab-train", "-m", f"tracking.uri={uri}", "trainer.max_epochs=1,2"]],
+            cli_env, cwd=tmp_path, after="one_process:names_and_time", timeout=240, stdout=True)
+    elapsed = ended - start  # the process start and the run
+    assert code == 2, (out[-2000:], err[-2000:])
+    errors = [line for line in err.splitlines() if line.startswith("mlxlab: error:")]
+    assert len(errors) == 1 and uri in errors[0] and "tracking=none" in errors[0], err
     assert elapsed < 60, f"took {elapsed:.0f} s"
-    assert not (tmp_path / "outputs").exists()  # nothing trained, no empty run folder
+    assert "outputs" not in names  # nothing trained, no empty run folder
 
-    out = cli(["-m", f"tracking.uri={uri}", "trainer.max_epochs=1,2"], tmp_path, cli_env,
-              timeout=120)  # a sweep fails before any job
-    assert out.returncode == 2 and "mlxlab: error:" in out.stderr and "Launching" not in out.stdout
+    assert sweep_code == 2 and "mlxlab: error:" in sweep_err and "Launching" not in sweep_out
 
 
 def test_the_run_itself_probes_the_store(tmp_path):
@@ -532,9 +537,11 @@ def test_every_key_of_the_migration_table_composes(tmp_path):
 
 def test_readme_config_dir_preset_runs_through_the_cli(tmp_path, cli_env):
     """The `--config-dir` example of docs/guide/training.md verbatim: its preset file in a folder
-    of the user's own, its command (plus short-run overrides) through the real CLI in a
-    subprocess."""
+    of the user's own, its command (plus short-run overrides) through mlxlab-train's main in a
+    process of its own."""
     from omegaconf import OmegaConf
+
+    from one_process import each_in_one_process
 
     preset = doc_block("saved as `my_conf/experiment/my_preset.yaml`", "yaml", TRAINING_GUIDE)
     command = doc_block("runs with", "bash", TRAINING_GUIDE).strip()
@@ -542,8 +549,12 @@ def test_readme_config_dir_preset_runs_through_the_cli(tmp_path, cli_env):
     (tmp_path / "my_conf" / "experiment").mkdir(parents=True)
     (tmp_path / "my_conf" / "experiment" / "my_preset.yaml").write_text(preset)
     short = ["trainer.max_epochs=1", "trainer.max_steps=3", "callbacks.progress.enabled=false"]
-    out = cli([*command.split()[1:], *short], tmp_path, cli_env)
-    assert out.returncode == 0, out.stderr[-3000:]
+    # the run and a misspelt preset in turn in one process (mlxlab-train's app, unsupervised)
+    (code, err, _), (bad_code, bad_err, _) = each_in_one_process(
+        [[*command.split(), *short],
+         ["mlxlab-train", "--config-dir", "./my_conf", "experiment=my_presett"]],
+        cli_env, cwd=tmp_path)
+    assert code == 0, err[-3000:]
     (run_dir,) = (tmp_path / "outputs" / "my_preset").iterdir()  # the preset's task_name
     job = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     assert job["model"]["_target_"] == "mlxlab.models.encoders.cnn_hybrid.CNNHybrid"
@@ -552,8 +563,7 @@ def test_readme_config_dir_preset_runs_through_the_cli(tmp_path, cli_env):
     assert (run_dir / "tracking" / "metrics.csv").is_file()  # the preset's tracking=csv
     assert not (tmp_path / "mlruns").exists()
     assert list((run_dir / "checkpoints").glob("step_*"))
-    bad = cli(["--config-dir", "./my_conf", "experiment=my_presett"], tmp_path, cli_env)
-    assert bad.returncode == 2 and "'my_preset'" in bad.stderr.strip().splitlines()[-1]
+    assert bad_code == 2 and "'my_preset'" in bad_err.strip().splitlines()[-1]
 
 
 # --------------------------------------------------------------------------- 11. README as written

@@ -46,7 +46,7 @@ def test_predict_matches_the_runs_validation_accuracy(classifier_run, tmp_path):
     pd.testing.assert_frame_equal(written, in_process, check_dtype=False)
 
 
-def test_eval_reports_the_runs_validation_metrics(classifier_run, tmp_path):
+def test_eval_reports_the_runs_validation_metrics(classifier_run, tmp_path, capsys):
     """`mlxlab eval` on the run's own validation rows gives its val/ metrics (best checkpoint);
     the confusion matrix adds up to the rows and is drawn as a PNG with the given names."""
     run_dir, metrics, titanic, _ = classifier_run
@@ -67,10 +67,11 @@ def test_eval_reports_the_runs_validation_metrics(classifier_run, tmp_path):
     assert (cm[0][0] + cm[1][1]) / report["rows"] == pytest.approx(report["accuracy"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and report["confusion_png"] == str(png)
 
-    table = mlxlab("eval", run_dir, labelled, "--checkpoint", "last")
-    assert table.returncode == 0, table.stderr
-    assert "checkpoints/step_" in table.stdout and "roc_auc" in table.stdout
-    assert "true \\ pred" in table.stdout  # the confusion matrix, with the label values
+    capsys.readouterr()  # the table: the verb's main in this process
+    assert main(["eval", str(run_dir), str(labelled), "--checkpoint", "last"]) == 0
+    table = capsys.readouterr().out
+    assert "checkpoints/step_" in table and "roc_auc" in table
+    assert "true \\ pred" in table  # the confusion matrix, with the label values
 
 
 def test_checkpoint_dir_and_extra_columns_give_the_same_predictions(classifier_run):
@@ -118,7 +119,8 @@ def test_bad_input_is_one_clear_line(classifier_run, tmp_path, capsys):
         load_run(empty_run)
 
 
-def test_quantized_checkpoint_is_smaller_and_scores_what_the_run_logged(classifier_run, tmp_path):
+def test_quantized_checkpoint_is_smaller_and_scores_what_the_run_logged(classifier_run, tmp_path,
+                                                                        capsys):
     """trainer.quantize_bits=4 (the shared run): checkpoints/quantized holds the best weights
     packed to 4 bits, smaller than the float ones; `mlxlab eval --checkpoint quantized` on the
     validation rows gives the val_q4/ metrics the run logged, and predict writes from it."""
@@ -140,14 +142,15 @@ def test_quantized_checkpoint_is_smaller_and_scores_what_the_run_logged(classifi
 
     labelled = tmp_path / "val.csv"
     val_rows(titanic).to_csv(labelled, index=False)
-    done = mlxlab("eval", run_dir, labelled, "--json", "--checkpoint", "quantized")
-    assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout)
+    # the verbs' mains in this process (the tests above run them as processes)
+    capsys.readouterr()
+    assert main(["eval", str(run_dir), str(labelled), "--json", "--checkpoint", "quantized"]) == 0
+    report = json.loads(capsys.readouterr().out)
     for name in ("accuracy", "loss"):
         assert report[name] == pytest.approx(metrics[f"val_q4/{name}"], abs=2e-3), name
     out = tmp_path / "submission.csv"
-    done = mlxlab("predict", run_dir, labelled, "--out", out, "--checkpoint", "quantized")
-    assert done.returncode == 0, done.stderr
+    assert main(["predict", str(run_dir), str(labelled), "--out", str(out), "--checkpoint",
+                 "quantized"]) == 0
     assert len(pd.read_csv(out)) == len(val_rows(titanic))
 
     # what `mlxlab serve RUN --checkpoint quantized` serves (its model folder, loaded by MLflow

@@ -567,46 +567,57 @@ def test_a_saturated_monitor_keeps_the_later_lower_loss_checkpoint_and_says_so(
     assert last.endswith(f"| best val/rewards/accuracy 1.0000 (step {lowest})"), last
 
 
-@pytest.mark.parametrize(
-    ("extra", "message"),
-    [
-        (["trainer.label_smoothing=0.3"],  # a renamed key: its name now
-         "trainer.label_smoothing is renamed to objective.label_smoothing: write "
-         "objective.label_smoothing=0.3"),
-        (["objective=orpo", "objective.label_smoothing=0.3"],
-         "objective.label_smoothing=0.3 has no meaning for loss=orpo"),
-        (["objective.gamma=1.0"], "objective.gamma=1.0 is SimPO's target margin and has no "
-         "meaning for loss=sigmoid"),
-        (["objective=grpo", "objective.label_smoothing=0.1"], "objective.label_smoothing is "
-         "not a setting of objective=grpo (a setting of objective=distill|dpo|orpo|speech_to_text|supervised)"),
-        (["optimized_metric=val/nll_loss"],
-         "optimized_metric='val/nll_loss' is not computed for preference data by objective "
-         "Preference(loss=sigmoid): choose one of ['val/loss', 'val/rewards/accuracy'"),
-        (["trainer.beta=0.3"], "trainer.beta is not a key of trainer: did you mean "
-         "objective.beta=0.3?"),
-        (["data.keys.rejected=chosen"], "240 of 240 pairs have the same chosen and rejected "
-         "reply"),
-    ],
-)
+IGNORED_SETTINGS = [
+    (["trainer.label_smoothing=0.3"],  # a renamed key: its name now
+     "trainer.label_smoothing is renamed to objective.label_smoothing: write "
+     "objective.label_smoothing=0.3"),
+    (["objective=orpo", "objective.label_smoothing=0.3"],
+     "objective.label_smoothing=0.3 has no meaning for loss=orpo"),
+    (["objective.gamma=1.0"], "objective.gamma=1.0 is SimPO's target margin and has no "
+     "meaning for loss=sigmoid"),
+    (["objective=grpo", "objective.label_smoothing=0.1"], "objective.label_smoothing is "
+     "not a setting of objective=grpo (a setting of objective=distill|dpo|orpo|speech_to_text|supervised)"),
+    (["optimized_metric=val/nll_loss"],
+     "optimized_metric='val/nll_loss' is not computed for preference data by objective "
+     "Preference(loss=sigmoid): choose one of ['val/loss', 'val/rewards/accuracy'"),
+    (["trainer.beta=0.3"], "trainer.beta is not a key of trainer: did you mean "
+     "objective.beta=0.3?"),
+    (["data.keys.rejected=chosen"], "240 of 240 pairs have the same chosen and rejected "
+     "reply"),
+]
+
+
+@pytest.fixture(scope="module")
+def ignored_settings_refused(pref_model, tmp_path_factory) -> list:
+    """`mlxlab-train experiment=dpo_chat ...` with each setting of IGNORED_SETTINGS, in turn in
+    one process rooted in one folder: (exit status, stderr, the folder's names after it)."""
+    import os
+
+    from one_process import each_in_one_process
+
+    root = tmp_path_factory.mktemp("ignored-settings")
+    env = {**os.environ, "MLXLAB_ROOT": str(root), "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    argvs = [["mlxlab-train", "experiment=dpo_chat", "tracking=none",
+              *preference_args(pref_model), *extra] for extra, _ in IGNORED_SETTINGS]
+    return each_in_one_process(argvs, env, cwd=root, after="one_process:names_here")
+
+
+@pytest.mark.parametrize("case", range(len(IGNORED_SETTINGS)),
+                         ids=[f"extra{i}" for i in range(len(IGNORED_SETTINGS))])
 def test_a_setting_the_run_would_ignore_is_one_line_exit_2_and_nothing_created(
-        pref_model, tmp_path, cli_env, extra, message):
+        ignored_settings_refused, case):
     """Each setting would be ignored or could not teach if trained on (identical metrics; a
     metric never logged, so no best checkpoint; Hydra's multi-line "not in struct" with exit 1;
     pairs with zero gradient, accuracy 0): one line, exit 2, before a run folder exists."""
-    import subprocess
-
-    from conftest import PYTHON
-
-    proc = subprocess.run(
-        [PYTHON, "-m", "mlxlab.train", "experiment=dpo_chat", "tracking=none",
-         *preference_args(pref_model), *extra],
-        cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=600)
-    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert len(errors) == 1 and errors[0].startswith("mlxlab: error: "), proc.stderr[-3000:]
+    message = IGNORED_SETTINGS[case][1]
+    code, stderr, names = ignored_settings_refused[case]
+    errors = [line for line in stderr.splitlines() if "error" in line.lower()]
+    assert code == 2, stderr[-3000:]
+    assert len(errors) == 1 and errors[0].startswith("mlxlab: error: "), stderr[-3000:]
     assert message in errors[0], errors[0]
-    assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "outputs").exists()
+    assert "Traceback" not in stderr
+    assert "outputs" not in names, names
 
 
 def test_a_few_pairs_with_equal_replies_are_a_warning_naming_the_first(tmp_path, caplog):

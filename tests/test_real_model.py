@@ -211,12 +211,15 @@ def test_gemma3_k_quants_dequantize_to_transformers_weights_and_requantize(tmp_p
     assert bits == {4, 8}
 
 
-def test_mlxlab_generate_chats_with_the_base_model_from_its_gguf(gguf_file, cli_env):
+def test_mlxlab_generate_chats_with_the_base_model_from_its_gguf(gguf_file, capsys):
     """`mlxlab generate FILE.gguf --chat`: the base model answers in its own chat template (the
-    default system turn the file's template writes) and stops at its end of turn."""
-    from conftest import mlxlab
+    default system turn the file's template writes) and stops at its end of turn. (Its main in
+    this process: test_generate runs the verb as a process of its own.)"""
+    from mlxlab.cli.main import main
 
-    out = mlxlab("generate", gguf_file, "--chat", "--prompt", PROMPTS[0], "--temperature", "0",
-                 "--max-tokens", "32", env=cli_env, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == "The capital of France is Paris.", out.stdout
+    capsys.readouterr()
+    code = main(["generate", str(gguf_file), "--chat", "--prompt", PROMPTS[0], "--temperature",
+                 "0", "--max-tokens", "32"])
+    out = capsys.readouterr()
+    assert code == 0, out.err[-2000:]
+    assert out.out.strip() == "The capital of France is Paris.", out.out

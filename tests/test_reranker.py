@@ -144,21 +144,22 @@ def test_bad_folders_and_rows_are_refused(tiny, tmp_path):
 
 
 def test_train_refuses_a_bad_row_before_a_run_folder(tiny, tmp_path, cli_env):
-    """A row without a label: one line, exit 2, no outputs/ folder."""
-    from conftest import mlxlab
+    """A row without a label: one line, exit 2, no outputs/ folder. (Both refusals in turn in
+    one process: mlxlab-train, the training app `mlxlab train` supervises.)"""
+    from one_process import each_in_one_process
 
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"query": "a", "passage": "b"}\n')
-    out = mlxlab("train", "experiment=rerank", f"model.pretrained={tiny['one']}",
-                 f"data.train_file={rows}", "tracking=none", env=cli_env)
-    assert out.returncode == 2 and "rows.jsonl:1 has no 'label'" in out.stderr, out.stderr[-2000:]
-    assert not (tmp_path / "outputs").exists()
+    common = ["mlxlab-train", "experiment=rerank", f"model.pretrained={tiny['one']}",
+              "tracking=none"]
     # a query's rows are scored together: a token-budget batch is refused by the config checks
-    out = mlxlab("train", "experiment=rerank", f"model.pretrained={tiny['one']}",
-                 "trainer.batching.dynamic=true", "tracking=none", env=cli_env)
-    assert out.returncode == 2 and out.stderr.strip().endswith(
-        "set trainer.batching.dynamic=false"), out.stderr[-2000:]
-    assert not (tmp_path / "outputs").exists()
+    (code, err, names), (code2, err2, names2) = each_in_one_process(
+        [[*common, f"data.train_file={rows}"], [*common, "trainer.batching.dynamic=true"]],
+        cli_env, cwd=tmp_path, after="one_process:names_here")
+    assert code == 2 and "rows.jsonl:1 has no 'label'" in err, err[-2000:]
+    assert "outputs" not in names, names
+    assert code2 == 2 and err2.strip().endswith("set trainer.batching.dynamic=false"), err2[-2000:]
+    assert "outputs" not in names2, names2
 
 
 def test_serve_answers_rerank_over_http(tiny, tmp_path, cli_env):

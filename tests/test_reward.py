@@ -268,19 +268,38 @@ def refused(args: list[str], tmp_path, cli_env, *command: str) -> str:
     return out.stderr
 
 
-@pytest.mark.parametrize(("extra", "line"), [
+NOT_REWARD_RUNS = [
     (["experiment=reward_chat", "model.head=lm"], "set model.head=score"),
     (["experiment=dpo_chat", "model.head=score"], "model.head=score is a reward model's scalar"),
     (["experiment=reward_chat", "model.head=value"], "model.head='value': use lm"),
     (["experiment=reward_chat", "optimized_metric=val/rewards/accuracy"],
      "optimized_metric='val/rewards/accuracy' is not computed"),
-])
-def test_a_run_that_is_not_a_reward_model_is_one_line(reward_model, tmp_path, cli_env, extra,
-                                                      line):
-    err = refused([*reward_args(reward_model), *extra,
-                   f"hydra.run.dir={tmp_path / 'refused'}"], tmp_path, cli_env)
-    assert line in err, err[-2000:]
-    assert not (tmp_path / "refused").exists() and not (tmp_path / "mlruns").exists()
+]
+
+
+@pytest.fixture(scope="module")
+def not_reward_runs(reward_model, tmp_path_factory) -> tuple[Path, list]:
+    """`mlxlab-train` with each of NOT_REWARD_RUNS, in turn in one process rooted in one folder:
+    (the folder, [(exit status, stderr, the folder's names after it)])."""
+    import os
+
+    root = tmp_path_factory.mktemp("not-reward")
+    env = {**os.environ, "MLXLAB_ROOT": str(root), "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    argvs = [["mlxlab-train", *reward_args(reward_model), *extra,
+              f"hydra.run.dir={root / 'refused'}"] for extra, _ in NOT_REWARD_RUNS]
+    return root, each_in_one_process(argvs, env, cwd=root, after="one_process:names_here")
+
+
+@pytest.mark.parametrize("case", range(len(NOT_REWARD_RUNS)),
+                         ids=[f"extra{i}" for i in range(len(NOT_REWARD_RUNS))])
+def test_a_run_that_is_not_a_reward_model_is_one_line(not_reward_runs, case):
+    root, done = not_reward_runs
+    code, err, names = done[case]
+    assert code == 2, err[-2000:]
+    assert "mlxlab: error:" in err
+    assert NOT_REWARD_RUNS[case][1] in err, err[-2000:]
+    assert "refused" not in names and "mlruns" not in names, names
 
 
 @pytest.mark.parametrize(("row", "match"), [
@@ -316,6 +335,17 @@ def test_mlxlab_eval_scores_rows_and_pairs_with_a_reward_run(reward_model, rewar
         assert out.returncode == 0, out.stderr[-2000:]
         return json.loads(out.stdout.strip().splitlines()[-1])
 
+    def eval_here(path) -> dict:  # the same verb, its main in this process
+        import contextlib
+        import io
+
+        from mlxlab.cli.main import main
+
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert main(["eval", str(reward_run["run"]), str(path), "--json"]) == 0
+        return json.loads(out.getvalue().strip().splitlines()[-1])
+
     pairs = mlxlab_eval(reward_model["val"])
     client = MlflowClient(reward_run["uri"])
     (run_,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
@@ -326,7 +356,7 @@ def test_mlxlab_eval_scores_rows_and_pairs_with_a_reward_run(reward_model, rewar
     rated = write_jsonl(reward_run["run"].parent / "rated.jsonl",
                         [{"prompt": r["prompt"], "completion": r[side]}
                          for r in rows for side in ("chosen", "rejected")])
-    scores = mlxlab_eval(rated)["scores"]
+    scores = eval_here(rated)["scores"]
     assert len(scores) == 64
     assert np.mean(np.array(scores[0::2]) > np.array(scores[1::2])) == pairs["accuracy"]
 

@@ -192,23 +192,46 @@ def read_only(folder: Path):
         subprocess.run(["umount", str(folder)], check=True)
 
 
-@pytest.mark.parametrize("multirun", [True, False], ids=["sweep", "single-run"])
-def test_a_store_that_cannot_be_written_stops_within_seconds(root, multirun):
+def left_and_when() -> list:
+    """An `after`: what the start left (left_in) and the time it ended."""
+    return [*left_in(), time.monotonic()]
+
+
+@pytest.fixture(scope="module")
+def unwritable_store(grid_with_a_failing_job, tmp_path_factory) -> tuple[Path, dict, dict]:
+    """A sweep and a single run started in turn in one process on a root whose copied store is
+    read-only: (the root, its snapshot before, {case: (exit status, stderr, seconds it took,
+    snapshot after, the root's names)}); the first case's seconds count the process start."""
+    root = tmp_path_factory.mktemp("unwritable")
+    shutil.copytree(grid_with_a_failing_job[0] / "mlruns", root / "mlruns")
     before = snapshot(root)
-    args = ["-m", *SMALL, "model.num_layers=1,2"] if multirun else SMALL
+    cases = {"sweep": ["-m", *SMALL, "model.num_layers=1,2"], "single-run": SMALL}
+    env = env_for(root)
+    env.pop("MLFLOW_TRACKING_URI", None)
     with read_only(root / "mlruns"):
         started = time.monotonic()
-        proc = train(root, *args)
-        took = time.monotonic() - started
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    (line,) = error_lines(proc)  # was: every job trained untracked, ~310 lines of tracebacks
-    assert line.startswith(
+        done = each_in_one_process([["mlxlab-train", *args] for args in cases.values()], env,
+                                   cwd=root, after="test_search_faults:left_and_when")
+    results = {}
+    for case, (code, stderr, (after, folders, _, ended)) in zip(cases, done, strict=True):
+        results[case] = (code, stderr, ended - started, after, folders)
+        started = ended
+    return root, before, results
+
+
+@pytest.mark.parametrize("case", ["sweep", "single-run"])
+def test_a_store_that_cannot_be_written_stops_within_seconds(unwritable_store, case):
+    root, before, results = unwritable_store
+    code, stderr, took, after, folders = results[case]
+    assert code == 2, stderr[-3000:]
+    (line,) = [x for x in stderr.splitlines() if x.strip()]  # was: every job trained untracked,
+    assert line.startswith(  # ~310 lines of tracebacks
         f"mlxlab: error: MLflow store {root / 'mlruns' / 'mlflow.db'} cannot "
         "be written (OperationalError: attempt to write a readonly database)"
     )
     assert "tracking=none" in line
     assert took < 20, took  # a process start and one write: no training
-    assert snapshot(root) == before and sorted(p.name for p in root.iterdir()) == ["mlruns"]
+    assert after == before and folders == ["mlruns"]
 
 
 def test_a_corrupt_study_database_names_the_right_fix(root):
@@ -244,6 +267,20 @@ def test_a_failed_jobs_reason_reaches_its_mlflow_run(grid_with_a_failing_job):
     assert failed.data.tags["mlxlab.error"] == (  # was "float: nan"
         "hidden_size=33 is not divisible by num_heads=2; pick num_heads that divides hidden_size"
     )
+
+
+def test_a_grids_jobs_group_under_one_parent(grid_with_a_failing_job):
+    """Both jobs of the grid (the one that trained and the one that failed) are child runs of
+    its one parent run, each with the value it swept."""
+    _, client = grid_with_a_failing_job
+    runs = runs_of(client)
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(children) == 2 and len(parents) == 1
+    assert parents[0].data.tags.get("mlxlab.role") == "sweep"
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+    assert {int(r.data.params["model.hidden_size"]) for r in children} == {32, 33}
+    assert sorted(r.info.status for r in children) == ["FAILED", "FINISHED"]
 
 
 def test_a_failed_or_empty_sweep_is_never_latest(grid_with_a_failing_job, capsys):

@@ -25,7 +25,7 @@ import openai
 import pytest
 from hydra.core.global_hydra import GlobalHydra
 
-from conftest import compose_cfg, mlxlab
+from conftest import compose_cfg
 from hf_helpers import save_tiny_model
 from mlxlab.config import asset_path
 from mlxlab.runs.inference import complete, load_run, sample_ids
@@ -104,7 +104,9 @@ def test_models_lists_every_target_under_its_names(server, runs):
     assert listed[str(runs["base"])].model_extra["aliases"] == ["tiny-llama"]
 
 
-def test_greedy_completion_equals_mlxlab_generate(server, runs, generated, cli_env):
+def test_greedy_completion_equals_mlxlab_generate(server, runs, generated, capsys):
+    from mlxlab.cli.main import main
+
     client, _ = server
     for key in ("a", "b"):
         answer = client.completions.create(model=str(runs[key]), prompt=PROMPT, max_tokens=24,
@@ -113,11 +115,14 @@ def test_greedy_completion_equals_mlxlab_generate(server, runs, generated, cli_e
         assert answer.choices[0].text == text
         assert answer.usage.completion_tokens == count
     assert generated["a"][0] != generated["b"][0]  # the adapters differ: the test has teeth
-    # the verb itself (it prints the prompt, then the continuation)
-    done = mlxlab("generate", runs["a"], "--prompt", PROMPT, "--max-tokens", "24",
-                  "--temperature", "0", env=cli_env)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout == PROMPT + generated["a"][0] + "\n"
+    # the verb itself (it prints the prompt, then the continuation), its main in this process
+    # (test_generate runs `mlxlab generate` as a process of its own)
+    capsys.readouterr()
+    code = main(["generate", str(runs["a"]), "--prompt", PROMPT, "--max-tokens", "24",
+                 "--temperature", "0"])
+    out = capsys.readouterr()
+    assert code == 0, out.err[-2000:]
+    assert out.out == PROMPT + generated["a"][0] + "\n"
 
 
 def test_the_registered_name_answers_as_its_run(server, generated):
@@ -376,12 +381,14 @@ def test_runs_from_one_base_hold_one_copy_of_it(runs):
 
 
 def test_settings_a_language_model_server_would_ignore_are_refused(runs, cli_env):
-    done = mlxlab("serve", runs["a"], "--workers", "2", env=cli_env)
-    assert done.returncode == 2
-    assert done.stderr.strip().startswith("mlxlab serve: error: --workers is for a classifier")
-    done = mlxlab("serve", runs["a"], runs["a"], env=cli_env)
-    assert done.returncode == 2
-    assert f"{runs['a']} is given twice" in done.stderr
+    from one_process import each_in_one_process
+
+    (workers, twice) = each_in_one_process([["mlxlab", "serve", runs["a"], "--workers", "2"],
+                                            ["mlxlab", "serve", runs["a"], runs["a"]]], cli_env)
+    assert workers[0] == 2, workers[1]
+    assert workers[1].strip().startswith("mlxlab serve: error: --workers is for a classifier")
+    assert twice[0] == 2, twice[1]
+    assert f"{runs['a']} is given twice" in twice[1]
 
 
 if __name__ == "__main__":

@@ -108,19 +108,21 @@ def test_fsdp_equals_one_process_with_the_same_global_batch(tmp_path, cli_env):
 
 
 def test_sharded_modes_refuse_what_they_cannot_do_before_any_run_folder(tmp_path, cli_env):
-    for args, says in (
-            (["trainer.distributed.shard_optimizer=true"],
-             "trainer.distributed.shard_optimizer is retired: write trainer.distributed.mode=fsdp"),
-            (["trainer.distributed.mode=fsdp", "trainer.micro_batch=auto"],
-             "trainer.micro_batch does not work with trainer.distributed.mode=fsdp"),
-            (["trainer.distributed.mode=tensor", "trainer.quantize_bits=4"],
-             "trainer.quantize_bits does not work with trainer.distributed.mode=tensor")):
-        run_dir = tmp_path / "never"
-        done = subprocess.run([str(BIN / "mlxlab-train"), *SHORT, *args,
-                               f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=cli_env,
-                              capture_output=True, text=True, timeout=300)
-        assert done.returncode == 2 and says in done.stderr, done.stderr[-2000:]
-        assert not run_dir.exists()
+    from one_process import each_in_one_process
+
+    cases = ((["trainer.distributed.shard_optimizer=true"],
+              "trainer.distributed.shard_optimizer is retired: write trainer.distributed.mode=fsdp"),
+             (["trainer.distributed.mode=fsdp", "trainer.micro_batch=auto"],
+              "trainer.micro_batch does not work with trainer.distributed.mode=fsdp"),
+             (["trainer.distributed.mode=tensor", "trainer.quantize_bits=4"],
+              "trainer.quantize_bits does not work with trainer.distributed.mode=tensor"))
+    # in turn in one process (the training app mlxlab-train supervises)
+    done = each_in_one_process([["mlxlab-train", *SHORT, *args,
+                                 f"hydra.run.dir={tmp_path / 'never'}"] for args, _ in cases],
+                               cli_env, cwd=tmp_path, after="one_process:names_here")
+    for (_, says), (code, stderr, names) in zip(cases, done, strict=True):
+        assert code == 2 and says in stderr, stderr[-2000:]
+        assert "never" not in names, names
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from conftest import MLXLAB, PYTHON, REPO
+from conftest import PYTHON, REPO
 from mlxlab.config import config_dir
 from mlxlab.sweeps.store import sweep_children
 
@@ -314,22 +314,13 @@ except ValueError as e:
     assert [r["prediction"] for r in records] == [data.label_values[i] for i in expected]
 
 
-def test_register_verb_errors_clearly(tmp_path):
-    proc = subprocess.run(
-        [
-            MLXLAB,
-            "register",
-            str(tmp_path / "nope"),
-            "--name",
-            "x",
-            "--uri",
-            f"sqlite:///{tmp_path}/mlflow.db",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 2 and "no run folder" in proc.stderr
+def test_register_verb_errors_clearly(tmp_path, capsys):
+    """In-process (test_cli runs `mlxlab register` as a process of its own)."""
+    from mlxlab.cli.main import main
+
+    code = main(["register", str(tmp_path / "nope"), "--name", "x", "--uri",
+                 f"sqlite:///{tmp_path}/mlflow.db"])
+    assert code == 2 and "no run folder" in capsys.readouterr().err
 
 
 @pytest.mark.slow

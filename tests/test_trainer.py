@@ -154,10 +154,21 @@ def test_language_model_loss_falls(make_cfg):
     assert metrics["val/loss"] < math.log(512)  # better than uniform over the vocabulary
 
 
-def test_distillation_from_a_finished_run(make_cfg, tmp_path):
-    teacher_cfg = make_cfg(*FAST, "tracking=none", "trainer.max_steps=8", "trainer.eval_every_steps=8")
-    train(teacher_cfg)
-    teacher_dir = teacher_cfg.paths.output_dir
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> str:
+    """One finished Titanic run (8 steps) the distillation tests below share as their teacher."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from conftest import compose_cfg
+
+    cfg = compose_cfg(tmp_path_factory.mktemp("teacher"),
+                      [*FAST, "tracking=none", "trainer.max_steps=8", "trainer.eval_every_steps=8"])
+    train(cfg)
+    GlobalHydra.instance().clear()
+    return str(cfg.paths.output_dir)
+
+
+def test_distillation_from_a_finished_run(make_cfg, tmp_path, teacher_dir):
     student_cfg = make_cfg(*FAST, "experiment=distill_titanic",
                            f"objective.teachers=[{{run: '{teacher_dir}'}}]")
     student_cfg.paths.output_dir = str(tmp_path / "outputs" / "student")
@@ -250,14 +261,12 @@ def test_a_hugging_face_decoder_teaches_a_student_of_its_tokenizer(make_cfg, tmp
         load_teachers([{"run": str(folder)}], 512, 2)
 
 
-def test_cached_teacher_probabilities_give_the_per_step_loss(make_cfg, tmp_path):
+def test_cached_teacher_probabilities_give_the_per_step_loss(make_cfg, tmp_path, teacher_dir):
     """The cache (one teacher pass before training) equals running the teacher in the step, for
     rows batched and padded differently, and the pass leaves the data position where it was."""
-    teacher_cfg = make_cfg(*FAST, "tracking=none", "trainer.max_steps=8", "trainer.eval_every_steps=8")
-    train(teacher_cfg)
     _, data, student = build(make_cfg, tmp_path, *TINY)
     data.load_state_dict({"epoch": 0, "batches_done": 3})
-    teachers = [{"run": str(teacher_cfg.paths.output_dir)}]
+    teachers = [{"run": teacher_dir}]
     cached_fn = objective_loss(distill(teachers=teachers, temperature=2.0), data, student, 16)
     assert data.state_dict() == {"epoch": 0, "batches_done": 3}
     per_step_fn = objective_loss(distill(teachers=teachers, temperature=2.0, cache_teacher=False),
@@ -269,7 +278,7 @@ def test_cached_teacher_probabilities_give_the_per_step_loss(make_cfg, tmp_path)
         assert aux_c["kl"].item() == pytest.approx(aux_d["kl"].item(), rel=1e-4)
 
 
-def test_distillation_loss_form_is_a_config_choice(make_cfg, tmp_path):
+def test_distillation_loss_form_is_a_config_choice(make_cfg, tmp_path, teacher_dir):
     """objective.loss / kl_scale reach the loss: a student trains with reverse_kl and with
     mse (train/<loss> logged, cached teacher targets = the teachers run in the step), and a
     misspelled form fails at validation with one line naming the key."""
@@ -278,9 +287,7 @@ def test_distillation_loss_form_is_a_config_choice(make_cfg, tmp_path):
     from mlxlab.config import ConfigError, instantiate, validate
     from mlxlab.tracking.csv_files import read_metrics
 
-    teacher_cfg = make_cfg(*FAST, "tracking=none", "trainer.max_steps=8", "trainer.eval_every_steps=8")
-    train(teacher_cfg)
-    teachers = f"objective.teachers=[{{run: '{teacher_cfg.paths.output_dir}'}}]"
+    teachers = f"objective.teachers=[{{run: '{teacher_dir}'}}]"
     for form in (["objective.loss=reverse_kl", "objective.kl_scale=none"],
                  ["objective.loss=mse"]):
         cfg = make_cfg(*FAST, "tracking=csv", "experiment=distill_titanic", teachers, *form)
@@ -296,7 +303,7 @@ def test_distillation_loss_form_is_a_config_choice(make_cfg, tmp_path):
     student.eval()
     batch = next(iter(data.train_batches(Batching(batch_size=7), 1)))
     for loss in ("reverse_kl", "mse"):
-        teachers = [{"run": str(teacher_cfg.paths.output_dir)}]
+        teachers = [{"run": teacher_dir}]
         cached_fn = objective_loss(distill(teachers=teachers, loss=loss), data, student, 16)
         direct_fn = objective_loss(distill(teachers=teachers, loss=loss, cache_teacher=False),
                                    data, student, 16)
@@ -313,12 +320,10 @@ def test_distillation_loss_form_is_a_config_choice(make_cfg, tmp_path):
     assert str(raised.value.__cause__).startswith("objective.kl_scale='T2' is not one of")
 
 
-def test_distillation_rejects_a_teacher_with_other_labels(make_cfg, tmp_path):
-    teacher_cfg = make_cfg(*FAST, "tracking=none")
-    train(teacher_cfg)
+def test_distillation_rejects_a_teacher_with_other_labels(make_cfg, tmp_path, teacher_dir):
     student_cfg = make_cfg(*FAST, "tracking=none", "objective=distill", "data.label_column=Pclass",
                            "data.template=null", "data.feature_columns=[Sex,Age]",
-                           f"objective.teachers=[{{run: '{teacher_cfg.paths.output_dir}'}}]")
+                           f"objective.teachers=[{{run: '{teacher_dir}'}}]")
     student_cfg.paths.output_dir = str(tmp_path / "outputs" / "student")
     with pytest.raises(ValueError, match="num_labels=2 but the student's data has .*num_labels=3"):
         train(student_cfg)

@@ -191,15 +191,23 @@ def _train(tmp_path: Path, folder: Path, *overrides: str) -> subprocess.Complete
         cwd=tmp_path, capture_output=True, text=True, timeout=600)
 
 
-def test_finetune_vision_trains_and_checkpoints(folders, tmp_path):
+@pytest.fixture(scope="module")
+def vision_run(folders, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """One real `mlxlab train experiment=finetune_vision` run on the tiny SmolVLM, tracked in
+    MLflow, with checkpoint.save_base=true (every weight written): (its root, the process)."""
+    root = tmp_path_factory.mktemp("vision-run")
+    return root, _train(root, folders["smolvlm"], "checkpoint.save_base=true")
+
+
+def test_finetune_vision_trains_and_checkpoints(vision_run):
     """A real run of the shipped visual task on the tiny SmolVLM, tracked in MLflow."""
-    done = _train(tmp_path, folders["smolvlm"])
+    root, done = vision_run
     assert done.returncode == 0, done.stderr[-3000:]
-    runs = list((tmp_path / "outputs" / "finetune_vision").iterdir())
+    runs = list((root / "outputs" / "finetune_vision").iterdir())
     assert len(runs) == 1
     assert list((runs[0] / "checkpoints").glob("step_*"))
     assert "val/loss" in done.stderr + done.stdout
-    assert (tmp_path / "mlruns").is_dir()
+    assert (root / "mlruns").is_dir()
 
 
 @pytest.mark.parametrize("case", [pytest.param("missing image", marks=pytest.mark.slow),
@@ -569,17 +577,16 @@ def test_eval_task_with_an_image_column(folders, tmp_path):
         score_task(model, tokenizer, task, TaskSettings(max_new_tokens=5), None)
 
 
-def test_a_lora_run_saved_with_its_base_loads_with_its_adapters(folders, tmp_path):
+def test_a_lora_run_saved_with_its_base_loads_with_its_adapters(folders, vision_run):
     """checkpoint.save_base=true writes every weight, the adapters' included: the run loads
     (load_run_model: generate, eval, export) rebuilt from the checkpoint's config with its
     adapters, to the logits of the model it saved."""
     from mlxlab.models.vision.vision_language import VisionLanguageModel
     from mlxlab.runs import load_run_model
 
-    done = _train(tmp_path, folders["smolvlm"], "tracking=none", "checkpoint.save_base=true",
-                  "trainer.max_steps=2", "callbacks.progress.enabled=false")
+    root, done = vision_run
     assert done.returncode == 0, done.stderr[-3000:]
-    run = next((tmp_path / "outputs" / "finetune_vision").iterdir())
+    run = next((root / "outputs" / "finetune_vision").iterdir())
     model, state = load_run_model(run)
     saved = VisionLanguageModel(0, pretrained=str(folders["smolvlm"]),
                                 lora=state.config["model"]["lora"])
