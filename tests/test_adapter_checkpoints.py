@@ -134,6 +134,7 @@ def test_loading_adapters_without_their_base_is_refused(runs):
         load_checkpoint(runs["adapters"] / "checkpoints" / "best", model)
 
 
+@pytest.mark.slow  # bitwise resume also in test_resume.py's sigkill tests
 def test_resume_from_an_adapter_checkpoint_is_bitwise_the_uninterrupted_run(runs, tmp_path):
     """Resumed from the checkpoint of step 4 (adapters only) into a new folder: the adapters and
     optimizer state of step 8 equal the uninterrupted run's to the bit."""

@@ -211,6 +211,7 @@ def test_gemma3_k_quants_dequantize_to_transformers_weights_and_requantize(tmp_p
     assert bits == {4, 8}
 
 
+@pytest.mark.slow  # the verb in test_generate.py; this file's logits test loads the GGUF
 def test_mlxlab_generate_chats_with_the_base_model_from_its_gguf(gguf_file, capsys):
     """`mlxlab generate FILE.gguf --chat`: the base model answers in its own chat template (the
     default system turn the file's template writes) and stops at its end of turn. (Its main in

@@ -238,6 +238,7 @@ def kill_at_line(proc: subprocess.Popen, text: str) -> str:
     return "".join(seen)
 
 
+@pytest.mark.slow  # resume=auto also in test_sigterm_checkpoints_marks_killed_and_resume_auto_finishes
 def test_resume_auto_takes_the_highest_committed_step_not_the_newest_folder(tmp_path, cli_env):
     """R1 is killed after a periodic checkpoint past its best/; R2 (resume=auto) adopts R1's
     best/ into its own folder and is killed before its first checkpoint; R3 (resume=auto) must
