@@ -38,8 +38,8 @@ KINDS = ("mixtral", "qwen3_moe", "granitemoe", "lfm2", "deepseek_v3")
 IDS = [5, 17, 99, 3, 250, 31, 7, 8, 64, 120, 11, 2, 300, 41, 77, 9]
 # DeepSeek-V3 with its group-limited routing on (the hub's: 8 groups, 4 picked; here 2, 1 picked)
 TINY = {"deepseek_v3": {"n_routed_experts": 8, "n_group": 2, "topk_group": 1}}
-# mlx-lm's names of what the file keeps in F32 at any type: the MoE routers, LFM2's conv kernel
-F32_KEPT = (".gate.weight", ".router.layer.weight", ".conv.conv.weight")
+# mlx-lm's names of what the file keeps in F32 at any type: the MoE routers, the conv kernels
+F32_KEPT = (".gate.weight", ".router.layer.weight", ".conv.conv.weight", "conv1d.weight")
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
