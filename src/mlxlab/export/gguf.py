@@ -32,6 +32,12 @@ from typing import Any
 import numpy as np
 
 from mlxlab.errors import ConfigError
+from mlxlab.export.gguf_gated_delta import (
+    qwen3_5_config,
+    qwen3_5_hparams,
+    qwen3_5_tensors,
+    zero_centred_norms,
+)
 from mlxlab.export.gguf_kquants import MIXTURES, Mixture, is_70b
 from mlxlab.export.gguf_kquants import quantize as ggml_quantize
 from mlxlab.export.gguf_mamba import (
@@ -224,6 +230,10 @@ ARCHITECTURES: dict[str, Architecture] = {
     "nemotron_h": Architecture("NEMOTRON_H", head_dims=True, hparams=nemotron_h_hparams,
                                regroup=nemotron_h_tensors, config=nemotron_h_config,
                                variant=nemotron_h_arch, values=MIXER_VALUES),
+    # Qwen3.5's text model: gated delta layers (gguf_gated_delta.py)
+    "qwen3_5_text": Architecture("QWEN35", zero_centred_norms, rope_dims=True, head_dims=True,
+                                 hparams=qwen3_5_hparams, regroup=qwen3_5_tensors,
+                                 config=qwen3_5_config, values=MIXER_VALUES),
 }
 # llama.cpp reads these in F32 whatever the file type (its converter never quantizes them): the
 # MoE router, whose top-k choice a rounding would flip, the convolution kernels (LFM2's, a Mamba
