@@ -174,22 +174,11 @@ def test_a_hybrid_family_without_a_gguf_layout_here_is_named(kind, tmp_path, cap
 @pytest.mark.parametrize("kind", ["mamba2", "granitemoehybrid", "nemotron_h_moe", "qwen3_5"])
 def test_a_trained_run_exports_to_f16_and_q8_0_that_llama_cpp_scores_as_mlxlab(kind, folders,
                                                                               tmp_path):
-    import subprocess
-
-    from conftest import PYTHON
-    from mlxlab.runs import load_run_model
+    from test_export_gguf_moe import exported_runs_score_as_mlxlab
     from test_mlx_lm_decoders import train_chat
 
     folder = folders(kind)
     if kind.startswith("nemotron"):  # the model llama.cpp computes: no time-step clamp
         folder = _unclamped(folder, tmp_path / "unclamped")
     _, run = train_chat(folder, tmp_path)
-    for quant in ("f16", "q8_0"):
-        out = tmp_path / f"{quant}.gguf"
-        done = subprocess.run([PYTHON, "-m", "mlxlab.cli.main", "export", str(run), "--format",
-                               "gguf", "--quant", quant, "--out", str(out), "--overwrite"],
-                              capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr
-        ours, shift = rounding_shift(lambda: load_run_model(run)[0], quant, np.array([IDS]))
-        theirs, allowed = compare(llama_cpp_steps(out, IDS), ours, shift)
-        assert theirs <= 3 * allowed, (quant, theirs, allowed)
+    exported_runs_score_as_mlxlab(run, tmp_path)

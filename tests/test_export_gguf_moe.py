@@ -172,18 +172,25 @@ def test_a_setting_llama_cpp_does_not_compute_is_one_line_exit_2(kind, change, e
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_trained_run_exports_to_f16_and_q8_0_that_llama_cpp_scores_as_mlxlab(kind, folders,
                                                                               tmp_path):
-    from mlxlab.runs import load_run_model
     from test_mlx_lm_decoders import train_chat
 
     _, run = train_chat(folders(kind), tmp_path)
-    ids = np.array([IDS])
+    exported_runs_score_as_mlxlab(run, tmp_path)
+
+
+def exported_runs_score_as_mlxlab(run: Path, tmp_path: Path) -> None:
+    """`mlxlab export RUN --format gguf` at f16 and q8_0, each file scored by llama.cpp against
+    the run, within three times what the file's rounding moves the run's own
+    log-probabilities."""
+    from mlxlab.runs import load_run_model
+
     for quant in ("f16", "q8_0"):
         out = tmp_path / f"{quant}.gguf"
         done = subprocess.run([PYTHON, "-m", "mlxlab.cli.main", "export", str(run), "--format",
                                "gguf", "--quant", quant, "--out", str(out), "--overwrite"],
                               capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
-        ours, shift = rounding_shift(lambda: load_run_model(run)[0], quant, ids)
+        ours, shift = rounding_shift(lambda: load_run_model(run)[0], quant, np.array([IDS]))
         theirs, allowed = compare(llama_cpp_steps(out, IDS), ours, shift)
         assert theirs <= 3 * allowed, (quant, theirs, allowed)
 
