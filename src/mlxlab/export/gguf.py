@@ -36,6 +36,9 @@ from mlxlab.export.gguf_gated_delta import (
     qwen3_5_config,
     qwen3_5_hparams,
     qwen3_5_tensors,
+    qwen3_next_config,
+    qwen3_next_hparams,
+    qwen3_next_tensors,
     zero_centred_norms,
 )
 from mlxlab.export.gguf_kquants import MIXTURES, Mixture, is_70b
@@ -234,6 +237,9 @@ ARCHITECTURES: dict[str, Architecture] = {
     "qwen3_5_text": Architecture("QWEN35", zero_centred_norms, rope_dims=True, head_dims=True,
                                  hparams=qwen3_5_hparams, regroup=qwen3_5_tensors,
                                  config=qwen3_5_config, values=MIXER_VALUES),
+    "qwen3_next": Architecture("QWEN3NEXT", zero_centred_norms, rope_dims=True, head_dims=True,
+                               hparams=qwen3_next_hparams, regroup=qwen3_next_tensors,
+                               config=qwen3_next_config, values=MIXER_VALUES),
 }
 # llama.cpp reads these in F32 whatever the file type (its converter never quantizes them): the
 # MoE router, whose top-k choice a rounding would flip, the convolution kernels (LFM2's, a Mamba

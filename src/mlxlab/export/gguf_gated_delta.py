@@ -17,7 +17,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from mlxlab.export.gguf_regroup import GGUFLayoutError, Tensors
+from mlxlab.export.gguf_regroup import (
+    GGUFLayoutError,
+    Tensors,
+    expert_hparams,
+    qwen3_moe_config,
+    stack_experts,
+)
 
 
 def _full_attention_interval(config: dict) -> int:
@@ -26,25 +32,26 @@ def _full_attention_interval(config: dict) -> int:
     full = [t == "full_attention" for t in config["layer_types"]]
     n = full.index(True) + 1 if any(full) else 0
     if not n or any(f != ((i + 1) % n == 0) for i, f in enumerate(full)):
-        raise GGUFLayoutError("a Qwen3.5 whose full-attention layers are not every n-th has no "
-                              "GGUF layout here: use --format hf or mlx-lm")
+        raise GGUFLayoutError(f"a {config['model_type']} whose full-attention layers are not "
+                              "every n-th has no GGUF layout here: use --format hf or mlx-lm")
     return n
 
 
 def qwen3_5_config(config: dict) -> dict:
     _full_attention_interval(config)
     if config["linear_num_value_heads"] % config["linear_num_key_heads"]:
-        raise GGUFLayoutError("a Qwen3.5 whose value heads are not a multiple of its key heads "
-                              "has no GGUF layout here: use --format hf or mlx-lm")
+        raise GGUFLayoutError(f"a {config['model_type']} whose value heads are not a multiple "
+                              "of its key heads has no GGUF layout here: use --format hf or "
+                              "mlx-lm")
     rope = config.get("rope_parameters") or {}
     if rope.get("rope_type", "default") != "default":
-        raise GGUFLayoutError(f"a Qwen3.5 with rope_type {rope['rope_type']!r} has no GGUF "
-                              "layout here: use --format hf or mlx-lm")
+        raise GGUFLayoutError(f"a {config['model_type']} with rope_type {rope['rope_type']!r} "
+                              "has no GGUF layout here: use --format hf or mlx-lm")
     return {**config, "rope_theta": rope.get("rope_theta", 10000.0),
             "partial_rotary_factor": rope.get("partial_rotary_factor", 0.25)}
 
 
-def qwen3_5_hparams(writer, config: dict) -> None:
+def _delta_hparams(writer, config: dict) -> None:
     c = config
     writer.add_ssm_conv_kernel(int(c["linear_conv_kernel_dim"]))
     writer.add_ssm_state_size(int(c["linear_key_head_dim"]))
@@ -52,7 +59,11 @@ def qwen3_5_hparams(writer, config: dict) -> None:
     writer.add_ssm_time_step_rank(int(c["linear_num_value_heads"]))
     writer.add_ssm_inner_size(int(c["linear_value_head_dim"] * c["linear_num_value_heads"]))
     writer.add_full_attention_interval(_full_attention_interval(c))
-    writer.add_rope_dimension_sections(_rope_sections(c))
+
+
+def qwen3_5_hparams(writer, config: dict) -> None:
+    _delta_hparams(writer, config)
+    writer.add_rope_dimension_sections(_rope_sections(config))
 
 
 def _rope_sections(config: dict) -> list[int]:
@@ -105,3 +116,38 @@ def qwen3_5_tensors(tensors: Tensors, config: dict) -> Tensors:
         if leaf == "dt_bias":
             name = name.removesuffix("dt_bias") + "dt_proj.bias"
         yield name, w
+
+
+# --- Qwen3-Next -------------------------------------------------------------------------------
+
+def qwen3_next_config(config: dict) -> dict:
+    """Qwen3.5's checks, and Qwen3-MoE's: every layer routes through experts, renormalized."""
+    return qwen3_5_config(qwen3_moe_config(config))
+
+
+def qwen3_next_hparams(writer, config: dict) -> None:
+    _delta_hparams(writer, config)
+    expert_hparams(writer, config)
+    writer.add_expert_shared_feed_forward_length(int(config["shared_expert_intermediate_size"]))
+
+
+def qwen3_next_tensors(tensors: Tensors, config: dict) -> Tensors:
+    """Experts stacked; the fused in_proj_qkvz (per key head: q, k, its value heads' v, their z)
+    as llama.cpp's attn_qkv (every q, every k, every v) and attn_gate (every z); the kernel 2-D,
+    dt_bias as the dt projection's bias."""
+    k_heads, k_dim = config["linear_num_key_heads"], config["linear_key_head_dim"]
+    v_width = config["linear_num_value_heads"] // k_heads * config["linear_value_head_dim"]
+    for name, w in stack_experts(tensors, config):
+        if name.endswith("linear_attn.in_proj_qkvz.weight"):
+            prefix = name.removesuffix("in_proj_qkvz.weight")
+            per_head = w.reshape(k_heads, -1, w.shape[-1])
+            q, k, v, z = np.split(per_head, [k_dim, 2 * k_dim, 2 * k_dim + v_width], axis=1)
+            yield f"{prefix}in_proj_qkv.weight", np.concatenate(
+                [part.reshape(-1, w.shape[-1]) for part in (q, k, v)])
+            yield f"{prefix}in_proj_z.weight", z.reshape(-1, w.shape[-1])
+        elif name.endswith("linear_attn.conv1d.weight"):
+            yield name, w[:, 0]
+        elif name.endswith("linear_attn.dt_bias"):
+            yield name.removesuffix("dt_bias") + "dt_proj.bias", w
+        else:
+            yield name, w
