@@ -1,16 +1,20 @@
-"""Qwen3.5's text model (a gated delta net every layer but every n-th, full attention there) as
-llama.cpp reads it (its `qwen35` architecture), laid out as llama.cpp's converter does.
+"""Qwen3.5's text model and Qwen3-Next (a gated delta net every layer but every n-th, full
+attention there; Qwen3-Next's feed-forward layers route experts) as llama.cpp reads them (its
+`qwen35` and `qwen3next` architectures), laid out as llama.cpp's converter does.
 
-Where a gated delta layer has more value heads than key heads, the checkpoint keeps each key
-head's value heads together (k0: v0 v1, k1: v0 v1); llama.cpp broadcasts key heads over value
-heads tiled (k0 v0, k1 v0, k0 v1, k1 v1), so every value-head axis is reordered: the value rows
-of in_proj_qkv and the convolution kernel, in_proj_z's rows, in_proj_a's and in_proj_b's (one
-per head), A_log and dt_bias, out_proj's columns. Besides: the kernel (C, 1, K) 2-D, dt_bias as
-the dt projection's bias, A = -exp(A_log) (gguf_mamba.py `MIXER_VALUES`), and the zero-centred
-RMSNorms (weight 1 + w) stored as 1 + w, the gated delta's own norm excepted (a plain weight).
-The keys: the delta net's sizes under ssm.* (kernel, key head size as the state size, key heads
-as groups, value heads as the time-step rank, the value width as the inner size), the interval
-of full-attention layers, the rotary width and its (multimodal) sections.
+Qwen3.5: where a gated delta layer has more value heads than key heads, the checkpoint keeps
+each key head's value heads together (k0: v0 v1, k1: v0 v1); llama.cpp's qwen35 broadcasts key
+heads over value heads tiled (k0 v0, k1 v0, k0 v1, k1 v1), so every value-head axis is
+reordered: the value rows of in_proj_qkv and the convolution kernel, in_proj_z's rows,
+in_proj_a's and in_proj_b's (one per head), A_log and dt_bias, out_proj's columns. Qwen3-Next:
+its fused in_proj_qkvz (per key head: q, k, that head's v, its z) split as llama.cpp's attn_qkv
+(every q, every k, every v) and attn_gate, its value heads left grouped (qwen3next broadcasts
+them so). Both: the kernel (C, 1, K) 2-D, dt_bias as the dt projection's bias, A = -exp(A_log)
+(gguf_mamba.py `MIXER_VALUES`), and the zero-centred RMSNorms (weight 1 + w) stored as 1 + w,
+the gated delta's own norm excepted (a plain weight). The keys: the delta net's sizes under
+ssm.* (kernel, key head size as the state size, key heads as groups, value heads as the
+time-step rank, the value width as the inner size), the interval of full-attention layers, the
+rotary width, Qwen3.5's (multimodal) rope sections, Qwen3-Next's expert counts.
 """
 
 from __future__ import annotations
