@@ -44,7 +44,9 @@ from mlxlab.export.gguf_gated_delta import (
 from mlxlab.export.gguf_kquants import MIXTURES, Mixture, is_70b
 from mlxlab.export.gguf_kquants import quantize as ggml_quantize
 from mlxlab.export.gguf_mamba import (
+    FALCON_H1_VALUES,
     MIXER_VALUES,
+    falcon_h1_config,
     granite_hybrid_config,
     granite_hybrid_hparams,
     granite_hybrid_tensors,
@@ -198,8 +200,8 @@ class Architecture:
     variant: Callable[[dict], str] | None = None
     # an elementwise map of values llama.cpp stores in place of the checkpoint's (by GGUF name:
     # Mamba's A = -exp(A_log)) and its inverse, which the read-back (gguf_readback.py) applies
-    values: tuple[Callable[[str, np.ndarray], np.ndarray],
-                  Callable[[str, np.ndarray], np.ndarray]] | None = None
+    values: tuple[Callable[[str, np.ndarray, dict], np.ndarray],
+                  Callable[[str, np.ndarray, dict], np.ndarray]] | None = None
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -233,6 +235,9 @@ ARCHITECTURES: dict[str, Architecture] = {
     "nemotron_h": Architecture("NEMOTRON_H", head_dims=True, hparams=nemotron_h_hparams,
                                regroup=nemotron_h_tensors, config=nemotron_h_config,
                                variant=nemotron_h_arch, values=MIXER_VALUES),
+    "falcon_h1": Architecture("FALCON_H1", head_dims=True, hparams=mamba2_hparams,
+                              regroup=mamba2_mixers, config=falcon_h1_config,
+                              values=FALCON_H1_VALUES),
     # Qwen3.5's text model: gated delta layers (gguf_gated_delta.py)
     "qwen3_5_text": Architecture("QWEN35", zero_centred_norms, rope_dims=True, head_dims=True,
                                  hparams=qwen3_5_hparams, regroup=qwen3_5_tensors,
@@ -547,7 +552,9 @@ def tensor_names(arch: Architecture, config: dict) -> Callable[[str], str | None
         if suffix not in ("weight", "bias"):  # a parameter named as itself: Mamba's A_log, D
             return name_map.get_name(name)
         mapped = name_map.get_name(base)
-        return None if mapped is None else f"{mapped}.{suffix}"
+        if mapped is None:  # a key the map spells with its `.weight` (Falcon-H1's pre-MLP norm)
+            return name_map.get_name(name)
+        return f"{mapped}.{suffix}"
 
     return llama_cpp_name
 
@@ -599,7 +606,7 @@ def _write_tensors(writer, folder: Path, config: dict, arch: Architecture,
             else:
                 w = arch.tensor(name, w, config)
                 if arch.values is not None:
-                    w = arch.values[0](full_name, w)
+                    w = arch.values[0](full_name, w, config)
                 data, kind = encode_tensor(w, kept)
             label = kind.name
         writer.add_tensor(full_name, data, raw_dtype=kind)

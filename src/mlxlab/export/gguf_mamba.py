@@ -56,7 +56,7 @@ def mixer_of(config: dict) -> Mixer:
     if kind == "mamba2":
         return Mixer(config["conv_kernel"], config["state_size"], config["n_groups"],
                      config["num_heads"], config["head_dim"])
-    if kind == "granitemoehybrid":
+    if kind in ("granitemoehybrid", "falcon_h1"):
         return Mixer(config["mamba_d_conv"], config["mamba_d_state"], config["mamba_n_groups"],
                      config["mamba_n_heads"], config["mamba_d_head"])
     return Mixer(config["conv_kernel"], config["ssm_state_size"], config["n_groups"],
@@ -101,13 +101,13 @@ def mamba2_mixers(tensors: Tensors, config: dict) -> Tensors:
             yield name, w
 
 
-def _a_from_a_log(gguf_name: str, w: np.ndarray) -> np.ndarray:
+def _a_from_a_log(gguf_name: str, w: np.ndarray, config: dict) -> np.ndarray:
     if not gguf_name.endswith(".ssm_a"):
         return w
     return (-np.exp(w.astype(np.float64))).astype(np.float32)
 
 
-def _a_log_from_a(gguf_name: str, w: np.ndarray) -> np.ndarray:
+def _a_log_from_a(gguf_name: str, w: np.ndarray, config: dict) -> np.ndarray:
     if not gguf_name.endswith(".ssm_a"):
         return w
     return np.log(-w.astype(np.float64)).astype(np.float32)
@@ -260,3 +260,56 @@ def nemotron_h_tensors(tensors: Tensors, config: dict) -> Tensors:
 def nemotron_h_arch(config: dict) -> str:
     """llama.cpp's architecture: nemotron_h_moe where the feed-forward layers route experts."""
     return "NEMOTRON_H_MOE" if nemotron_h_is_moe(config) else "NEMOTRON_H"
+
+
+# --- Falcon-H1 --------------------------------------------------------------------------------
+
+def falcon_h1_config(config: dict) -> dict:
+    """Attention and a Mamba-2 mixer side by side in every layer, then an MLP."""
+    _check_mixer(config)
+    if config.get("mamba_rms_norm") or any(config.get(k) for k in ("projectors_bias",
+                                                                    "mlp_bias",
+                                                                    "attention_bias")):
+        raise GGUFLayoutError("a falcon_h1 with a gated mixer norm (mamba_rms_norm) or biases "
+                              "has no GGUF layout here: use --format hf or mlx-lm")
+    if config.get("tie_word_embeddings") and (config.get("embedding_multiplier", 1.0)
+                                              != config.get("lm_head_multiplier", 1.0)):
+        raise GGUFLayoutError("a falcon_h1 with tied embeddings but its own lm_head_multiplier "
+                              "has no GGUF layout here (one tensor cannot fold both): use "
+                              "--format hf or mlx-lm")
+    return config
+
+
+def _falcon_h1_scale(gguf_name: str, rows: int, config: dict) -> np.ndarray | float:
+    """What llama.cpp's Falcon-H1 graph expects folded into a stored matrix: the multipliers
+    transformers applies to its input or output (in_proj's per part of z, x, B, C, dt)."""
+    c, kind = config, gguf_name.rsplit(".", 1)[0].rsplit(".", 1)[-1]
+    attention_in = float(c.get("attention_in_multiplier", 1.0))
+    scales = {"token_embd": c.get("embedding_multiplier", 1.0),
+              "output": c.get("lm_head_multiplier", 1.0),
+              "ffn_gate": (c.get("mlp_multipliers") or [1.0, 1.0])[0],
+              "ffn_down": (c.get("mlp_multipliers") or [1.0, 1.0])[1],
+              "attn_q": attention_in, "attn_v": attention_in,
+              "attn_k": attention_in * float(c.get("key_multiplier", 1.0)),
+              "attn_output": c.get("attention_out_multiplier", 1.0),
+              "ssm_out": c.get("ssm_out_multiplier", 1.0)}
+    if kind != "ssm_in":
+        return float(scales.get(kind, 1.0))
+    m = mixer_of(c)
+    parts = [m.d_inner, m.d_inner, m.n_group * m.d_state, m.n_group * m.d_state, m.n_head]
+    per_part = c.get("ssm_multipliers") or [1.0] * 5
+    column = np.repeat(np.asarray(per_part, np.float64), parts)[:, None]
+    return column * float(c.get("ssm_in_multiplier", 1.0))
+
+
+def _falcon_h1_folded(gguf_name: str, w: np.ndarray, config: dict) -> np.ndarray:
+    w = _a_from_a_log(gguf_name, w, config)
+    return (w * _falcon_h1_scale(gguf_name, w.shape[0], config)).astype(np.float32)
+
+
+def _falcon_h1_unfolded(gguf_name: str, w: np.ndarray, config: dict) -> np.ndarray:
+    w = (w / _falcon_h1_scale(gguf_name, w.shape[0], config)).astype(np.float32)
+    return _a_log_from_a(gguf_name, w, config)
+
+
+FALCON_H1_VALUES = (_falcon_h1_folded, _falcon_h1_unfolded)
