@@ -258,8 +258,16 @@ def _kept_in_f32(full_name: str) -> bool:
     return leaf != "weight" or base.endswith(_F32_TENSORS)
 
 
+# model types llama.cpp itself has no architecture for (its `gguf` package lists none)
+_NOT_IN_LLAMA_CPP = {"olmo_hybrid": "OLMo-Hybrid"}
+
+
 def architecture_of(config: dict) -> Architecture:
     kind = config.get("model_type")
+    if kind in _NOT_IN_LLAMA_CPP:
+        raise GGUFExportError(f"model_type={kind!r}: llama.cpp has no architecture for "
+                              f"{_NOT_IN_LLAMA_CPP[kind]}, so no GGUF file of it would load; "
+                              "export it as --format hf or mlx-lm (a run)")
     if kind not in ARCHITECTURES:
         raise GGUFExportError(
             f"model_type={kind!r} has no GGUF export here; mlxlab writes GGUF for "
