@@ -44,6 +44,17 @@ def _configs(t, vocab: int) -> dict:
             mamba_num_heads=8, mamba_head_dim=16, n_groups=2, ssm_state_size=16, conv_kernel=4,
             chunk_size=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
             moe_shared_expert_intermediate_size=32),
+        # Nemotron-H as the hub ships it: without experts (Nemotron-H 8B), or with every
+        # feed-forward layer routed (Nemotron 3 Nano); two mixer groups
+        "nemotron_h_dense": lambda: t.NemotronHConfig(
+            **c, num_hidden_layers=4, layers_block_type=["mamba", "attention", "mlp", "mamba"],
+            mamba_num_heads=8, mamba_head_dim=16, n_groups=2, ssm_state_size=16, conv_kernel=4,
+            chunk_size=16),
+        "nemotron_h_moe": lambda: t.NemotronHConfig(
+            **c, num_hidden_layers=4, layers_block_type=["mamba", "attention", "moe", "mamba"],
+            mamba_num_heads=8, mamba_head_dim=16, n_groups=2, ssm_state_size=16, conv_kernel=4,
+            chunk_size=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+            moe_shared_expert_intermediate_size=32),
         "falcon_h1": lambda: t.FalconH1Config(
             **c, **MAMBA, num_hidden_layers=2, mamba_d_ssm=128,
             rope_parameters={"rope_type": "default", "rope_theta": 1e4},

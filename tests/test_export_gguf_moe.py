@@ -38,8 +38,8 @@ KINDS = ("mixtral", "qwen3_moe", "granitemoe", "lfm2", "deepseek_v3")
 IDS = [5, 17, 99, 3, 250, 31, 7, 8, 64, 120, 11, 2, 300, 41, 77, 9]
 # DeepSeek-V3 with its group-limited routing on (the hub's: 8 groups, 4 picked; here 2, 1 picked)
 TINY = {"deepseek_v3": {"n_routed_experts": 8, "n_group": 2, "topk_group": 1}}
-# mlx-lm's names of what the file keeps in F32 at any type: the MoE routers, LFM2's conv kernel
-F32_KEPT = (".gate.weight", ".router.layer.weight", ".conv.conv.weight")
+# mlx-lm's names of what the file keeps in F32 at any type: the MoE routers, the conv kernels
+F32_KEPT = (".gate.weight", ".router.layer.weight", ".conv.conv.weight", "conv1d.weight")
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -172,18 +172,25 @@ def test_a_setting_llama_cpp_does_not_compute_is_one_line_exit_2(kind, change, e
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_trained_run_exports_to_f16_and_q8_0_that_llama_cpp_scores_as_mlxlab(kind, folders,
                                                                               tmp_path):
-    from mlxlab.runs import load_run_model
     from test_mlx_lm_decoders import train_chat
 
     _, run = train_chat(folders(kind), tmp_path)
-    ids = np.array([IDS])
+    exported_runs_score_as_mlxlab(run, tmp_path)
+
+
+def exported_runs_score_as_mlxlab(run: Path, tmp_path: Path) -> None:
+    """`mlxlab export RUN --format gguf` at f16 and q8_0, each file scored by llama.cpp against
+    the run, within three times what the file's rounding moves the run's own
+    log-probabilities."""
+    from mlxlab.runs import load_run_model
+
     for quant in ("f16", "q8_0"):
         out = tmp_path / f"{quant}.gguf"
         done = subprocess.run([PYTHON, "-m", "mlxlab.cli.main", "export", str(run), "--format",
                                "gguf", "--quant", quant, "--out", str(out), "--overwrite"],
                               capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
-        ours, shift = rounding_shift(lambda: load_run_model(run)[0], quant, ids)
+        ours, shift = rounding_shift(lambda: load_run_model(run)[0], quant, np.array([IDS]))
         theirs, allowed = compare(llama_cpp_steps(out, IDS), ours, shift)
         assert theirs <= 3 * allowed, (quant, theirs, allowed)
 

@@ -25,15 +25,39 @@ import math
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mlxlab.errors import ConfigError
+from mlxlab.export.gguf_gated_delta import (
+    qwen3_5_config,
+    qwen3_5_hparams,
+    qwen3_5_tensors,
+    qwen3_next_config,
+    qwen3_next_hparams,
+    qwen3_next_tensors,
+    zero_centred_norms,
+)
 from mlxlab.export.gguf_kquants import MIXTURES, Mixture, is_70b
 from mlxlab.export.gguf_kquants import quantize as ggml_quantize
+from mlxlab.export.gguf_mamba import (
+    FALCON_H1_VALUES,
+    MIXER_VALUES,
+    falcon_h1_config,
+    granite_hybrid_config,
+    granite_hybrid_hparams,
+    granite_hybrid_tensors,
+    mamba2_config,
+    mamba2_hparams,
+    mamba2_mixers,
+    nemotron_h_arch,
+    nemotron_h_config,
+    nemotron_h_hparams,
+    nemotron_h_tensors,
+)
 from mlxlab.export.gguf_regroup import (
     Tensors,
     deepseek_v3_config,
@@ -172,6 +196,12 @@ class Architecture:
     # tensors llama.cpp groups otherwise (stacked experts, split fusions; gguf_regroup.py)
     regroup: Callable[[Tensors, dict], Tensors] | None = None
     config: Callable[[dict], dict] = dict  # the config as the generic keys read it
+    # the GGUF architecture where it depends on the config (Nemotron-H with or without experts)
+    variant: Callable[[dict], str] | None = None
+    # an elementwise map of values llama.cpp stores in place of the checkpoint's (by GGUF name:
+    # Mamba's A = -exp(A_log)) and its inverse, which the read-back (gguf_readback.py) applies
+    values: tuple[Callable[[str, np.ndarray, dict], np.ndarray],
+                  Callable[[str, np.ndarray, dict], np.ndarray]] | None = None
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -195,14 +225,49 @@ ARCHITECTURES: dict[str, Architecture] = {
     "lfm2": Architecture("LFM2", hparams=lfm2_hparams, regroup=squeeze_conv, config=lfm2_config),
     "deepseek_v3": Architecture("DEEPSEEK2", hparams=deepseek_v3_hparams,
                                 regroup=split_latent_attention, config=deepseek_v3_config),
+    # the Mamba-2 families (gguf_mamba.py)
+    "mamba2": Architecture("MAMBA2", hparams=mamba2_hparams, regroup=mamba2_mixers,
+                           config=mamba2_config, values=MIXER_VALUES),
+    "granitemoehybrid": Architecture("GRANITE_HYBRID", _llama_tensor, rope_dims=True,
+                                     hparams=granite_hybrid_hparams,
+                                     regroup=granite_hybrid_tensors,
+                                     config=granite_hybrid_config, values=MIXER_VALUES),
+    "nemotron_h": Architecture("NEMOTRON_H", head_dims=True, hparams=nemotron_h_hparams,
+                               regroup=nemotron_h_tensors, config=nemotron_h_config,
+                               variant=nemotron_h_arch, values=MIXER_VALUES),
+    "falcon_h1": Architecture("FALCON_H1", head_dims=True, hparams=mamba2_hparams,
+                              regroup=mamba2_mixers, config=falcon_h1_config,
+                              values=FALCON_H1_VALUES),
+    # Qwen3.5's text model: gated delta layers (gguf_gated_delta.py)
+    "qwen3_5_text": Architecture("QWEN35", zero_centred_norms, rope_dims=True, head_dims=True,
+                                 hparams=qwen3_5_hparams, regroup=qwen3_5_tensors,
+                                 config=qwen3_5_config, values=MIXER_VALUES),
+    "qwen3_next": Architecture("QWEN3NEXT", zero_centred_norms, rope_dims=True, head_dims=True,
+                               hparams=qwen3_next_hparams, regroup=qwen3_next_tensors,
+                               config=qwen3_next_config, values=MIXER_VALUES),
 }
 # llama.cpp reads these in F32 whatever the file type (its converter never quantizes them): the
-# MoE router, whose top-k choice a rounding would flip, and LFM2's convolution kernel.
-_F32_TENSORS = ("ffn_gate_inp", "shortconv.conv")
+# MoE router, whose top-k choice a rounding would flip, the convolution kernels (LFM2's, a Mamba
+# mixer's), norms (a Mamba-2 group norm is 2-D), and tensors that are not a `.weight` (biases,
+# Mamba's A and D).
+_F32_TENSORS = ("ffn_gate_inp", "shortconv.conv", "ssm_conv1d", "_norm")
+
+
+def _kept_in_f32(full_name: str) -> bool:
+    base, _, leaf = full_name.rpartition(".")
+    return leaf != "weight" or base.endswith(_F32_TENSORS)
+
+
+# model types llama.cpp itself has no architecture for (its `gguf` package lists none)
+_NOT_IN_LLAMA_CPP = {"olmo_hybrid": "OLMo-Hybrid"}
 
 
 def architecture_of(config: dict) -> Architecture:
     kind = config.get("model_type")
+    if kind in _NOT_IN_LLAMA_CPP:
+        raise GGUFExportError(f"model_type={kind!r}: llama.cpp has no architecture for "
+                              f"{_NOT_IN_LLAMA_CPP[kind]}, so no GGUF file of it would load; "
+                              "export it as --format hf or mlx-lm (a run)")
     if kind not in ARCHITECTURES:
         raise GGUFExportError(
             f"model_type={kind!r} has no GGUF export here; mlxlab writes GGUF for "
@@ -213,8 +278,9 @@ def architecture_of(config: dict) -> Architecture:
     if kind_of_scaling not in (None, "default", "linear", "llama3"):
         raise GGUFExportError(f"rope_scaling type {kind_of_scaling!r} is not written to GGUF "
                               "here (default, linear and llama3 are)")
-    ARCHITECTURES[kind].config(config)  # refuses a setting llama.cpp's graph does not compute
-    return ARCHITECTURES[kind]
+    arch = ARCHITECTURES[kind]
+    arch.config(config)  # refuses a setting llama.cpp's graph does not compute
+    return arch if arch.variant is None else replace(arch, gguf_arch=arch.variant(config))
 
 
 # --- reading the folder -----------------------------------------------------------------------
@@ -486,12 +552,17 @@ def tensor_names(arch: Architecture, config: dict) -> Callable[[str], str | None
     and its LoRA adapter (gguf_lora.py) name tensors alike, so the adapter's pairs land on the
     base's tensors."""
     g = gguf_package()
-    name_map = g.get_tensor_name_map(g.MODEL_ARCH[arch.gguf_arch], config["num_hidden_layers"])
+    layers = arch.config(config)["num_hidden_layers"]  # Nemotron-H's counts its pattern
+    name_map = g.get_tensor_name_map(g.MODEL_ARCH[arch.gguf_arch], layers)
 
     def llama_cpp_name(name: str) -> str | None:
         base, _, suffix = name.rpartition(".")
+        if suffix not in ("weight", "bias"):  # a parameter named as itself: Mamba's A_log, D
+            return name_map.get_name(name)
         mapped = name_map.get_name(base)
-        return None if mapped is None else f"{mapped}.{suffix}"
+        if mapped is None:  # a key the map spells with its `.weight` (Falcon-H1's pre-MLP norm)
+            return name_map.get_name(name)
+        return f"{mapped}.{suffix}"
 
     return llama_cpp_name
 
@@ -535,13 +606,16 @@ def _write_tensors(writer, folder: Path, config: dict, arch: Architecture,
         else:
             if packed is not None:
                 w = _dequantize(packed)  # another group size or type: through float
-            kept = g.GGMLQuantizationType.F32 if gguf_name.endswith(_F32_TENSORS) else qtype
+            kept = g.GGMLQuantizationType.F32 if _kept_in_f32(full_name) else qtype
             if mixture is not None and w.ndim == 2 and full_name.endswith(".weight") \
                     and kept == qtype:
                 data, kind = _k_quant(mixture, full_name,
                                       arch.tensor(name, w, config), (importance or {}).get(name))
             else:
-                data, kind = encode_tensor(arch.tensor(name, w, config), kept)
+                w = arch.tensor(name, w, config)
+                if arch.values is not None:
+                    w = arch.values[0](full_name, w, config)
+                data, kind = encode_tensor(w, kept)
             label = kind.name
         writer.add_tensor(full_name, data, raw_dtype=kind)
         counts[label] = counts.get(label, 0) + 1

@@ -130,8 +130,11 @@ def _heads(metadata: Mapping, shapes: Mapping[str, Shape], arch: str) -> list[st
     if not isinstance(heads, int) or not isinstance(kv_heads, int):
         return []  # per-layer counts (a list): the shape check below the header's says it
     key = f"{arch}.attention.head_count"
-    if heads <= 0 or kv_heads <= 0:
+    recurrent = any(".ssm_" in name for name in shapes)  # Mamba: no attention, no heads
+    if (heads <= 0 or kv_heads <= 0) and not (recurrent and heads == kv_heads == 0):
         return [f"{key}={heads}, {key}_kv={kv_heads}: a model has at least one head"]
+    if heads == 0:
+        return []
     key_length = metadata.get(f"{arch}.attention.key_length")
     for block in range(int(metadata.get(f"{arch}.block_count") or 0)):
         found = _head_size(shapes, block, heads, kv_heads, key)
