@@ -2,8 +2,9 @@
 mx.fast.scaled_dot_product_attention: output and every gradient within 1e-5 of the reference's
 largest value (float32 rounding: its sums run in other orders), over lengths that are and are not
 multiples of the block, cross-attention (T_q != T_kv), a one-token query, causal, additive, per-row
-and key-padding masks (a row with no key left), grouped-query heads; kernels.attention takes it
-from BLOCKED_MIN_KEYS keys on; and it never holds the (B, H, T_q, T_kv) scores."""
+and key-padding masks (a row with no key left), grouped-query heads; its causal flag against SDPA's
+mask="causal"; kernels.attention takes it from BLOCKED_MIN_KEYS keys on; and it never holds the
+(B, H, T_q, T_kv) scores, nor with the causal flag a (T_q, T_kv) mask."""
 
 from __future__ import annotations
 
@@ -116,6 +117,75 @@ def test_blocked_attention_equals_sdpa(module, b, h, h_kv, t_q, t_kv, d, kind, b
     assert_close(got, want)
 
 
+@pytest.mark.parametrize(
+    "b, h, h_kv, t_q, t_kv, d, block",
+    [
+        (2, 2, 2, 48, 48, 16, 16),  # T a multiple of the block
+        (1, 4, 2, 37, 37, 16, 16),  # a partial last block, grouped heads
+        (1, 4, 2, 21, 53, 8, 8),  # T_q < T_kv (the diagonal starts at key 32), partial blocks
+        (1, 6, 3, 32, 64, 64, 16),  # T_q < T_kv, block multiples, D = 64
+        (2, 4, 1, 1, 70, 32, 16),  # decoding's one-token query: every key
+        (1, 2, 2, 5, 5, 128, 64),  # fewer rows than a block, D = 128
+    ],
+)
+def test_the_causal_flag_equals_sdpa_causal(module, b, h, h_kv, t_q, t_kv, d, block):
+    """causal=True with no mask array computes SDPA's mask="causal" (query row i reads keys
+    j <= i + T_kv - T_q), output and q/k/v gradients, though it never multiplies the keys
+    above the diagonal."""
+    q, k, v, cot = inputs(b, h, h_kv, t_q, t_kv, d, seed=13)
+    scale = d**-0.5
+    got = value_and_grads(
+        lambda q, k, v: module.blocked_attention(q, k, v, None, scale, block, True), cot, q, k, v
+    )
+    want = value_and_grads(
+        lambda q, k, v: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal"),
+        cot,
+        q,
+        k,
+        v,
+    )
+    assert_close(got, want)
+
+
+def test_attention_takes_causal_as_the_blocked_kernels_flag(module, monkeypatch):
+    """kernels.attention(mask="causal") runs the blocked kernel's causal path from
+    BLOCKED_MIN_KEYS keys on (SDPA's values and gradients), and below that, or with more queries
+    than keys, MLX's SDPA with "causal" as before (its bits)."""
+    monkeypatch.setattr(ops, "BLOCKED_MIN_KEYS", 24)
+    for t_q, t_kv in ((25, 25), (9, 30)):
+        q, k, v, cot = inputs(2, 4, 2, t_q, t_kv, 16, seed=17)
+        assert kernels.blocked_causal(q, k, v)
+        want = value_and_grads(
+            partial(mx.fast.scaled_dot_product_attention, scale=0.25, mask="causal"), cot, q, k, v
+        )
+        got = value_and_grads(partial(kernels.attention, scale=0.25, mask="causal"), cot, q, k, v)
+        assert_close(got, want)
+        assert "MlxlabBlockedAttention" in graph(q, k, v, "causal")
+    for t_q, t_kv in ((23, 23), (30, 25)):  # too few keys; more queries than keys
+        q, k, v, cot = inputs(2, 4, 2, t_q, t_kv, 16, seed=19)
+        assert not kernels.blocked_causal(q, k, v)
+        got = kernels.attention(q, k, v, 0.25, "causal")
+        want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask="causal")
+        assert mx.array_equal(got, want).item()
+
+
+def test_the_causal_flag_holds_no_mask(module):
+    """A causal step over 4096 tokens through kernels.attention peaks far below the (T, T)
+    float32 mask it used to build (64 MiB; the one head's q, k, v, output and gradients are
+    1.5 MiB)."""
+    t, d = 4096, 16
+    q, k, v, cot = inputs(1, 1, 1, t, t, d, seed=23)
+    mx.eval(q, k, v, cot)
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    grads = mx.grad(
+        lambda q, k, v: (kernels.attention(q, k, v, d**-0.5, "causal") * cot).sum(),
+        argnums=(0, 1, 2),
+    )(q, k, v)
+    mx.eval(grads)
+    assert mx.get_peak_memory() - before < t * t * 4 / 16
+
+
 def test_a_learned_bias_gets_its_gradient(module):
     """An additive mask that is itself trained (a position bias) gets d loss / d mask: summed
     over the heads (and the batch, for a (T_q, T_kv) one) as SDPA's autodiff gives it."""
@@ -195,6 +265,10 @@ def test_bad_shapes_are_refused(module):
         module.blocked_attention(q, q, q, mx.zeros((1, 8, 7)), 1.0)
     with pytest.raises(ValueError, match="block"):
         module.blocked_attention(q, q, q, None, 1.0, 0)
+    with pytest.raises(ValueError, match="causal"):  # a mask with the flag
+        module.blocked_attention(q, q, q, mx.zeros((1, 8, 8)), 1.0, 4, True)
+    with pytest.raises(ValueError, match="causal"):  # more queries than keys
+        module.blocked_attention(q, q[:, :, :5], q[:, :, :5], None, 1.0, 4, True)
 
 
 def test_a_compiled_step_equals_the_eager_one(module, monkeypatch):

@@ -65,6 +65,31 @@ def test_fused_decoder_equals_mlx_lm(kind, tmp_path, kernel_mode, monkeypatch):
     assert_fused_equals_mlx_lm(model, kernel_mode, monkeypatch)
 
 
+def test_long_rows_pass_causal_to_the_blocked_kernel(tmp_path, kernel_mode, monkeypatch):
+    """From kernels.ops.BLOCKED_MIN_KEYS keys on (16 here) the wrapper hands kernels.attention
+    the string "causal" (the blocked kernel's flag: no (T, T) mask array), below it the additive
+    mask (the whole-scores path, MLX's bits); either way mlx-lm's logits and LoRA gradients."""
+    if kernels.extension() is None:
+        pytest.skip("the fused kernels do not build here")
+    from mlxlab.kernels import ops
+
+    folder = save_tiny_model("qwen3", tmp_path / "qwen3", num_attention_heads=4,
+                             num_key_value_heads=2)
+    model = MLXLMDecoder(vocab_size=0, pretrained=str(folder), lora=LORA)
+    masks = []
+    original = kernels.attention
+    monkeypatch.setattr(kernels, "attention",
+                        lambda q, k, v, scale, mask: masks.append(mask) or original(
+                            q, k, v, scale, mask))
+    monkeypatch.setattr(ops, "BLOCKED_MIN_KEYS", 16)
+    assert_fused_equals_mlx_lm(model, kernel_mode, monkeypatch)
+    assert masks and all(isinstance(m, str) and m == "causal" for m in masks)
+    monkeypatch.setattr(ops, "BLOCKED_MIN_KEYS", 64)
+    masks.clear()
+    assert_fused_equals_mlx_lm(model, kernel_mode, monkeypatch)
+    assert masks and all(isinstance(m, mx.array) and m.shape[0] == m.shape[1] for m in masks)
+
+
 def assert_fused_equals_mlx_lm(model: MLXLMDecoder, kernel_mode, monkeypatch,
                                tolerance: float = 1e-4) -> None:
     """Logits and LoRA gradients with the kernels on (every layer's attention through

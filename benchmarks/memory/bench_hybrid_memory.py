@@ -7,8 +7,8 @@ box's load), one process, each case after mx.clear_cache and mx.reset_peak_memor
    --layer-lengths tokens: mlx-lm's sequential path beside the chunked rule.
 2. An 8-layer, hidden-512 Qwen3.5-shaped hybrid (6 gated-delta + 2 attention layers) beside a
    plain Qwen3 (8 attention layers) and the Mamba-2 families (Nemotron-H, Granite-4.0-H,
-   Falcon-H1: 6 Mamba-2 + 2 attention mixers, or Falcon-H1's 8 parallel pairs) of the same width,
-   MLP and vocabulary, built as mlxlab builds an mlx-lm model from its config
+   Falcon-H1: 6 Mamba-2 + 2 attention mixers, or Falcon-H1's 8 parallel pairs; --families
+   picks among them) of the same width, MLP and vocabulary, built as mlxlab builds an mlx-lm model from its config
    (MLXLMDecoder(hf_config=...): the chunked rule swapped in at load, mlxlab's LoRA on attention,
    sequence-mixer projections and MLPs, rank 8), random weights, batch 1: one LoRA loss +
    gradient at --model-lengths tokens; the hybrid and plain model also with grad_checkpoint
@@ -271,14 +271,20 @@ def main() -> None:
                 sequential_max=(2048, "the longest sequential (token loop) layer run"),
                 model_sequential_max=(1024, "the longest sequential hybrid model run"),
                 mlx_lm_lengths=("512,2048", "mlx-lm's own path's lengths (watchdog-guarded)"),
-                guard_mb=(8000.0, "the largest peak or resident MB a case may reach"))
+                guard_mb=(8000.0, "the largest peak or resident MB a case may reach"),
+                families=(";".join(FAMILIES), "the model sweep's families (separated by ;)"))
     opts = parser.parse_args()
+    names = [n for n in opts.families.split(";") if n]
+    families = {n: FAMILIES[n] for n in names if n in FAMILIES}
+    if len(families) < len(names) or not {REFERENCE, "hybrid, chunked"} <= families.keys():
+        parser.error(f"--families: names from {'; '.join(FAMILIES)}, with {REFERENCE!r} and "
+                     "'hybrid, chunked'")
     if opts.smoke:
         opts.layer_lengths = opts.model_lengths = opts.checkpoint_lengths = "70"
         opts.mlx_lm_lengths = "70"
     guard = opts.guard_mb
     layer = layer_peaks(lengths(opts.layer_lengths), opts.sequential_max)
-    model = guarded_sweep(FAMILIES, lengths(opts.model_lengths), guard, "model",
+    model = guarded_sweep(families, lengths(opts.model_lengths), guard, "model",
                           sequential_max=opts.model_sequential_max)
     kept = guarded_sweep({n: FAMILIES[n] for n in (REFERENCE, "hybrid, chunked")},
                          lengths(opts.checkpoint_lengths), guard, "grad_checkpoint",
@@ -286,23 +292,25 @@ def main() -> None:
     mlx_lm = mlx_lm_peaks(lengths(opts.mlx_lm_lengths), guard)
     pair = [REFERENCE, "hybrid, chunked", "hybrid, chunked / plain"]
     tables = {"layer": table(layer, ["sequential (mlx-lm)", "chunked"]),
-              "model": table(model, [*FAMILIES, "hybrid, sequential (mlx-lm)",
-                                     *(f"{n} / plain" for n in list(FAMILIES)[1:]),
-                                     *(f"{n} weights" for n in FAMILIES)]),
+              "model": table(model, [*families, "hybrid, sequential (mlx-lm)",
+                                     *(f"{n} / plain" for n in families if n != REFERENCE),
+                                     *(f"{n} weights" for n in families)]),
               "grad_checkpoint": table(kept, pair),
               "mlx-lm": table(mlx_lm, ["mlx-lm, sequential", "resident MB"])}
     for t in tables.values():
         print_table(t)
-    measured = [n for n, row in model.items() if isinstance(row.get(pair[2]), float)]
-    longest = max(measured)
+    # the ratio at the longest length both models ran, with grad_checkpoint if only there
+    sweep, rows = next((s, r) for s, r in (("", model), (" with grad_checkpoint", kept))
+                       if any(isinstance(row.get(pair[2]), float) for row in r.values()))
+    longest = max(n for n, row in rows.items() if isinstance(row.get(pair[2]), float))
     write_record("hybrid-memory", {"tables": tables, "layer_mb": layer, "model_mb": model,
                                    "grad_checkpoint_mb": kept, "mlx_lm_mb": mlx_lm,
-                                   "families": FAMILIES, "lora": LORA,
+                                   "families": families, "lora": LORA,
                                    "lora_targets": LORA_TARGETS, "guard_mb": guard},
                  question="memory", reference="a plain qwen3 of the same width and depth",
-                 ratio=round(model[longest][pair[2]], 3), smoke=opts.smoke,
+                 ratio=round(rows[longest][pair[2]], 3), smoke=opts.smoke,
                  summary=f"MLX peak of a LoRA step, Qwen3.5-shaped hybrid (chunked gated delta) "
-                         f"over plain Qwen3, {longest:,} tokens (lower is better)")
+                         f"over plain Qwen3, {longest:,} tokens{sweep} (lower is better)")
 
 
 if __name__ == "__main__":

@@ -56,6 +56,7 @@ from mlxlab.kernels.ops import (
     attention,
     bf16_matmul,
     bf16_product,
+    blocked_causal,
     cross_entropy,
     dequantize,
     dropout,
@@ -74,7 +75,7 @@ from mlxlab.kernels.ops import (
     swiglu,
 )
 
-__all__ = ["MODES", "OPS", "AdamW", "attention", "bf16_matmul", "bf16_product", "cross_entropy", "dequantize", "dropout", "extension",
+__all__ = ["MODES", "OPS", "AdamW", "attention", "bf16_matmul", "bf16_product", "blocked_causal", "cross_entropy", "dequantize", "dropout", "extension",
            "flush_denormals", "gelu", "gelu_gate",
            "isa_level", "layer_norm", "merge_heads", "mlx_cross_entropy", "mlx_gelu_gate", "mode", "next_key", "quantized_product", "rms_norm", "rope",
            "same_draws", "set_mode", "set_skip", "set_threads", "skipped", "split_heads", "status", "swiglu",

@@ -48,7 +48,11 @@ def attention(
     paths: from BLOCKED_MIN_KEYS keys on, the blocked kernel (csrc/blocked_attention.cpp: a block
     of query rows at a time, no (B, H, T_q, T_kv) scores; float32 rounding of MLX's SDPA); below
     that the two matmuls go to BLAS and the masked softmax (forward and backward) to one kernel
-    that is MLX's op for op, so the result is MLX's to the bit."""
+    that is MLX's op for op, so the result is MLX's to the bit. mask="causal" (SDPA's, aligned
+    bottom-right) takes the blocked kernel's causal path where blocked_causal says so: no mask
+    array, the keys above the diagonal skipped; otherwise MLX's SDPA with "causal"."""
+    if isinstance(mask, str) and mask == "causal" and blocked_causal(q, k, v):
+        return _blocked_attention(fused("attention", q, k, v), q, k, v, scale, None, causal=True)
     key_mask = isinstance(mask, mx.array) and mask.ndim == 4 and mask.shape[1:3] == (1, 1)
     # a mask per row shared by the heads (B, 1, T_q, T_kv): packed rows' block-diagonal mask
     row_mask = (isinstance(mask, mx.array) and mask.ndim == 4 and mask.shape[1] == 1
@@ -99,6 +103,16 @@ BLOCKED_MIN_KEYS = 512
 BLOCK_BYTES = 768 * 1024
 
 
+def blocked_causal(q: mx.array, k: mx.array, v: mx.array) -> bool:
+    """Whether attention(q, k, v, scale, "causal") runs the blocked kernel's causal path: the
+    fused path takes the call, key/value heads as attention takes them, T_q <= T_kv, and from
+    BLOCKED_MIN_KEYS keys on. A caller that builds the causal mask itself for the whole-scores
+    path (MLX's bits below that length) asks this first."""
+    module = fused("attention", q, k, v)
+    return (module is not None and k.shape == v.shape and q.shape[1] % k.shape[1] == 0
+            and q.shape[2] <= k.shape[2] and _takes_blocked(module, k.shape[2]))
+
+
 def _takes_blocked(module, keys: int) -> bool:
     """Whether attention over `keys` keys takes the blocked kernel: long enough, not skipped,
     and MLX's BLAS has a batched sgemm that runs on the thread that calls it (the kernel calls it
@@ -124,13 +138,14 @@ def _library_of(address: int | None) -> str:
 
 
 def _blocked_attention(module, q: mx.array, k: mx.array, v: mx.array, scale: float,
-                       mask: mx.array | None) -> mx.array:
+                       mask: mx.array | None, causal: bool = False) -> mx.array:
     """The blocked kernel with attention()'s masks as it takes them: additive float32 (1 or B,
-    1 or T_q, T_kv); (T_q, T_kv), (B, 1, 1, T_kv) and (B, 1, T_q, T_kv) drop their unit axes."""
+    1 or T_q, T_kv); (T_q, T_kv), (B, 1, 1, T_kv) and (B, 1, T_q, T_kv) drop their unit axes;
+    or causal, with no mask."""
     if mask is not None:
         mask = mask[None] if mask.ndim == 2 else mask.reshape(mask.shape[0], *mask.shape[2:])
     block = max(16, min(256, BLOCK_BYTES // (4 * k.shape[2]) // 16 * 16))
-    return module.blocked_attention(q, k, v, mask, scale, block)
+    return module.blocked_attention(q, k, v, mask, scale, block, causal)
 
 
 def _attention_rows(module, q: mx.array, k: mx.array, v: mx.array, scale: float,

@@ -44,8 +44,8 @@ NB_MODULE(_mlxlab_kernels, m) {
   m.def(
       "blocked_attention",
       [](const mx::array& q, const mx::array& k, const mx::array& v,
-         const std::optional<mx::array>& mask, float scale, int block) {
-        return mlxlab::blocked_attention(q, k, v, mask, scale, block);
+         const std::optional<mx::array>& mask, float scale, int block, bool causal) {
+        return mlxlab::blocked_attention(q, k, v, mask, scale, block, causal);
       },
       "q"_a,
       "k"_a,
@@ -53,8 +53,10 @@ NB_MODULE(_mlxlab_kernels, m) {
       "mask"_a = nb::none(),
       "scale"_a = 1.0f,
       "block"_a = 64,
+      "causal"_a = false,
       "softmax(q k^T * scale + mask) v a block of query rows at a time (no scores tensor); "
-      "mask additive (1 or B, 1 or T_q, T_kv) or None; needs set_sgemm_batch.");
+      "mask additive (1 or B, 1 or T_q, T_kv) or None; causal: SDPA's mask=\"causal\" with no "
+      "mask (T_q <= T_kv); needs set_sgemm_batch.");
   m.def("set_blas_local_threads", &mlxlab::set_blas_local_threads, "address"_a,
         "MKL's mkl_set_num_threads_local, which blocked_attention's threads call (0: none).");
   m.def("gelu", [](const mx::array& x) { return mlxlab::gelu(x); }, "x"_a,

@@ -19,6 +19,12 @@
 // MLX's bits; within float32 rounding of mx.fast.scaled_dot_product_attention
 // (tests/test_kernels_blocked_attention.py). Each row keeps (max, 1 / sum), its logsumexp in two
 // parts: the backward recomputes a block's probabilities from the same product and them.
+//
+// Causal (SDPA's mask="causal", aligned bottom-right): query row i reads keys j <= i + T_kv - T_q,
+// with no mask array. A block's products then span only the keys its last row reads: the keys
+// above the diagonal are never multiplied, and a row's keys past its own last are zero
+// probabilities (exp of SDPA's masked scores is 0 in float32), so a long causal sequence costs
+// about half the products and holds no (T_q, T_kv) mask.
 #include "common.h"
 #include "kernels.h"
 #include "mlx_math.h"
@@ -66,8 +72,11 @@ struct Dims {
   int64_t batch, heads, kv_heads, t_q, t_kv, d;
   int64_t mask_batch, mask_rows; // the mask is (mask_batch, mask_rows, t_kv): 1 or batch, 1 or t_q
   int64_t block;                 // query rows per task
+  bool causal;                   // row i reads keys j <= i + t_kv - t_q (t_q <= t_kv)
   int64_t group() const { return heads / kv_heads; }
   int64_t blocks() const { return (t_q + block - 1) / block; }
+  // How many keys query row i reads: the first keys(i) (all of them unless causal).
+  int64_t keys(int64_t i) const { return causal ? std::min(t_kv, i + t_kv - t_q + 1) : t_kv; }
   const float* mask_row(const float* mask, int64_t b, int64_t i) const {
     if (!mask) {
       return nullptr;
@@ -76,10 +85,11 @@ struct Dims {
   }
 };
 
-Dims dims_of(const std::vector<mx::array>& inputs, bool has_mask, int block) {
+Dims dims_of(const std::vector<mx::array>& inputs, bool has_mask, int block, bool causal) {
   const auto& q = inputs[0];
   const auto& k = inputs[1];
-  Dims dm{q.shape(0), q.shape(1), k.shape(1), q.shape(2), k.shape(2), q.shape(3), 1, 1, block};
+  Dims dm{q.shape(0), q.shape(1), k.shape(1), q.shape(2), k.shape(2), q.shape(3), 1, 1, block,
+          causal};
   if (has_mask) {
     dm.mask_batch = inputs[3].shape(0);
     dm.mask_rows = inputs[3].shape(1);
@@ -154,20 +164,24 @@ inline void row_probabilities(float* __restrict x, const float* __restrict mask,
   }
 }
 
-// One task of the forward: query rows [r0, r0 + rows) of head h of batch row b.
+// One task of the forward: query rows [r0, r0 + rows) of head h of batch row b, over the first
+// n keys (the ones its last row reads); a row's keys past its own are zero probabilities.
 void forward_block(const Gemm& gemm, const Dims& dm, const float* q, const float* k,
                    const float* v, const float* mask, float scale, float* out, float* stats,
                    float* scores, int64_t b, int64_t h, int64_t r0) {
-  const int64_t rows = std::min(dm.block, dm.t_q - r0), n = dm.t_kv, d = dm.d;
+  const int64_t rows = std::min(dm.block, dm.t_q - r0), n = dm.keys(r0 + rows - 1), d = dm.d;
   const int64_t head = b * dm.heads + h, kv = b * dm.kv_heads + h / dm.group();
   const float* qb = q + (head * dm.t_q + r0) * d;
-  gemm(false, true, rows, n, d, 1.0f, qb, d, k + kv * n * d, d, 0.0f, scores, n);
+  const int64_t kv_at = kv * dm.t_kv * d;
+  gemm(false, true, rows, n, d, 1.0f, qb, d, k + kv_at, d, 0.0f, scores, n);
   float* st = stats + (head * dm.t_q + r0) * 2;
   for (int64_t i = 0; i < rows; ++i) {
-    row_exp(scores + i * n, dm.mask_row(mask, b, r0 + i), scale, n, st + i * 2);
+    const int64_t len = dm.keys(r0 + i);
+    row_exp(scores + i * n, dm.mask_row(mask, b, r0 + i), scale, len, st + i * 2);
+    std::fill(scores + i * n + len, scores + (i + 1) * n, 0.0f);
   }
   float* ob = out + (head * dm.t_q + r0) * d;
-  gemm(false, false, rows, d, n, 1.0f, scores, n, v + kv * n * d, d, 0.0f, ob, d);
+  gemm(false, false, rows, d, n, 1.0f, scores, n, v + kv_at, d, 0.0f, ob, d);
   for (int64_t i = 0; i < rows; ++i) {
     const float inv = st[i * 2 + 1];
 #pragma omp simd
@@ -184,18 +198,21 @@ struct GradArrays {
 };
 
 // One block of the backward (query rows [r0, r0 + rows) of head h): adds its part of dK and dV
-// for the key/value head and writes its rows of dQ. p and dp are (block, T_kv) buffers.
+// for the key/value head and writes its rows of dQ. p and dp are (block, T_kv) buffers, of which
+// it uses (rows, n): the first n keys, the ones its last row reads (as forward_block).
 void backward_block(const Gemm& gemm, const Dims& dm, const GradArrays& a, float scale, float* p,
                     float* dp, int64_t b, int64_t h, int64_t r0) {
-  const int64_t rows = std::min(dm.block, dm.t_q - r0), n = dm.t_kv, d = dm.d;
+  const int64_t rows = std::min(dm.block, dm.t_q - r0), n = dm.keys(r0 + rows - 1), d = dm.d;
   const int64_t head = b * dm.heads + h, kv = b * dm.kv_heads + h / dm.group();
-  const int64_t at = (head * dm.t_q + r0) * d;
-  const float *kp = a.k + kv * n * d, *vp = a.v + kv * n * d;
-  float *dk = a.dk + kv * n * d, *dv = a.dv + kv * n * d;
+  const int64_t at = (head * dm.t_q + r0) * d, kv_at = kv * dm.t_kv * d;
+  const float *kp = a.k + kv_at, *vp = a.v + kv_at;
+  float *dk = a.dk + kv_at, *dv = a.dv + kv_at;
   gemm(false, true, rows, n, d, 1.0f, a.q + at, d, kp, d, 0.0f, p, n);
   for (int64_t i = 0; i < rows; ++i) {
-    row_probabilities(p + i * n, dm.mask_row(a.mask, b, r0 + i), scale, n,
+    const int64_t len = dm.keys(r0 + i);
+    row_probabilities(p + i * n, dm.mask_row(a.mask, b, r0 + i), scale, len,
                       a.stats + (head * dm.t_q + r0 + i) * 2);
+    std::fill(p + i * n + len, p + (i + 1) * n, 0.0f); // and so dS = 0 past the row's keys
   }
   gemm(true, false, n, d, rows, 1.0f, p, n, a.dout + at, d, 1.0f, dv, d);  // dV += P^T dO
   gemm(false, true, rows, n, d, 1.0f, a.dout + at, d, vp, d, 0.0f, dp, n); // dP = dO V^T
@@ -225,7 +242,7 @@ void backward_block(const Gemm& gemm, const Dims& dm, const GradArrays& a, float
 }
 
 void check_attention_inputs(const mx::array& q, const mx::array& k, const mx::array& v,
-                            const std::optional<mx::array>& mask) {
+                            const std::optional<mx::array>& mask, bool causal) {
   check_cpu_float32(q, "blocked_attention q");
   check_cpu_float32(k, "blocked_attention k");
   check_cpu_float32(v, "blocked_attention v");
@@ -233,6 +250,11 @@ void check_attention_inputs(const mx::array& q, const mx::array& k, const mx::ar
       k.shape(3) != q.shape(3) || k.shape(1) < 1 || q.shape(1) % k.shape(1) != 0) {
     throw std::invalid_argument(
         "blocked_attention: expected q (B, H, T_q, D), k and v (B, H_kv, T_kv, D), H_kv | H");
+  }
+  if (causal && (mask || q.shape(2) > k.shape(2))) {
+    // (a query row before the first key would read none; a mask with causal has no gradient rule)
+    throw std::invalid_argument(
+        "blocked_attention: causal takes no mask and T_q <= T_kv (pass an additive mask instead)");
   }
   if (mask) {
     check_cpu_float32(*mask, "blocked_attention mask");
@@ -268,8 +290,9 @@ void set_blas_local_threads(uintptr_t address) {
 }
 
 mx::array blocked_attention(const mx::array& q, const mx::array& k, const mx::array& v,
-                            const std::optional<mx::array>& mask, float scale, int block) {
-  check_attention_inputs(q, k, v, mask);
+                            const std::optional<mx::array>& mask, float scale, int block,
+                            bool causal) {
+  check_attention_inputs(q, k, v, mask, causal);
   if (block < 1) {
     throw std::invalid_argument("blocked_attention: block must be >= 1 query rows");
   }
@@ -284,7 +307,7 @@ mx::array blocked_attention(const mx::array& q, const mx::array& k, const mx::ar
   }
   mx::Shape stats{q.shape(0), q.shape(1), q.shape(2), 2};
   auto outs = mx::array::make_arrays({q.shape(), stats}, {mx::float32, mx::float32},
-                                     std::make_shared<BlockedAttention>(s, scale, block),
+                                     std::make_shared<BlockedAttention>(s, scale, block, causal),
                                      std::move(inputs));
   return outs[0];
 }
@@ -293,14 +316,15 @@ void BlockedAttention::eval_cpu(const std::vector<mx::array>& inputs,
                                 std::vector<mx::array>& outputs) {
   auto& encoder = mx::cpu::get_command_encoder(stream());
   set_arrays(encoder, inputs, outputs);
-  const Dims dm = dims_of(inputs, inputs.size() > 3, block_);
+  const Dims dm = dims_of(inputs, inputs.size() > 3, block_, causal_);
   const float* mask = inputs.size() > 3 ? inputs[3].data<float>() : nullptr;
   encoder.dispatch([dm, mask, scale = scale_, gemm = Gemm{sgemm_batch_fn()}, local = g_local.load(),
                     q = inputs[0].data<float>(), k = inputs[1].data<float>(),
                     v = inputs[2].data<float>(), out = outputs[0].data<float>(),
                     stats = outputs[1].data<float>()]() {
     const int64_t blocks = dm.blocks(), tasks = dm.batch * dm.heads * blocks;
-    run_tasks(tasks, dm.block * dm.t_kv * dm.d, [&](const auto& next) {
+    // (causal: a task's products span half the keys on average)
+    run_tasks(tasks, dm.block * dm.t_kv * dm.d / (dm.causal ? 2 : 1), [&](const auto& next) {
       OneBlasThread alone(local);
       std::vector<float> scores(dm.block * dm.t_kv);
       for (int64_t t = next(); t < tasks; t = next()) {
@@ -356,7 +380,7 @@ std::vector<mx::array> BlockedAttention::vjp(const std::vector<mx::array>& prima
   auto grads = mx::array::make_arrays(
       {primals[0].shape(), primals[1].shape(), primals[2].shape()},
       {mx::float32, mx::float32, mx::float32},
-      std::make_shared<BlockedAttentionGrad>(s, scale_, block_), std::move(inputs));
+      std::make_shared<BlockedAttentionGrad>(s, scale_, block_, causal_), std::move(inputs));
   std::vector<mx::array> out;
   for (int arg : argnums) {
     out.push_back(arg < 3 ? grads[arg] : mask_gradient(primals, dout, scale_, s));
@@ -369,7 +393,7 @@ void BlockedAttentionGrad::eval_cpu(const std::vector<mx::array>& inputs,
   auto& encoder = mx::cpu::get_command_encoder(stream());
   set_arrays(encoder, inputs, outputs);
   const bool has_mask = inputs.size() > 6;
-  const Dims dm = dims_of(inputs, has_mask, block_);
+  const Dims dm = dims_of(inputs, has_mask, block_, causal_);
   const int at = has_mask ? 4 : 3; // out, stats, dout follow q, k, v (and the mask)
   GradArrays a{inputs[0].data<float>(), inputs[1].data<float>(), inputs[2].data<float>(),
                has_mask ? inputs[3].data<float>() : nullptr, inputs[at].data<float>(),
@@ -380,7 +404,7 @@ void BlockedAttentionGrad::eval_cpu(const std::vector<mx::array>& inputs,
     // One task per (batch row, key/value head): it alone adds into that head's dK and dV (no
     // atomics) and writes the dQ rows of the group's query heads.
     const int64_t tasks = dm.batch * dm.kv_heads, group = dm.group(), blocks = dm.blocks();
-    const int64_t cost = group * dm.t_q * dm.t_kv * dm.d;
+    const int64_t cost = group * dm.t_q * dm.t_kv * dm.d / (dm.causal ? 2 : 1);
     run_tasks(tasks, cost, [&](const auto& next) {
       OneBlasThread alone(local);
       std::vector<float> p(dm.block * dm.t_kv), dp(dm.block * dm.t_kv);

@@ -35,9 +35,12 @@ mx::array softmax(const mx::array& x, const std::optional<mx::array>& mask, bool
 // (B, H_kv, T_kv, D) with H_kv dividing H (query head h reads key/value head h / (H / H_kv)),
 // mask an optional additive float32 (1 or B, 1 or T_q, T_kv), all float32. Computed `block`
 // query rows at a time through the BLAS set_sgemm_batch gave (blocked_attention.cpp), which must
-// be set. Differentiable in q, k, v (a blocked backward) and the mask.
+// be set. Differentiable in q, k, v (a blocked backward) and the mask. causal: SDPA's
+// mask="causal" (row i reads keys j <= i + T_kv - T_q) with no mask array, the keys above the
+// diagonal skipped; it takes no mask and T_q <= T_kv.
 mx::array blocked_attention(const mx::array& q, const mx::array& k, const mx::array& v,
-                            const std::optional<mx::array>& mask, float scale, int block);
+                            const std::optional<mx::array>& mask, float scale, int block,
+                            bool causal = false);
 // The address of MKL's mkl_set_num_threads_local where MKL's batched sgemm is the one set (its
 // calls from blocked_attention's threads then stay on those threads); 0 for OpenBLAS.
 void set_blas_local_threads(uintptr_t address);
@@ -211,40 +214,42 @@ class SoftmaxGrad : public CpuPrimitive {
 // softmax max and 1 / sum, kept for the VJP (its logsumexp, max - log(1 / sum)).
 class BlockedAttention : public CpuPrimitive {
  public:
-  BlockedAttention(mx::Stream stream, float scale, int block)
-      : CpuPrimitive(stream), scale_(scale), block_(block) {}
+  BlockedAttention(mx::Stream stream, float scale, int block, bool causal)
+      : CpuPrimitive(stream), scale_(scale), block_(block), causal_(causal) {}
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
   const char* name() const override {
     return "MlxlabBlockedAttention";
   }
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const BlockedAttention&>(other);
-    return scale_ == o.scale_ && block_ == o.block_;
+    return scale_ == o.scale_ && block_ == o.block_ && causal_ == o.causal_;
   }
   MLXLAB_VJP
 
  private:
   float scale_;
-  int block_; // query rows per task
+  int block_;   // query rows per task
+  bool causal_; // SDPA's mask="causal", no mask input
 };
 
 // Inputs: q, k, v (, mask), out, stats, cotangent -> (d q, d k, d v).
 class BlockedAttentionGrad : public CpuPrimitive {
  public:
-  BlockedAttentionGrad(mx::Stream stream, float scale, int block)
-      : CpuPrimitive(stream), scale_(scale), block_(block) {}
+  BlockedAttentionGrad(mx::Stream stream, float scale, int block, bool causal)
+      : CpuPrimitive(stream), scale_(scale), block_(block), causal_(causal) {}
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
   const char* name() const override {
     return "MlxlabBlockedAttentionGrad";
   }
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const BlockedAttentionGrad&>(other);
-    return scale_ == o.scale_ && block_ == o.block_;
+    return scale_ == o.scale_ && block_ == o.block_ && causal_ == o.causal_;
   }
 
  private:
   float scale_;
   int block_;
+  bool causal_;
 };
 
 // Inputs: x (N, D), weight (D,) -> (y (N, D), rstd (N,)); rstd is kept for the VJP.
