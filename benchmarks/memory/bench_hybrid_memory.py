@@ -78,7 +78,7 @@ FAMILIES = {
                          "logits_scaling": 8.0, "residual_multiplier": 0.22,
                          "layer_types": MIXERS, "shared_intermediate_size": 1536,
                          "mamba_n_heads": 16, "mamba_d_head": 64, "mamba_proj_bias": False,
-                         "mamba_d_state": 128, "mamba_d_conv": 4, "mamba_n_groups": 2,
+                         "mamba_d_state": 128, "mamba_d_conv": 4, "mamba_n_groups": 1,
                          "mamba_conv_bias": True},
     "falcon_h1": {**WIDTH, "model_type": "falcon_h1", "mamba_n_heads": 16, "mamba_d_head": 64,
                   "mamba_d_ssm": 1024, "mamba_d_state": 128, "mamba_n_groups": 2},
