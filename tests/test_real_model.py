@@ -111,7 +111,10 @@ def test_logits_equal_transformers_gguf_load_within_float32_rounding(ours, their
         torch.nn.Module.float(model)
     float32_gap = np.abs(f32 - f64).max()
     assert 0 < float32_gap < 1e-2
-    assert np.abs(ours_logits - f64).max() <= 2 * float32_gap
+    # 4x: the order a BLAS sums in (OpenBLAS or MKL, its thread split, what an earlier test in
+    # the worker bound) moves float32 logits by about that gap again: 6.3e-5 here alone, 1.4e-4
+    # in one CI worker, beside transformers' 6.0e-5
+    assert np.abs(ours_logits - f64).max() <= 4 * float32_gap
 
 
 @pytest.mark.slow  # the default run's 10-minute budget; run with -m slow
