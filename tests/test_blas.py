@@ -410,3 +410,23 @@ def test_an_unsettled_verdict_is_not_kept_and_says_why(tmp_path, monkeypatch):
     finally:
         monkeypatch.undo()
         settings.reload()
+
+
+def test_a_race_per_product_counts_each_shape_by_its_time_per_multiply_add():
+    """per_product (MKL's race): a round is the sum of each shape's seconds per multiply-add
+    (x 1e9), so a 32^3 product counts as much as a 512^3 one; without it, the shapes' seconds."""
+    from mlxlab.runtime.compute.blas import _bundled_openblas
+
+    library = _bundled_openblas()
+    if library is None:
+        pytest.skip("scipy-openblas32 is not installed here")
+    side = blas_kernels.Contender("a", library, {"OPENBLAS_NUM_THREADS": "1"})
+    other = blas_kernels.Contender("b", library, {"OPENBLAS_NUM_THREADS": "1"})
+    shapes = ((32, 32, 32),)
+    keep = lambda a, b, names: {"a": a, "b": b}  # noqa: E731  (the raw samples)
+    plain = blas_kernels.race(side, other, shapes, repeats=2, rounds=2, judge=keep)
+    weighted = blas_kernels.race(side, other, shapes, repeats=2, rounds=2, judge=keep,
+                                 per_product=True)
+    # a 32^3 product takes microseconds: 32,768 multiply-adds at 1-1000 per nanosecond
+    assert all(1e-8 < s["cpu"] < 1e-3 for s in plain["a"] + plain["b"]), plain
+    assert all(1e-3 < s["cpu"] < 10.0 for s in weighted["a"] + weighted["b"]), weighted

@@ -55,7 +55,8 @@ SHAPES = ((2048, 256, 768), (2048, 704, 256), (2048, 3776, 256), (512, 128, 512)
 # say which core it runs ({"core": ...}, "" for a library that is not OpenBLAS), then on each
 # "go" line time each shape (best of REPEATS) and print {"cpu": ..., "wall": ...}: the seconds on
 # this thread's clock (what another busy process on the machine cannot add to) and on the wall's
-# (how much of them it was kept waiting). Standard library only.
+# (how much of them it was kept waiting), each shape's seconds times its weight (argv[4]; default
+# 1: the shapes' total time). Standard library only.
 _CHILD = r"""
 import ctypes, json, sys, time
 lib = ctypes.CDLL(sys.argv[1], mode=ctypes.RTLD_LOCAL)
@@ -67,6 +68,7 @@ gemm = getattr(lib, prefix + "cblas_sgemm")
 I, F, P = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
 gemm.argtypes = [I, I, I, I, I, I, F, P, I, P, I, F, P, I]
 shapes = json.loads(sys.argv[2])
+weights = json.loads(sys.argv[4]) if len(sys.argv) > 4 else [1.0] * len(shapes)
 buffers = []
 for m, n, k in shapes:
     a, b, c = ((ctypes.c_float * size)() for size in (m * k, k * n, m * n))
@@ -76,14 +78,14 @@ for m, n, k in shapes:
 print(json.dumps({"core": core().decode() if core is not None else ""}), flush=True)
 for line in sys.stdin:
     cpu = wall = 0.0
-    for (m, n, k), (a, b, c) in zip(shapes, buffers):
+    for (m, n, k), (a, b, c), weight in zip(shapes, buffers, weights):
         best_cpu = best_wall = float("inf")
         for _ in range(int(sys.argv[3])):
             c0, w0 = time.thread_time(), time.perf_counter()
             gemm(101, 111, 111, m, n, k, 1.0, a, k, b, n, 0.0, c, n)
             best_cpu = min(best_cpu, time.thread_time() - c0)
             best_wall = min(best_wall, time.perf_counter() - w0)
-        cpu, wall = cpu + best_cpu, wall + best_wall
+        cpu, wall = cpu + weight * best_cpu, wall + weight * best_wall
     print(json.dumps({"cpu": cpu, "wall": wall}), flush=True)
 """
 REPEATS = 3
@@ -175,18 +177,22 @@ def measure(library: Path, repeats: int = REPEATS, rounds: int = ROUNDS) -> dict
 
 
 def race(base: Contender, other: Contender, shapes=SHAPES, repeats: int = REPEATS,
-         rounds: int = ROUNDS, judge: Callable[..., dict] | None = None) -> dict | None:
+         rounds: int = ROUNDS, judge: Callable[..., dict] | None = None,
+         per_product: bool = False) -> dict | None:
     """Time `shapes` in one child process per contender (the threads its environment gives it),
     `rounds` times interleaved (A B, B A, ...), on the calling thread's own clock and the wall's:
+    a round is the shapes' total time, or with `per_product` the sum of each shape's time per
+    multiply-add (every shape counts alike, a small product as much as a large one);
     `judge`'s record of the two sides' samples (default verdict_of: `other`'s speed over `base`'s
     on the thread clocks); None when a child fails or runs another core than its contender
     names."""
     children = {}
+    weights = [1e9 / (m * n * k) if per_product else 1.0 for m, n, k in shapes]
     try:
         for side in (base, other):
             child = subprocess.Popen(
                 [sys.executable, "-I", "-S", "-c", _CHILD, str(side.library), json.dumps(shapes),
-                 str(repeats)], env={**os.environ, **side.env}, stdin=subprocess.PIPE,
+                 str(repeats), json.dumps(weights)], env={**os.environ, **side.env}, stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
             children[side.name] = child
             core = json.loads(_line(child))["core"]
@@ -208,16 +214,18 @@ def race(base: Contender, other: Contender, shapes=SHAPES, repeats: int = REPEAT
     return (judge or verdict_of)(samples[base.name], samples[other.name], (base.name, other.name))
 
 
-def verdict_of(avx2: list[dict], avx512: list[dict], names=("avx2", "avx512")) -> dict:
+def verdict_of(avx2: list[dict], avx512: list[dict], names=("avx2", "avx512"),
+               margin: float = MARGIN) -> dict:
     """The record of interleaved rounds (module docstring): medians (under `names`), ratios
-    (the second side's speed over the first's), waits, decided."""
+    (the second side's speed over the first's), waits, decided (against `margin`, the speedup
+    that decides)."""
     ratios = sorted(a["cpu"] / b["cpu"] for a, b in zip(avx2, avx512))
     speedup = ratios[len(ratios) // 2]
     spread = (ratios[-1] - ratios[0]) / speedup
     waited = sum(s["wall"] > WAITED * s["cpu"] for s in (*avx2, *avx512))
     mostly_waited = waited > len(ratios)  # over half of the 2 x rounds samples
-    # decided: the rounds agree, or all of them fall on one side of MARGIN
-    one_side = ratios[0] >= MARGIN or ratios[-1] < MARGIN
+    # decided: the rounds agree, or all of them fall on one side of the margin
+    one_side = ratios[0] >= margin or ratios[-1] < margin
     decided = (spread <= SPREAD or one_side) and not (mostly_waited and not one_side)
     return {f"{names[0]}_s": _median([s["cpu"] for s in avx2]),
             f"{names[1]}_s": _median([s["cpu"] for s in avx512]), "speedup": speedup,
