@@ -8,7 +8,9 @@ as README.md runs it: a fresh MLflow store, progress bar on), `bare` (`tracking=
 makes for all epochs, the same optimizer, schedule, clip and per-epoch evaluation, in a process
 without mlxlab or MLX). Per row: wall, training loop (from the log's timestamps), first epoch,
 steps, best and last validation accuracy; ratios per round. `--epochs` shortens the mlxlab rows
-(the twin left out) to locate a difference between them with less drift.
+(the twin left out) to locate a difference between them with less drift. `--bf16`: every row in
+bf16 products, the mlxlab rows with `trainer.precision=bf16` (MKL's bf16 GEMM on a CPU with bf16
+units), the twin under `torch.autocast("cpu", dtype=torch.bfloat16)`, PyTorch's CPU mixed precision.
 """
 
 from __future__ import annotations
@@ -93,9 +95,9 @@ def run_mlxlab(extra: list[str], tmp: Path, env: dict[str, str] | None = None) -
             "best_accuracy": float(best.group(1)), "last_accuracy": float(evals[-1].group(4))}
 
 
-def run_twin(data: Path, threads: int) -> dict:
+def run_twin(data: Path, threads: int, bf16: bool = False) -> dict:
     cmd = [sys.executable, str(HERE / "torch_bert_run.py"), "--data", str(data),
-           "--threads", str(threads)]
+           "--threads", str(threads), *(["--bf16"] if bf16 else [])]
     done, _ = h.run_with_peak_rss(cmd, what=cmd[1], env={**os.environ, "PYTHONPATH": str(HERE)})
     res = json.loads(done.stdout.strip().splitlines()[-1])
     return {"wall_s": done.wall_s, "cpu_s": done.cpu_s, "loop_s": res["loop_s"], "first_epoch_s": None,
@@ -110,11 +112,14 @@ def main() -> None:
                   rows=("readme,bare,twin", "a subset, in this order"),
                   epochs=(None, "trainer.max_epochs for the mlxlab rows (the default run's 40 when "
                           "not given; not with the twin)", int))
+    parser.add_argument("--bf16", action="store_true", help="bf16 products in every row: "
+                        "trainer.precision=bf16 beside the twin under torch.autocast")
     parser.add_argument("--dump", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.smoke:  # every row, one round of one epoch (the twin's batches too)
         args.repeats, args.epochs = 1, 1
     extra = [f"trainer.max_epochs={args.epochs}"] if args.epochs else []
+    extra += ["trainer.precision=bf16"] if args.bf16 else []
     if args.dump:
         return dump(Path(args.dump), extra)
     names = args.rows.split(",")
@@ -124,7 +129,7 @@ def main() -> None:
         parser.error("--epochs shortens the mlxlab rows only: leave the twin out (--rows readme,bare)")
     tmp = Path(tempfile.mkdtemp(prefix="bench-default-run-"))
     every = {"readme": lambda: run_mlxlab(extra, tmp), "bare": lambda: run_mlxlab(BARE + extra, tmp),
-             "twin": lambda: run_twin(data, args.threads)}
+             "twin": lambda: run_twin(data, args.threads, args.bf16)}
     rows = {name: every[name] for name in names}
     data = tmp / "twin-data"
     if "twin" in rows:
@@ -138,8 +143,10 @@ def main() -> None:
     ours = "readme" if "readme" in results else "bare" if "bare" in results else None
     ratio = (statistics.median(x["wall_s"] / y["wall_s"] for x, y in zip(results[ours], results["twin"]))
              if ours and "twin" in results else None)
-    h.write_record("default-run-vs-pytorch", {**results, "table": shown}, question="speed-pytorch",
-                   reference=ratio and "the same run as a plain PyTorch script (speed/torch_bert_run.py)",
+    twin = "the same run as a plain PyTorch script (speed/torch_bert_run.py)"
+    h.write_record("default-run-bf16-vs-pytorch-autocast" if args.bf16 else "default-run-vs-pytorch",
+                   {**results, "table": shown, "bf16": args.bf16}, question="speed-pytorch",
+                   reference=ratio and (f"{twin} under torch.autocast bf16" if args.bf16 else twin),
                    ratio=ratio and round(ratio, 2),
                    summary=ratio and f"wall time of the default experiment, `{ours}` row (lower is better)",
                    smoke=args.smoke)

@@ -6,6 +6,9 @@ mlxlab or MLX (checked). Prints one JSON line: wall, loop, each step's seconds, 
 validation accuracy.
 
     python benchmarks/speed/torch_bert_run.py --data DIR --threads 2   (DIR: train.npz, val.npz, run.json)
+
+`--bf16`: forward passes (training and evaluation) under `torch.autocast("cpu", dtype=torch.bfloat16)`,
+PyTorch's CPU mixed precision (float32 weights, bf16 products), the loss in float32.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import time
 STARTED = time.perf_counter()  # before torch's import: a user's script pays it too
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import copy  # noqa: E402
 import json  # noqa: E402
 import subprocess  # noqa: E402
@@ -32,6 +36,7 @@ from benchmarks.speed.bench_torch import torch_models, torch_warmup_cosine  # no
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_options(parser, data=(None, "the folder bench_default_run.py writes"), threads=2)
+    parser.add_argument("--bf16", action="store_true", help="forward passes under torch.autocast bf16")
     args = parser.parse_args()
     if args.smoke:  # one epoch, its batches dumped by bench_default_run.py in its own process
         args.data = str(smoke_dir("torch_bert_run"))
@@ -49,6 +54,7 @@ def main() -> None:
                  torch.from_numpy(b["labels"]).long()) for b in load_batches(folder / name)]
 
     train, val = tensors("train.npz"), tensors("val.npz")
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if args.bf16 else contextlib.nullcontext
     _, BertClassifier = torch_models()
     model = BertClassifier(hp["vocab_size"], hp["num_labels"], **hp["model"])
     opt = torch.optim.AdamW(model.parameters(), lr=hp["learning_rate"], betas=hp["betas"],
@@ -62,7 +68,8 @@ def main() -> None:
         loss = 0.0
         with torch.no_grad():
             for ids, mask, labels in val:
-                logits = model(ids, mask)
+                with autocast():
+                    logits = model(ids, mask).float()
                 loss += F.cross_entropy(logits, labels, reduction="sum").item()
                 correct += (logits.argmax(-1) == labels).sum().item()
                 total += len(labels)
@@ -76,7 +83,9 @@ def main() -> None:
         for ids, mask, labels in train[epoch * per_epoch:(epoch + 1) * per_epoch]:
             t = time.perf_counter()
             opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(ids, mask), labels)
+            with autocast():
+                logits = model(ids, mask)
+            loss = F.cross_entropy(logits.float(), labels)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), hp["grad_clip"])
             opt.step()
@@ -95,6 +104,7 @@ def main() -> None:
     print(json.dumps({
         "wall_s": done - STARTED, "loop_s": done - loop_started, "step_s": steps,
         "best_accuracy": best, "last_accuracy": history[-1], "threads": args.threads,
+        "bf16": args.bf16,
         "torch": torch.__version__,
     }))
 
