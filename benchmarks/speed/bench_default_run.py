@@ -4,6 +4,7 @@
 
 Rows, each a fresh process timed from outside, in alternating rounds: `readme` (`mlxlab-train`
 as README.md runs it: a fresh MLflow store, progress bar on), `bare` (`tracking=none`, no bar),
+`openblas` (`bare` with MLXLAB_BLAS=openblas: where MKL serves MLX, what it gains),
 `twin` (torch_bert_run.py: the same BERT in plain PyTorch on the batches mlxlab's data module
 makes for all epochs, the same optimizer, schedule, clip and per-epoch evaluation, in a process
 without mlxlab or MLX). Per row: wall, training loop (from the log's timestamps), first epoch,
@@ -109,7 +110,7 @@ def run_twin(data: Path, threads: int, bf16: bool = False) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     h.add_options(parser, repeats=3, threads=len(os.sched_getaffinity(0)),
-                  rows=("readme,bare,twin", "a subset, in this order"),
+                  rows=("readme,bare,twin", "a subset, in this order (also: openblas)"),
                   epochs=(None, "trainer.max_epochs for the mlxlab rows (the default run's 40 when "
                           "not given; not with the twin)", int))
     parser.add_argument("--bf16", action="store_true", help="bf16 products in every row: "
@@ -123,12 +124,13 @@ def main() -> None:
     if args.dump:
         return dump(Path(args.dump), extra)
     names = args.rows.split(",")
-    if not set(names) <= {"readme", "bare", "twin"} or not names:
-        parser.error(f"--rows {args.rows}: choose from readme, bare, twin")
+    if not set(names) <= {"readme", "bare", "openblas", "twin"} or not names:
+        parser.error(f"--rows {args.rows}: choose from readme, bare, openblas, twin")
     if args.epochs and "twin" in names and not args.smoke:
         parser.error("--epochs shortens the mlxlab rows only: leave the twin out (--rows readme,bare)")
     tmp = Path(tempfile.mkdtemp(prefix="bench-default-run-"))
     every = {"readme": lambda: run_mlxlab(extra, tmp), "bare": lambda: run_mlxlab(BARE + extra, tmp),
+             "openblas": lambda: run_mlxlab(BARE + extra, tmp, {**os.environ, "MLXLAB_BLAS": "openblas"}),
              "twin": lambda: run_twin(data, args.threads, args.bf16)}
     rows = {name: every[name] for name in names}
     data = tmp / "twin-data"
@@ -180,7 +182,7 @@ def table(results: dict[str, list[dict]]) -> dict:
                      f"{statistics.median(1000 * r['loop_s'] / r['steps'] for r in runs):.1f}",
                      "/".join(f"{100 * r['best_accuracy']:.1f}" for r in runs),
                      "/".join(f"{100 * r['last_accuracy']:.1f}" for r in runs)])
-    for a, b in (("readme", "twin"), ("bare", "twin"), ("readme", "bare")):
+    for a, b in (("readme", "twin"), ("bare", "twin"), ("readme", "bare"), ("bare", "openblas")):
         if {a, b} <= set(results):
             per_round = sorted(x["wall_s"] / y["wall_s"] for x, y in zip(results[a], results[b]))
             rows.append([f"{a} / {b}", f"{statistics.median(per_round):.2f}x "
