@@ -109,19 +109,51 @@ def test_the_mixer_tensors_are_llama_cpps_layout(folders, tmp_path):
 
 
 def _edited_copy(source: Path, to: Path, change: dict | None = None,
-                 extra: dict | None = None) -> Path:
-    """The folder copied with config keys changed or tensors added."""
+                 extra: dict | None = None, drop: tuple[str, ...] = ()) -> Path:
+    """The folder copied with config keys changed or dropped, or tensors added."""
     from safetensors.numpy import load_file, save_file
 
     to.mkdir()
     for f in source.iterdir():
         (to / f.name).write_bytes(f.read_bytes())
     config = json.loads((to / "config.json").read_text())
-    (to / "config.json").write_text(json.dumps({**config, **(change or {})}))
+    config = {k: v for k, v in {**config, **(change or {})}.items() if k not in drop}
+    (to / "config.json").write_text(json.dumps(config))
     if extra:
         save_file({**load_file(str(to / "model.safetensors")), **extra},
                   str(to / "model.safetensors"), metadata={"format": "pt"})
     return to
+
+
+def _metadata(file: Path) -> dict:
+    import gguf
+
+    return {k: f.contents() for k, f in gguf.GGUFReader(str(file)).fields.items()}
+
+
+@pytest.mark.parametrize("kind, arch", [("qwen3_next", "qwen3next"), ("qwen3_5", "qwen35")])
+def test_a_hub_config_with_top_level_rope_keys_and_an_interval_is_written_as_it_says(
+        kind, arch, folders, tmp_path):
+    """The hub's Qwen3-Next config.json keeps rope_theta and partial_rotary_factor at the top
+    level (no rope_parameters) and says full_attention_interval instead of layer_types: the file
+    carries that rope base, that rotary width and that interval."""
+    folder = _edited_copy(folders(kind), tmp_path / "hub", {
+        "rope_theta": 1e7, "partial_rotary_factor": 0.5, "full_attention_interval": 2},
+        drop=("rope_parameters", "layer_types"))
+    write_gguf(folder, tmp_path / "f32.gguf", "f32", name="tiny")
+    keys = _metadata(tmp_path / "f32.gguf")
+    assert keys[f"{arch}.rope.freq_base"] == 1e7
+    assert keys[f"{arch}.rope.dimension_count"] == 8  # head_dim 16 x 0.5
+    assert keys[f"{arch}.full_attention_interval"] == 2
+
+
+def test_a_config_without_rope_keys_gets_transformers_defaults(folders, tmp_path):
+    """No rope_theta anywhere: transformers' 10000; no partial_rotary_factor: its 0.25."""
+    folder = _edited_copy(folders("qwen3_next"), tmp_path / "bare", drop=("rope_parameters",))
+    write_gguf(folder, tmp_path / "f32.gguf", "f32", name="tiny")
+    keys = _metadata(tmp_path / "f32.gguf")
+    assert keys["qwen3next.rope.freq_base"] == 1e4
+    assert keys["qwen3next.rope.dimension_count"] == 4  # head_dim 16 x 0.25
 
 
 def _refusal(folder: Path, tmp_path: Path, capsys) -> str:
@@ -152,6 +184,14 @@ def test_a_setting_llama_cpp_does_not_compute_is_one_line_exit_2(kind, change, e
                                                             change)
     line = _refusal(folder, tmp_path, capsys)
     assert expect in line and "--format hf or mlx-lm" in line, line
+
+
+def test_a_config_that_does_not_place_its_full_attention_layers_is_refused_by_key(
+        folders, tmp_path, capsys):
+    folder = _edited_copy(folders("qwen3_next"), tmp_path / "q", drop=("layer_types",))
+    line = _refusal(folder, tmp_path, capsys)
+    assert "neither layer_types nor full_attention_interval" in line, line
+    assert "--format hf or mlx-lm" in line, line
 
 
 @pytest.mark.parametrize("name, shape, expect", [

@@ -32,7 +32,15 @@ from mlxlab.export.gguf_regroup import (
 
 def _full_attention_interval(config: dict) -> int:
     """n where layers n-1, 2n-1, ... are full attention and the rest gated delta; else refused
-    (llama.cpp places them by the interval alone)."""
+    (llama.cpp places them by the interval alone). transformers 5 saves the per-layer
+    layer_types, the hub's configs the interval itself (full_attention_interval)."""
+    if not config.get("layer_types"):
+        if not config.get("full_attention_interval"):
+            raise GGUFLayoutError(f"a {config['model_type']} config with neither layer_types nor "
+                                  "full_attention_interval does not say which layers are full "
+                                  "attention: add full_attention_interval to its config.json, "
+                                  "or use --format hf or mlx-lm")
+        return int(config["full_attention_interval"])
     full = [t == "full_attention" for t in config["layer_types"]]
     n = full.index(True) + 1 if any(full) else 0
     if not n or any(f != ((i + 1) % n == 0) for i, f in enumerate(full)):
@@ -51,8 +59,19 @@ def qwen3_5_config(config: dict) -> dict:
     if rope.get("rope_type", "default") != "default":
         raise GGUFLayoutError(f"a {config['model_type']} with rope_type {rope['rope_type']!r} "
                               "has no GGUF layout here: use --format hf or mlx-lm")
-    return {**config, "rope_theta": rope.get("rope_theta", 10000.0),
-            "partial_rotary_factor": rope.get("partial_rotary_factor", 0.25)}
+    return {**config, **_rope_keys(config, rope)}
+
+
+def _rope_keys(config: dict, rope: dict) -> dict:
+    """rope_theta and partial_rotary_factor from rope_parameters (transformers 5), else from the
+    top level (the hub's configs); a rope_theta set nowhere is left out (the writer's default,
+    10000, is transformers'), a partial_rotary_factor set nowhere is transformers' 0.25."""
+    theta = rope.get("rope_theta", config.get("rope_theta"))
+    factor = rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 0.25))
+    keys = {"partial_rotary_factor": factor}
+    if theta is not None:
+        keys["rope_theta"] = theta
+    return keys
 
 
 def _delta_hparams(writer, config: dict) -> None:
