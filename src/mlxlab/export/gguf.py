@@ -59,6 +59,7 @@ from mlxlab.export.gguf_mamba import (
     nemotron_h_tensors,
 )
 from mlxlab.export.gguf_regroup import (
+    StoredValues,
     Tensors,
     deepseek_v3_config,
     deepseek_v3_hparams,
@@ -198,10 +199,8 @@ class Architecture:
     config: Callable[[dict], dict] = dict  # the config as the generic keys read it
     # the GGUF architecture where it depends on the config (Nemotron-H with or without experts)
     variant: Callable[[dict], str] | None = None
-    # an elementwise map of values llama.cpp stores in place of the checkpoint's (by GGUF name:
-    # Mamba's A = -exp(A_log)) and its inverse, which the read-back (gguf_readback.py) applies
-    values: tuple[Callable[[str, np.ndarray, dict], np.ndarray],
-                  Callable[[str, np.ndarray, dict], np.ndarray]] | None = None
+    # values llama.cpp stores in place of the checkpoint's, and their inverse (gguf_regroup.py)
+    values: StoredValues | None = None
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -606,15 +605,14 @@ def _write_tensors(writer, folder: Path, config: dict, arch: Architecture,
         else:
             if packed is not None:
                 w = _dequantize(packed)  # another group size or type: through float
+            w = arch.tensor(name, w, config)
+            if arch.values is not None:
+                w = arch.values.stored(full_name, w, config)
             kept = g.GGMLQuantizationType.F32 if _kept_in_f32(full_name) else qtype
             if mixture is not None and w.ndim == 2 and full_name.endswith(".weight") \
                     and kept == qtype:
-                data, kind = _k_quant(mixture, full_name,
-                                      arch.tensor(name, w, config), (importance or {}).get(name))
+                data, kind = _k_quant(mixture, full_name, w, (importance or {}).get(name))
             else:
-                w = arch.tensor(name, w, config)
-                if arch.values is not None:
-                    w = arch.values[0](full_name, w, config)
                 data, kind = encode_tensor(w, kept)
             label = kind.name
         writer.add_tensor(full_name, data, raw_dtype=kind)

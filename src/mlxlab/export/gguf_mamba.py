@@ -23,6 +23,7 @@ import numpy as np
 
 from mlxlab.export.gguf_regroup import (
     GGUFLayoutError,
+    StoredValues,
     Tensors,
     expert_hparams,
     split_granite_experts,
@@ -113,8 +114,7 @@ def _a_log_from_a(gguf_name: str, w: np.ndarray, config: dict) -> np.ndarray:
     return np.log(-w.astype(np.float64)).astype(np.float32)
 
 
-# (the values llama.cpp stores, by GGUF name; the checkpoint's, back from them)
-MIXER_VALUES = (_a_from_a_log, _a_log_from_a)
+MIXER_VALUES = StoredValues(_a_from_a_log, _a_log_from_a)
 
 
 def mamba2_hparams(writer, config: dict) -> None:
@@ -312,4 +312,4 @@ def _falcon_h1_unfolded(gguf_name: str, w: np.ndarray, config: dict) -> np.ndarr
     return _a_log_from_a(gguf_name, w, config)
 
 
-FALCON_H1_VALUES = (_falcon_h1_folded, _falcon_h1_unfolded)
+FALCON_H1_VALUES = StoredValues(_falcon_h1_folded, _falcon_h1_unfolded)

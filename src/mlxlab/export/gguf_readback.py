@@ -127,7 +127,7 @@ def _placed(path: Path, folder: Path, config: dict, arch,
             raise GGUFExportError(f"{tensor.name} holds {values.size} values in the written "
                                   f"GGUF, {positions.size} in the folder: not read back")
         if arch.values is not None:  # the checkpoint's values back (Mamba's A_log from A)
-            values = arch.values[1](tensor.name, values, config)
+            values = arch.values.restored(tensor.name, values, config)
         values = values.astype(np.float32).reshape(positions.shape) - offset
         if tensor.name in updates:  # a LoRA pair's update, on the tensor as llama.cpp holds it
             values = values + updates.pop(tensor.name)

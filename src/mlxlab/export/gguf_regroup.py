@@ -17,7 +17,8 @@ the `gguf` package's tensor-name map knows (the merged names the converter yield
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import numpy as np
 
@@ -29,6 +30,19 @@ _EXPERT = re.compile(r"(?P<prefix>.+)\.experts\.(?P<e>\d+)\.(?P<proj>\w+)\.(?P<l
 
 class GGUFLayoutError(ConfigError):
     """A setting of the model that llama.cpp's graph for its architecture does not compute."""
+
+
+# (GGUF name, array, config) -> array
+ValueMap = Callable[[str, np.ndarray, dict], np.ndarray]
+
+
+class StoredValues(NamedTuple):
+    """An elementwise map of the values llama.cpp stores in place of the checkpoint's, by GGUF
+    name (Mamba's A = -exp(A_log), Falcon-H1's multipliers folded in), and its inverse, the
+    checkpoint's values back, which the read-back (gguf_readback.py) applies."""
+
+    stored: ValueMap
+    restored: ValueMap
 
 
 def expert_count(config: dict) -> int:
