@@ -177,6 +177,7 @@ def _refusal(folder: Path, tmp_path: Path, capsys) -> str:
     ("qwen3_next", {"mlp_only_layers": [0]}, "dense layers"),
     ("falcon_h1", {"mamba_rms_norm": True}, "gated mixer norm"),
     ("falcon_h1", {"tie_word_embeddings": True}, "tied embeddings"),
+    ("granitemoehybrid", {"position_embedding_type": "alibi"}, "position_embedding_type='alibi'"),
 ])
 def test_a_setting_llama_cpp_does_not_compute_is_one_line_exit_2(kind, change, expect, folders,
                                                                  tmp_path, capsys):
@@ -186,17 +187,31 @@ def test_a_setting_llama_cpp_does_not_compute_is_one_line_exit_2(kind, change, e
     assert expect in line and "--format hf or mlx-lm" in line, line
 
 
-def test_a_config_that_does_not_place_its_full_attention_layers_is_refused_by_key(
-        folders, tmp_path, capsys):
-    folder = _edited_copy(folders("qwen3_next"), tmp_path / "q", drop=("layer_types",))
+@pytest.mark.parametrize("kind, drop, expect", [
+    ("qwen3_next", ("layer_types",), "neither layer_types nor full_attention_interval"),
+    ("nemotron_h_dense", ("layers_block_type",),
+     "neither layers_block_type nor hybrid_override_pattern"),
+])
+def test_a_config_that_does_not_say_what_its_layers_are_is_refused_by_key(
+        kind, drop, expect, folders, tmp_path, capsys):
+    folder = _edited_copy(folders(kind), tmp_path / "q", drop=drop)
     line = _refusal(folder, tmp_path, capsys)
-    assert "neither layer_types nor full_attention_interval" in line, line
-    assert "--format hf or mlx-lm" in line, line
+    assert expect in line and "--format hf or mlx-lm" in line, line
+
+
+def test_a_k_quant_of_a_mixer_family_names_what_it_lays_out_otherwise(folders, tmp_path):
+    from mlxlab.export.gguf import GGUFExportError
+
+    with pytest.raises(GGUFExportError, match="mamba2 lays out its mixer tensors otherwise"):
+        write_gguf(folders("mamba2"), tmp_path / "k.gguf", "q4_k_m")
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("name, shape, expect", [
     ("backbone.layers.0.mixer.extra.weight", (4, 64), "no llama.cpp name"),
-    ("backbone.layers.1.mixer.in_proj.weight", (290, 64), "has 290 rows"),
+    ("backbone.layers.1.mixer.in_proj.weight", (290, 64),
+     "has 290 rows; a Mamba-2 in_proj of this config has 296 (z, x, B, C, dt): not written to "
+     "GGUF; use --format hf or mlx-lm"),
 ])
 def test_a_tensor_that_does_not_map_is_refused_by_name(name, shape, expect, folders, tmp_path,
                                                        capsys):

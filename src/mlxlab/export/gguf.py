@@ -643,9 +643,11 @@ def write_gguf(folder: str | Path, out: str | Path, quant: str = "f16",
     mixture = None
     if quant in MIXTURES:
         if arch.regroup is not None:
+            how = ("lays out its mixer tensors otherwise (A, D, the convolution kernel, the "
+                   "grouped norm)" if arch.values is not None else
+                   "regroups its tensors (experts, fused or latent projections)")
             raise GGUFExportError(f"--quant {quant}: K-quant mixtures are written here for dense "
-                                  f"decoders; {config['model_type']} regroups its tensors "
-                                  "(experts, fused or latent projections): use q8_0, q4_0 or "
+                                  f"decoders; {config['model_type']} {how}: use q8_0, q4_0 or "
                                   "q4_1")
         mixture = Mixture(quant, int(config["num_hidden_layers"]),
                           bool(config.get("tie_word_embeddings", False)),

@@ -97,7 +97,7 @@ def mamba2_mixers(tensors: Tensors, config: dict) -> Tensors:
         elif name.endswith("in_proj.weight") and w.shape[0] != m.in_proj_rows():
             raise GGUFLayoutError(f"tensor {name} has {w.shape[0]} rows; a Mamba-2 in_proj of "
                                   f"this config has {m.in_proj_rows()} (z, x, B, C, dt): not "
-                                  "written to GGUF")
+                                  "written to GGUF; use --format hf or mlx-lm")
         else:
             yield name, w
 
@@ -153,7 +153,8 @@ def granite_hybrid_config(config: dict) -> dict:
     _check_mixer(config)
     if config.get("position_embedding_type") not in (None, "nope", "rope"):
         raise GGUFLayoutError(f"a Granite hybrid with position_embedding_type="
-                              f"{config['position_embedding_type']!r} has no GGUF layout here")
+                              f"{config['position_embedding_type']!r} has no GGUF layout here: "
+                              "use --format hf or mlx-lm")
     kv = config.get("num_key_value_heads", config["num_attention_heads"])
     return {**config, "num_key_value_heads": [kv if a else 0 for a in
                                               _attention_layers(config, "layer_types")]}
@@ -193,6 +194,10 @@ def granite_hybrid_tensors(tensors: Tensors, config: dict) -> Tensors:
 def _nemotron_types(config: dict) -> list[str]:
     """Each layer's block: mamba, attention, mlp or moe (the hub's pattern string "M*-E" too)."""
     types = config.get("layers_block_type") or config.get("hybrid_override_pattern")
+    if not types:
+        raise GGUFLayoutError("a nemotron_h config with neither layers_block_type nor "
+                              "hybrid_override_pattern does not say which block each layer is: "
+                              "add one to its config.json, or use --format hf or mlx-lm")
     letters = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
     names = {"linear_attention": "mamba", "full_attention": "attention"}
     return [letters.get(t, names.get(t, t)) for t in types]
