@@ -1,5 +1,5 @@
-"""GGUF export of the Mamba-2 families (Mamba-2, Granite 4 hybrids, Nemotron-H with and without
-experts, Falcon-H1) and of the gated delta ones (Qwen3.5's text model, Qwen3-Next), proven by llama.cpp
+"""GGUF export of the Mamba-2 families (Mamba-2, Granite 4 hybrids with and without experts,
+Nemotron-H with and without experts, Falcon-H1) and of the gated delta ones (Qwen3.5's text model, Qwen3-Next), proven by llama.cpp
 itself (the xllamacpp wheel, dev extra).
 
 Each family's tiny random folder is written by transformers (tests/hybrid_families.py: every
@@ -31,9 +31,10 @@ from hybrid_families import save_tiny_hybrid
 from mlxlab.export.gguf import write_gguf
 from test_export_gguf_moe import IDS, compare, llama_cpp_steps, log_softmax, rounding_shift
 
-KINDS = ("mamba2", "granitemoehybrid", "nemotron_h_dense", "nemotron_h_moe", "falcon_h1",
-         "qwen3_5", "qwen3_next")
-ARCH = {"mamba2": "mamba2", "granitemoehybrid": "granitehybrid", "nemotron_h_dense": "nemotron_h",
+KINDS = ("mamba2", "granitemoehybrid", "granitemoehybrid_dense", "nemotron_h_dense",
+         "nemotron_h_moe", "falcon_h1", "qwen3_5", "qwen3_next")
+ARCH = {"mamba2": "mamba2", "granitemoehybrid": "granitehybrid",
+        "granitemoehybrid_dense": "granitehybrid", "nemotron_h_dense": "nemotron_h",
         "nemotron_h_moe": "nemotron_h_moe", "falcon_h1": "falcon-h1", "qwen3_5": "qwen35",
         "qwen3_next": "qwen3next"}
 
@@ -63,12 +64,26 @@ def _unclamped(folder: Path, to: Path) -> Path:
     return _edited_copy(folder, to, {"time_step_min": 0.0})
 
 
+def _reference(kind: str, folder: Path, to: Path) -> Path:
+    """The folder mlxlab's probabilities are taken from: Nemotron-H's without the time-step
+    clamp (_unclamped); a dense Granite hybrid's with intermediate_size set to its MLP's width
+    (shared_intermediate_size), the one mlx-lm builds its dense MLP with (transformers builds
+    it from shared_intermediate_size and leaves intermediate_size, the experts' width, unused:
+    the tiny folder keeps them apart, 96 and 32, so the file must say 32)."""
+    if kind.startswith("nemotron"):
+        return _unclamped(folder, to)
+    if kind == "granitemoehybrid_dense":
+        shared = json.loads((folder / "config.json").read_text())["shared_intermediate_size"]
+        return _edited_copy(folder, to, {"intermediate_size": shared})
+    return folder
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_llama_cpp_runs_the_f32_export_with_mlxlabs_probabilities(kind, folders, tmp_path):
     folder = folders(kind)
     report = write_gguf(folder, tmp_path / "f32.gguf", "f32", name="tiny")
     assert report["architecture"] == ARCH[kind]
-    reference = _unclamped(folder, tmp_path / "ref") if kind.startswith("nemotron") else folder
+    reference = _reference(kind, folder, tmp_path / "ref")
     ours, shift = rounding_shift(lambda: _mlxlab_model(reference), "f32", np.array([IDS]))
     theirs, allowed = compare(llama_cpp_steps(tmp_path / "f32.gguf", IDS), ours, shift)
     assert theirs <= 3 * allowed, (kind, theirs, allowed)

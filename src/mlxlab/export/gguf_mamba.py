@@ -156,8 +156,13 @@ def granite_hybrid_config(config: dict) -> dict:
                               f"{config['position_embedding_type']!r} has no GGUF layout here: "
                               "use --format hf or mlx-lm")
     kv = config.get("num_key_value_heads", config["num_attention_heads"])
-    return {**config, "num_key_value_heads": [kv if a else 0 for a in
-                                              _attention_layers(config, "layer_types")]}
+    heads = [kv if a else 0 for a in _attention_layers(config, "layer_types")]
+    if config.get("num_local_experts"):
+        return {**config, "num_key_value_heads": heads}
+    # without experts the layer's MLP is the shared one, shared_intermediate_size wide (llama.cpp
+    # reads a dense layer's width as feed_forward_length; intermediate_size is the experts')
+    return {**config, "num_key_value_heads": heads,
+            "intermediate_size": config["shared_intermediate_size"]}
 
 
 def granite_hybrid_hparams(writer, config: dict) -> None:
