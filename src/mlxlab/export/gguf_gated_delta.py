@@ -24,7 +24,9 @@ import numpy as np
 from mlxlab.export.gguf_regroup import (
     GGUFLayoutError,
     Tensors,
+    dt_bias_name,
     expert_hparams,
+    kernel_2d,
     qwen3_moe_config,
     stack_experts,
 )
@@ -128,7 +130,7 @@ def qwen3_5_tensors(tensors: Tensors, config: dict) -> Tensors:
             continue
         leaf = name.rsplit(".linear_attn.", 1)[1]
         if leaf in ("in_proj_qkv.weight", "conv1d.weight"):
-            w = w[:, 0] if w.ndim == 3 else w
+            w = kernel_2d(w)
             w = np.concatenate([w[:qk], _tiled(w[qk:], 0, k_heads, v_dim)])
         elif leaf == "in_proj_z.weight":
             w = _tiled(w, 0, k_heads, v_dim)
@@ -136,9 +138,7 @@ def qwen3_5_tensors(tensors: Tensors, config: dict) -> Tensors:
             w = _tiled(w, 0, k_heads, 1)
         elif leaf == "out_proj.weight":
             w = _tiled(w, 1, k_heads, v_dim)
-        if leaf == "dt_bias":
-            name = name.removesuffix("dt_bias") + "dt_proj.bias"
-        yield name, w
+        yield (dt_bias_name(name) if leaf == "dt_bias" else name), w
 
 
 # --- Qwen3-Next -------------------------------------------------------------------------------
@@ -169,8 +169,8 @@ def qwen3_next_tensors(tensors: Tensors, config: dict) -> Tensors:
                 [part.reshape(-1, w.shape[-1]) for part in (q, k, v)])
             yield f"{prefix}in_proj_z.weight", z.reshape(-1, w.shape[-1])
         elif name.endswith("linear_attn.conv1d.weight"):
-            yield name, w[:, 0]
+            yield name, kernel_2d(w)
         elif name.endswith("linear_attn.dt_bias"):
-            yield name.removesuffix("dt_bias") + "dt_proj.bias", w
+            yield dt_bias_name(name), w
         else:
             yield name, w

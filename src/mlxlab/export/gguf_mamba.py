@@ -25,7 +25,9 @@ from mlxlab.export.gguf_regroup import (
     GGUFLayoutError,
     StoredValues,
     Tensors,
+    dt_bias_name,
     expert_hparams,
+    kernel_2d,
     split_granite_experts,
     stack_experts,
 )
@@ -89,9 +91,9 @@ def mamba2_mixers(tensors: Tensors, config: dict) -> Tensors:
         if leaf in ("A_log", "D") and w.ndim == 1:
             yield name, w.reshape(-1, 1)
         elif leaf == "dt_bias":
-            yield name.removesuffix("dt_bias") + "dt_proj.bias", w
+            yield dt_bias_name(name), w
         elif name.endswith("conv1d.weight"):
-            yield name, w[:, 0]
+            yield name, kernel_2d(w)
         elif name.endswith(("mixer.norm.weight", "mamba.norm.weight")) and w.size == m.d_inner:
             yield name, w.reshape(m.n_group, m.d_inner // m.n_group)
         elif name.endswith("in_proj.weight") and w.shape[0] != m.in_proj_rows():
@@ -290,10 +292,13 @@ def falcon_h1_config(config: dict) -> dict:
     return config
 
 
-def _falcon_h1_scale(gguf_name: str, rows: int, config: dict) -> np.ndarray | float:
+def _falcon_h1_scale(gguf_name: str, config: dict) -> np.ndarray | float:
     """What llama.cpp's Falcon-H1 graph expects folded into a stored matrix: the multipliers
-    transformers applies to its input or output (in_proj's per part of z, x, B, C, dt)."""
-    c, kind = config, gguf_name.rsplit(".", 1)[0].rsplit(".", 1)[-1]
+    transformers applies to its input or output (in_proj's per part of z, x, B, C, dt). The
+    tensor's kind is the name's token after the layer (`blk.0.ssm_in.weight`, `blk.0.ssm_a`)
+    or its first (`token_embd.weight`, `output.weight`)."""
+    tokens = gguf_name.split(".")
+    c, kind = config, tokens[2] if tokens[0] == "blk" else tokens[0]
     attention_in = float(c.get("attention_in_multiplier", 1.0))
     scales = {"token_embd": c.get("embedding_multiplier", 1.0),
               "output": c.get("lm_head_multiplier", 1.0),
@@ -314,11 +319,11 @@ def _falcon_h1_scale(gguf_name: str, rows: int, config: dict) -> np.ndarray | fl
 
 def _falcon_h1_folded(gguf_name: str, w: np.ndarray, config: dict) -> np.ndarray:
     w = _a_from_a_log(gguf_name, w, config)
-    return (w * _falcon_h1_scale(gguf_name, w.shape[0], config)).astype(np.float32)
+    return (w * _falcon_h1_scale(gguf_name, config)).astype(np.float32)
 
 
 def _falcon_h1_unfolded(gguf_name: str, w: np.ndarray, config: dict) -> np.ndarray:
-    w = (w / _falcon_h1_scale(gguf_name, w.shape[0], config)).astype(np.float32)
+    w = (w / _falcon_h1_scale(gguf_name, config)).astype(np.float32)
     return _a_log_from_a(gguf_name, w, config)
 
 

@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 
 from mlxlab.export.gguf import (
-    ARCHITECTURES,
     GGUFExportError,
     _dequantize,
     _read_tensors,
@@ -50,11 +49,7 @@ def read_written_gguf(path: Path, folder: Path, work: Path, lora: Path | None = 
     from mlxlab.export.retention import read_folder
 
     config = json.loads((folder / "config.json").read_text())
-    kind = config.get("model_type")
-    arch = ARCHITECTURES.get(kind)
-    if arch is None:
-        raise GGUFExportError(f"model_type={kind!r}: not an architecture the GGUF writer writes")
-    arch = architecture_of(config)  # its GGUF variant (Nemotron-H with or without experts)
+    arch = architecture_of(config)  # refuses what the writer does not write; else its variant
     work.mkdir(parents=True, exist_ok=True)
     weights = _placed(path, folder, config, arch, _lora_updates(lora) if lora else {})
     import mlx.core as mx
