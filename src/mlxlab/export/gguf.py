@@ -11,11 +11,18 @@ llama.cpp's C code itself (gguf_kquants.py).
 The folder is what `mlxlab export --format hf` writes (LoRA already fused), a pretrained float
 folder, or an mlx-lm quantized folder: its 4-bit weights at group size 32 go out as Q4_1 block for
 block (the same affine layout: no round trip through float), other quantized weights through
-float into the asked type. What differs per architecture is in `ARCHITECTURES`: the GGUF architecture, and the few
-tensors llama.cpp stores differently from transformers (Llama's query/key rows interleaved for
-its rotary layout; Gemma's norms stored as 1 + w; MoE experts stacked, fused or latent tensors
-split: gguf_regroup.py). Everything else is the `gguf` package's:
-the tensor-name map, the writer, the special-token and merges reader, the quantizers.
+float into the asked type. What differs per architecture is in `ARCHITECTURES`: the GGUF
+architecture, its config as the generic keys read it (and the settings llama.cpp's graph does
+not compute, refused), its own metadata keys, and the tensors llama.cpp stores differently from
+transformers: Llama's query/key rows interleaved for its rotary layout; Gemma's norms stored as
+1 + w; MoE experts stacked, fused or latent tensors split (gguf_regroup.py); the hybrids' sequence
+mixers in llama.cpp's layout: the Mamba-2 families, Mamba-2, Granite 4 hybrids, Nemotron-H and
+Falcon-H1 (gguf_mamba.py), and the gated delta nets, Qwen3.5 and Qwen3-Next
+(gguf_gated_delta.py). Where llama.cpp stores a function of a checkpoint's values (a mixer's
+A = -exp(A_log), Falcon-H1's multipliers folded into its matrices), the architecture carries that
+map and its inverse (`Architecture.values`, which the read-back, gguf_readback.py, undoes).
+Everything else is the `gguf` package's: the tensor-name map, the writer, the special-token and
+merges reader, the quantizers.
 """
 
 from __future__ import annotations
@@ -194,7 +201,8 @@ class Architecture:
     head_dims: bool = False         # writes attention.key_length / value_length (head_dim)
     sliding_window: bool = False    # writes attention.sliding_window
     hparams: Callable = _no_hparams  # (writer, config): the architecture's own metadata keys
-    # tensors llama.cpp groups otherwise (stacked experts, split fusions; gguf_regroup.py)
+    # tensors llama.cpp groups or lays out otherwise (stacked experts, split fusions:
+    # gguf_regroup.py; the hybrids' mixers: gguf_mamba.py, gguf_gated_delta.py)
     regroup: Callable[[Tensors, dict], Tensors] | None = None
     config: Callable[[dict], dict] = dict  # the config as the generic keys read it
     # the GGUF architecture where it depends on the config (Nemotron-H with or without experts)

@@ -1,6 +1,8 @@
 """The Mamba-2 families as llama.cpp reads them: Mamba-2 itself, Granite 4 hybrids
-(granitemoehybrid) and Nemotron-H, each with its tensors laid out and its metadata keys written as
-llama.cpp's converter (convert_hf_to_gguf.py) does.
+(granitemoehybrid), Nemotron-H and Falcon-H1, each with its tensors laid out and its metadata keys
+written as llama.cpp's converter (convert_hf_to_gguf.py) does (a dense Granite hybrid's
+feed_forward_length excepted: its MLP's width, shared_intermediate_size, which llama.cpp's
+loader reads its tensors by, where the converter writes intermediate_size).
 
 A Mamba-2 mixer's tensors differ from the checkpoint's in four ways: llama.cpp keeps A itself
 (A = -exp(A_log), a map of values the read-back inverts: `MIXER_VALUES`) and D as (heads, 1)

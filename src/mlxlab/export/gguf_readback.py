@@ -6,11 +6,12 @@ was written from: the writer's own regrouping and per-tensor layout (gguf.py `Ar
 are run once over the folder's element positions instead of its values, which gives, for every
 element of every GGUF tensor, the Hugging Face tensor and position it came from (and the
 constant the writer added: Gemma's norm `1 +`). The file's tensors, dequantized by gguf-py as
-written (and mapped back where the writer stored a function of the value: Mamba's A = -exp(A_log)
-gives A_log = log(-A)), are scattered back there; config.json and the tokenizer come from that folder, and the
-file's header is checked against its tensors (models/sources/gguf_header.py: block count,
-widths, heads, vocabulary). Every position must be filled exactly once and every tensor of the
-file must have a place, else the read-back fails (and the export is refused). At f32 the
+written (and mapped back where the writer stored a function of the value: Mamba's
+A = -exp(A_log) gives A_log = log(-A)), are scattered back there; config.json and the tokenizer
+come from that folder, and the file's header is checked against its tensors
+(models/sources/gguf_header.py: block count, widths, heads, vocabulary). Every position must be
+filled exactly once and every tensor of the file must have a place, else the read-back fails
+(and the export is refused). At f32 the
 read-back is the folder, bit for bit, for every architecture whose tiny test folder keeps its
 norms at their initial value; a hybrid's A_log and a perturbed 1 + w norm come back to float32
 round-off (tests/test_export_gguf_readback.py).
