@@ -300,8 +300,11 @@ def main() -> None:
     for t in tables.values():
         print_table(t)
     # the ratio at the longest length both models ran, with grad_checkpoint if only there
-    sweep, rows = next((s, r) for s, r in (("", model), (" with grad_checkpoint", kept))
-                       if any(isinstance(row.get(pair[2]), float) for row in r.values()))
+    measured = next(((s, r) for s, r in (("", model), (" with grad_checkpoint", kept))
+                     if any(isinstance(row.get(pair[2]), float) for row in r.values())), None)
+    if measured is None:  # the guard stopped both models at every length: no ratio to record
+        parser.exit(1, "no length measured under --guard-mb\n")
+    sweep, rows = measured
     longest = max(n for n, row in rows.items() if isinstance(row.get(pair[2]), float))
     write_record("hybrid-memory", {"tables": tables, "layer_mb": layer, "model_mb": model,
                                    "grad_checkpoint_mb": kept, "mlx_lm_mb": mlx_lm,
