@@ -1,21 +1,21 @@
 """GGUF export of the Mamba-2 families (Mamba-2, Granite 4 hybrids with and without experts,
-Nemotron-H with and without experts, Falcon-H1) and of the gated delta ones (Qwen3.5's text model, Qwen3-Next), proven by llama.cpp
-itself (the xllamacpp wheel, dev extra).
+Nemotron-H with and without experts, Falcon-H1) and of the gated delta ones (Qwen3.5's text model,
+Qwen3-Next), proven by llama.cpp itself (the xllamacpp wheel, dev extra).
 
 Each family's tiny random folder is written by transformers (tests/hybrid_families.py: every
 parameter drawn off its initial value, A_log, D, dt_bias and the grouped norm included; Nemotron-H
 with two mixer groups), loaded by mlxlab (mlx-lm), and written as an F32 GGUF by export/gguf.py;
-llama.cpp loads the file and, after each prefix of a prompt, picks the next token greedily and
-lists its top log-probabilities, held to mlxlab's as test_export_gguf_moe.py holds the MoE
-families (its pick is mlxlab's argmax, its log-probabilities within three times the rounding
-shift). Measured, largest |llama.cpp - mlxlab| over the listed log-probabilities: mamba2 2.9e-6,
-granitemoehybrid 2.4e-6, Falcon-H1 2.9e-6 (its multipliers folded into the weights), Qwen3.5
-2.5e-5, Qwen3-Next 4.3e-6, Nemotron-H 4.8e-6 (dense) and 6.7e-6 (experts), these two against
-the model without transformers' time-step clamp, which llama.cpp does not apply (with it: 2.5e-3
-and 3.8e-3, the same picks). A wrong layout (A_log not negated and exponentiated, the norm not
-split per group, gate and up swapped, Qwen3.5's value heads left grouped or its rotary pairs not
-all rotating, Qwen3-Next's v and z swapped) changes the picks. What llama.cpp's graphs do not
-compute is one line, exit 2, naming the setting or tensor.
+llama.cpp loads the file and, after each prefix of a prompt, picks the next token greedily and lists
+its top log-probabilities, held to mlxlab's as test_export_gguf_moe.py holds the MoE families (its
+pick is mlxlab's argmax, its log-probabilities within three times the rounding shift). Measured,
+largest |llama.cpp - mlxlab| over the listed log-probabilities: mamba2 2.9e-6, granitemoehybrid
+2.4e-6 (without experts 2.4e-6 too), Falcon-H1 2.9e-6 (its multipliers folded into the weights),
+Qwen3.5 2.5e-5, Qwen3-Next 4.3e-6, Nemotron-H 4.8e-6 (dense) and 6.7e-6 (experts), these two against
+the model without transformers' time-step clamp, which llama.cpp does not apply (with it: 2.5e-3 and
+3.8e-3, the same picks). A wrong layout (A_log not negated and exponentiated, the norm not split per
+group, gate and up swapped, Qwen3.5's value heads left grouped or its rotary pairs not all rotating,
+Qwen3-Next's v and z swapped) changes the picks. What llama.cpp's graphs do not compute is one line,
+exit 2, naming the setting or tensor.
 """
 
 from __future__ import annotations
