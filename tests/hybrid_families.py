@@ -67,6 +67,12 @@ def _configs(t, vocab: int) -> dict:
             num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=32,
             embedding_multiplier=2.0, logits_scaling=2.0, residual_multiplier=0.5,
             attention_multiplier=0.25),
+        # Granite 4.0-H without experts (micro, 1B, 350M): its MLP is the shared_mlp, as wide
+        # as shared_intermediate_size (intermediate_size, the experts' width, unused)
+        "granitemoehybrid_dense": lambda: t.GraniteMoeHybridConfig(
+            **c, **MAMBA, num_hidden_layers=2, layer_types=["mamba", "attention"],
+            num_local_experts=0, shared_intermediate_size=32, embedding_multiplier=2.0,
+            logits_scaling=2.0, residual_multiplier=0.5, attention_multiplier=0.25),
         "mamba2": lambda: t.Mamba2Config(
             vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_heads=8, head_dim=16,
             n_groups=1, state_size=16, expand=2, conv_kernel=4, chunk_size=16,

@@ -186,3 +186,35 @@ def test_a_q4_k_m_file_runs_in_llama_cpp_as_mlxlab_reads_it(tmp_path):
             to_float.append(abs(t["logprob"] - float_[end - 1, t["id"]]))
     assert len(to_file) >= 3 * len(ids) // 2
     assert max(to_file) < 0.25 * max(to_float)
+
+
+def test_stored_values_are_written_in_a_k_quant_file_too(tmp_path, monkeypatch):
+    """An architecture that stores other values than the checkpoint's (Architecture.values:
+    Mamba's A = -exp(A_log), Falcon-H1's folded multipliers) stores them whatever the matrix is
+    quantized as: here a llama told to store its embedding doubled, written as Q4_K_M, holds the
+    doubled embedding in its K-quant tensor (within the quantization step)."""
+    from dataclasses import replace
+
+    from safetensors.numpy import load_file
+
+    from mlxlab.export import gguf as writer
+    from mlxlab.export.gguf_regroup import StoredValues
+
+    def doubled(name, w, config):
+        return w * 2 if name == "token_embd.weight" else w
+
+    def halved(name, w, config):
+        return w / 2 if name == "token_embd.weight" else w
+
+    arch = replace(writer.ARCHITECTURES["llama"], values=StoredValues(doubled, halved))
+    monkeypatch.setitem(writer.ARCHITECTURES, "llama", arch)
+    folder = save_tiny_model("llama", tmp_path / "llama", hidden_size=256, intermediate_size=512,
+                             num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+    write_gguf(folder, tmp_path / "k.gguf", "q4_k_m", name="tiny")
+    embd = next(t for t in gguf.GGUFReader(str(tmp_path / "k.gguf")).tensors
+                if t.name == "token_embd.weight")
+    assert embd.tensor_type in (T.Q4_K, T.Q6_K)
+    stored = gguf.quants.dequantize(np.asarray(embd.data), embd.tensor_type)
+    source = load_file(str(folder / "model.safetensors"))["model.embed_tokens.weight"]
+    step = np.abs(stored - 2 * source).max()
+    assert step < 0.1 * np.abs(2 * source).max(), step  # the plain embedding is off by half

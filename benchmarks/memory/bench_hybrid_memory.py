@@ -1,17 +1,17 @@
-"""A gated-delta hybrid's training memory: the chunked rule (models/layers/gated_delta.py) beside mlx-lm's
-token loop (`gated_delta_ops`), and a Qwen3.5-shaped hybrid beside a plain Qwen3 of the same
-width and depth. MLX peak memory (mx.get_peak_memory, the active buffers: independent of the
+"""A gated-delta hybrid's training memory: the chunked rule (models/layers/gated_delta.py) beside
+mlx-lm's token loop (`gated_delta_ops`), and a Qwen3.5-shaped hybrid beside a plain Qwen3 of the
+same width and depth. MLX peak memory (mx.get_peak_memory, the active buffers: independent of the
 box's load), one process, each case after mx.clear_cache and mx.reset_peak_memory.
 
 1. One Qwen3.5 GatedDeltaNet layer (mlx-lm's class), forward + backward of all its weights, at
    --layer-lengths tokens: mlx-lm's sequential path beside the chunked rule.
-2. An 8-layer, hidden-512 Qwen3.5-shaped hybrid (6 gated-delta + 2 attention layers) beside a
-   plain Qwen3 (8 attention layers) and the Mamba-2 families (Nemotron-H, Granite-4.0-H,
-   Falcon-H1: 6 Mamba-2 + 2 attention mixers, or Falcon-H1's 8 parallel pairs; --families
-   picks among them) of the same width, MLP and vocabulary, built as mlxlab builds an mlx-lm model from its config
+2. An 8-layer, hidden-512 Qwen3.5-shaped hybrid (6 gated-delta + 2 attention layers) beside a plain
+   Qwen3 (8 attention layers) and the Mamba-2 families (Nemotron-H, Granite-4.0-H, Falcon-H1: 6
+   Mamba-2 + 2 attention mixers, or Falcon-H1's 8 parallel pairs; --families picks among them) of
+   the same width, MLP and vocabulary, built as mlxlab builds an mlx-lm model from its config
    (MLXLMDecoder(hf_config=...): the chunked rule swapped in at load, mlxlab's LoRA on attention,
-   sequence-mixer projections and MLPs, rank 8), random weights, batch 1: one LoRA loss +
-   gradient at --model-lengths tokens; the hybrid and plain model also with grad_checkpoint
+   sequence-mixer projections and MLPs, rank 8), random weights, batch 1: one LoRA loss + gradient
+   at --model-lengths tokens; the hybrid and plain model also with grad_checkpoint
    (models/layers/grad_checkpoint.py) at --checkpoint-lengths. The hybrid's sequential path
    (mlx-lm's own) at the lengths up to --model-sequential-max.
 3. mlx-lm's own path (its model, its LoRA, mlx_lm.tuner's loss; mlxlab never imported, so its
@@ -300,8 +300,11 @@ def main() -> None:
     for t in tables.values():
         print_table(t)
     # the ratio at the longest length both models ran, with grad_checkpoint if only there
-    sweep, rows = next((s, r) for s, r in (("", model), (" with grad_checkpoint", kept))
-                       if any(isinstance(row.get(pair[2]), float) for row in r.values()))
+    measured = next(((s, r) for s, r in (("", model), (" with grad_checkpoint", kept))
+                     if any(isinstance(row.get(pair[2]), float) for row in r.values())), None)
+    if measured is None:  # the guard stopped both models at every length: no ratio to record
+        parser.exit(1, "no length measured under --guard-mb\n")
+    sweep, rows = measured
     longest = max(n for n, row in rows.items() if isinstance(row.get(pair[2]), float))
     write_record("hybrid-memory", {"tables": tables, "layer_mb": layer, "model_mb": model,
                                    "grad_checkpoint_mb": kept, "mlx_lm_mb": mlx_lm,

@@ -64,17 +64,34 @@ def overrides(args, steps: int, seed: int, heldout: Path | None, data: Path | No
             *tasks]
 
 
+def finished(log: Path) -> Path:
+    """The marker written beside a run's log once its command exited 0: a failed or killed
+    run leaves its log (to read) but no marker, so --reuse runs it again."""
+    return log.with_name(log.name + ".done")
+
+
+def run_marked(cmd: list[str], log: Path, reuse: bool, **kwargs) -> float | None:
+    """run_with_peak_rss(cmd, log=log, ...) unless `reuse` and the run finished before (then
+    None: its peak RSS was its own run's figure); its success marked (`finished`)."""
+    if reuse and finished(log).exists():
+        return None
+    finished(log).unlink(missing_ok=True)
+    _, rss = run_with_peak_rss(cmd, log=log, **kwargs)
+    finished(log).touch()
+    return rss
+
+
 def reference(args, work: Path, steps: int, seed: int, score: bool, env: dict,
-              data: Path | None = None) -> dict:
+              data: Path | None = None, reuse: bool = False) -> dict:
+    """The reference trainer's run (its JSON, with its peak RSS); `reuse`: a finished one
+    --work holds (the quality part's; each timing round of the speed part runs its own)."""
     out = work / f"reference_s{seed}_{steps}.json"
-    if args.reuse and out.exists():  # a finished run's (its peak RSS was its own run's figure)
-        return {**json.loads(out.read_text()), "rss_mb": None}
     cmd = [sys.executable, str(REFERENCE), "--data", str(data or args.data), "--model", args.hf,
            "--steps",
            str(steps), "--batch", str(args.batch), "--lr", str(args.lr), "--modules", "decoder",
            "--seed", str(seed), "--skip", str(args.skip), "--json", str(out),
            *([] if score else ["--eval-limit", "0"])]
-    _, rss = run_with_peak_rss(cmd, what="reference", log=out.with_suffix(".log"), env=env)
+    rss = run_marked(cmd, out.with_suffix(".log"), reuse, what="reference", env=env)
     return {**json.loads(out.read_text()), "rss_mb": rss}
 
 
@@ -155,20 +172,19 @@ def quality(args, work: Path, env: dict, uri: str, heldout: Path) -> dict:
 
     client = MlflowClient(uri)
     scores = lambda log: run_scores(client, client.get_run(run_id(log)), None, "last")  # noqa: E731
-    if not (args.reuse and (work / "base_eval.log").exists()):
-        run_with_peak_rss(mlxlab_cli("eval", args.ct2, str(heldout)), what="base eval", env=env,
-                          cwd=env["MLXLAB_ROOT"], log=work / "base_eval.log")
+    run_marked(mlxlab_cli("eval", args.ct2, str(heldout)), work / "base_eval.log", args.reuse,
+               what="base eval", env=env, cwd=env["MLXLAB_ROOT"])
     base = scores((work / "base_eval.log").read_text())
     task = next(iter(base))
     ours, theirs, per_seed = {}, {}, []
     for seed in args.seeds:
         log = work / f"train_s{seed}.log"
-        if not (args.reuse and log.exists()):
-            run_with_peak_rss(mlxlab_cli("train", *overrides(args, args.steps, seed, heldout)),
-                              what="mlxlab train", env=env, cwd=env["MLXLAB_ROOT"], log=log)
+        run_marked(mlxlab_cli("train", *overrides(args, args.steps, seed, heldout)), log,
+                   args.reuse, what="mlxlab train", env=env, cwd=env["MLXLAB_ROOT"])
         ours[seed] = scores(log.read_text())
         if seed in args.reference_seeds:
-            ref = reference(args, work, args.steps, seed, True, env)["heldout"]
+            ref = reference(args, work, args.steps, seed, True, env,
+                            reuse=args.reuse)["heldout"]
             rows = we.score_transcriptions(ref["ids"], ref["refs"], ref["hyps"],
                                            we.text_normalizer("english"))
             t = base[task]
@@ -191,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
                 hf=str(CACHE / "whisper-base"), steps=30, seeds="0,1,2", speed_steps=16, rounds=2,
                 speed_rows=64, skip=2, batch=8, lr=1e-3, part="both", reference_seeds="0,1,2",
                 work=str(Path("/tmp") / "bench_speech_finetune"),
-                reuse=(False, "quality: keep the runs --work holds (a rerun after a kill)"))
+                reuse=(False, "quality: keep the finished runs --work holds (a rerun after a kill)"))
     args = p.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.reference_seeds = [int(s) for s in args.reference_seeds.split(",")]

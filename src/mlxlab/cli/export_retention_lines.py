@@ -1,4 +1,5 @@
-"""The retention lines every `mlxlab export` format prints (cli/export.py, cli/export_whisper_cpp.py)."""
+"""The retention lines every `mlxlab export` format prints (cli/export.py,
+cli/export_whisper_cpp.py)."""
 
 from __future__ import annotations
 

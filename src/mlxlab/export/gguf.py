@@ -11,11 +11,18 @@ llama.cpp's C code itself (gguf_kquants.py).
 The folder is what `mlxlab export --format hf` writes (LoRA already fused), a pretrained float
 folder, or an mlx-lm quantized folder: its 4-bit weights at group size 32 go out as Q4_1 block for
 block (the same affine layout: no round trip through float), other quantized weights through
-float into the asked type. What differs per architecture is in `ARCHITECTURES`: the GGUF architecture, and the few
-tensors llama.cpp stores differently from transformers (Llama's query/key rows interleaved for
-its rotary layout; Gemma's norms stored as 1 + w; MoE experts stacked, fused or latent tensors
-split: gguf_regroup.py). Everything else is the `gguf` package's:
-the tensor-name map, the writer, the special-token and merges reader, the quantizers.
+float into the asked type. What differs per architecture is in `ARCHITECTURES`: the GGUF
+architecture, its config as the generic keys read it (and the settings llama.cpp's graph does
+not compute, refused), its own metadata keys, and the tensors llama.cpp stores differently from
+transformers: Llama's query/key rows interleaved for its rotary layout; Gemma's norms stored as
+1 + w; MoE experts stacked, fused or latent tensors split (gguf_regroup.py); the hybrids' sequence
+mixers in llama.cpp's layout: the Mamba-2 families, Mamba-2, Granite 4 hybrids, Nemotron-H and
+Falcon-H1 (gguf_mamba.py), and the gated delta nets, Qwen3.5 and Qwen3-Next
+(gguf_gated_delta.py). Where llama.cpp stores a function of a checkpoint's values (a mixer's
+A = -exp(A_log), Falcon-H1's multipliers folded into its matrices), the architecture carries that
+map and its inverse (`Architecture.values`, which the read-back, gguf_readback.py, undoes).
+Everything else is the `gguf` package's: the tensor-name map, the writer, the special-token and
+merges reader, the quantizers.
 """
 
 from __future__ import annotations
@@ -59,6 +66,7 @@ from mlxlab.export.gguf_mamba import (
     nemotron_h_tensors,
 )
 from mlxlab.export.gguf_regroup import (
+    StoredValues,
     Tensors,
     deepseek_v3_config,
     deepseek_v3_hparams,
@@ -193,15 +201,14 @@ class Architecture:
     head_dims: bool = False         # writes attention.key_length / value_length (head_dim)
     sliding_window: bool = False    # writes attention.sliding_window
     hparams: Callable = _no_hparams  # (writer, config): the architecture's own metadata keys
-    # tensors llama.cpp groups otherwise (stacked experts, split fusions; gguf_regroup.py)
+    # tensors llama.cpp groups or lays out otherwise (stacked experts, split fusions:
+    # gguf_regroup.py; the hybrids' mixers: gguf_mamba.py, gguf_gated_delta.py)
     regroup: Callable[[Tensors, dict], Tensors] | None = None
     config: Callable[[dict], dict] = dict  # the config as the generic keys read it
     # the GGUF architecture where it depends on the config (Nemotron-H with or without experts)
     variant: Callable[[dict], str] | None = None
-    # an elementwise map of values llama.cpp stores in place of the checkpoint's (by GGUF name:
-    # Mamba's A = -exp(A_log)) and its inverse, which the read-back (gguf_readback.py) applies
-    values: tuple[Callable[[str, np.ndarray, dict], np.ndarray],
-                  Callable[[str, np.ndarray, dict], np.ndarray]] | None = None
+    # values llama.cpp stores in place of the checkpoint's, and their inverse (gguf_regroup.py)
+    values: StoredValues | None = None
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -606,15 +613,14 @@ def _write_tensors(writer, folder: Path, config: dict, arch: Architecture,
         else:
             if packed is not None:
                 w = _dequantize(packed)  # another group size or type: through float
+            w = arch.tensor(name, w, config)
+            if arch.values is not None:
+                w = arch.values.stored(full_name, w, config)
             kept = g.GGMLQuantizationType.F32 if _kept_in_f32(full_name) else qtype
             if mixture is not None and w.ndim == 2 and full_name.endswith(".weight") \
                     and kept == qtype:
-                data, kind = _k_quant(mixture, full_name,
-                                      arch.tensor(name, w, config), (importance or {}).get(name))
+                data, kind = _k_quant(mixture, full_name, w, (importance or {}).get(name))
             else:
-                w = arch.tensor(name, w, config)
-                if arch.values is not None:
-                    w = arch.values[0](full_name, w, config)
                 data, kind = encode_tensor(w, kept)
             label = kind.name
         writer.add_tensor(full_name, data, raw_dtype=kind)
@@ -645,9 +651,11 @@ def write_gguf(folder: str | Path, out: str | Path, quant: str = "f16",
     mixture = None
     if quant in MIXTURES:
         if arch.regroup is not None:
+            how = ("lays out its mixer tensors otherwise (A, D, the convolution kernel, the "
+                   "grouped norm)" if arch.values is not None else
+                   "regroups its tensors (experts, fused or latent projections)")
             raise GGUFExportError(f"--quant {quant}: K-quant mixtures are written here for dense "
-                                  f"decoders; {config['model_type']} regroups its tensors "
-                                  "(experts, fused or latent projections): use q8_0, q4_0 or "
+                                  f"decoders; {config['model_type']} {how}: use q8_0, q4_0 or "
                                   "q4_1")
         mixture = Mixture(quant, int(config["num_hidden_layers"]),
                           bool(config.get("tie_word_embeddings", False)),

@@ -24,7 +24,9 @@ import numpy as np
 from mlxlab.export.gguf_regroup import (
     GGUFLayoutError,
     Tensors,
+    dt_bias_name,
     expert_hparams,
+    kernel_2d,
     qwen3_moe_config,
     stack_experts,
 )
@@ -32,7 +34,15 @@ from mlxlab.export.gguf_regroup import (
 
 def _full_attention_interval(config: dict) -> int:
     """n where layers n-1, 2n-1, ... are full attention and the rest gated delta; else refused
-    (llama.cpp places them by the interval alone)."""
+    (llama.cpp places them by the interval alone). transformers 5 saves the per-layer
+    layer_types, the hub's configs the interval itself (full_attention_interval)."""
+    if not config.get("layer_types"):
+        if not config.get("full_attention_interval"):
+            raise GGUFLayoutError(f"a {config['model_type']} config with neither layer_types nor "
+                                  "full_attention_interval does not say which layers are full "
+                                  "attention: add full_attention_interval to its config.json, "
+                                  "or use --format hf or mlx-lm")
+        return int(config["full_attention_interval"])
     full = [t == "full_attention" for t in config["layer_types"]]
     n = full.index(True) + 1 if any(full) else 0
     if not n or any(f != ((i + 1) % n == 0) for i, f in enumerate(full)):
@@ -51,8 +61,19 @@ def qwen3_5_config(config: dict) -> dict:
     if rope.get("rope_type", "default") != "default":
         raise GGUFLayoutError(f"a {config['model_type']} with rope_type {rope['rope_type']!r} "
                               "has no GGUF layout here: use --format hf or mlx-lm")
-    return {**config, "rope_theta": rope.get("rope_theta", 10000.0),
-            "partial_rotary_factor": rope.get("partial_rotary_factor", 0.25)}
+    return {**config, **_rope_keys(config, rope)}
+
+
+def _rope_keys(config: dict, rope: dict) -> dict:
+    """rope_theta and partial_rotary_factor from rope_parameters (transformers 5), else from the
+    top level (the hub's configs); a rope_theta set nowhere is left out (the writer's default,
+    10000, is transformers'), a partial_rotary_factor set nowhere is transformers' 0.25."""
+    theta = rope.get("rope_theta", config.get("rope_theta"))
+    factor = rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 0.25))
+    keys = {"partial_rotary_factor": factor}
+    if theta is not None:
+        keys["rope_theta"] = theta
+    return keys
 
 
 def _delta_hparams(writer, config: dict) -> None:
@@ -109,7 +130,7 @@ def qwen3_5_tensors(tensors: Tensors, config: dict) -> Tensors:
             continue
         leaf = name.rsplit(".linear_attn.", 1)[1]
         if leaf in ("in_proj_qkv.weight", "conv1d.weight"):
-            w = w[:, 0] if w.ndim == 3 else w
+            w = kernel_2d(w)
             w = np.concatenate([w[:qk], _tiled(w[qk:], 0, k_heads, v_dim)])
         elif leaf == "in_proj_z.weight":
             w = _tiled(w, 0, k_heads, v_dim)
@@ -117,9 +138,7 @@ def qwen3_5_tensors(tensors: Tensors, config: dict) -> Tensors:
             w = _tiled(w, 0, k_heads, 1)
         elif leaf == "out_proj.weight":
             w = _tiled(w, 1, k_heads, v_dim)
-        if leaf == "dt_bias":
-            name = name.removesuffix("dt_bias") + "dt_proj.bias"
-        yield name, w
+        yield (dt_bias_name(name) if leaf == "dt_bias" else name), w
 
 
 # --- Qwen3-Next -------------------------------------------------------------------------------
@@ -150,8 +169,8 @@ def qwen3_next_tensors(tensors: Tensors, config: dict) -> Tensors:
                 [part.reshape(-1, w.shape[-1]) for part in (q, k, v)])
             yield f"{prefix}in_proj_z.weight", z.reshape(-1, w.shape[-1])
         elif name.endswith("linear_attn.conv1d.weight"):
-            yield name, w[:, 0]
+            yield name, kernel_2d(w)
         elif name.endswith("linear_attn.dt_bias"):
-            yield name.removesuffix("dt_bias") + "dt_proj.bias", w
+            yield dt_bias_name(name), w
         else:
             yield name, w

@@ -1,6 +1,8 @@
 """The Mamba-2 families as llama.cpp reads them: Mamba-2 itself, Granite 4 hybrids
-(granitemoehybrid) and Nemotron-H, each with its tensors laid out and its metadata keys written as
-llama.cpp's converter (convert_hf_to_gguf.py) does.
+(granitemoehybrid), Nemotron-H and Falcon-H1, each with its tensors laid out and its metadata keys
+written as llama.cpp's converter (convert_hf_to_gguf.py) does (a dense Granite hybrid's
+feed_forward_length excepted: its MLP's width, shared_intermediate_size, which llama.cpp's
+loader reads its tensors by, where the converter writes intermediate_size).
 
 A Mamba-2 mixer's tensors differ from the checkpoint's in four ways: llama.cpp keeps A itself
 (A = -exp(A_log), a map of values the read-back inverts: `MIXER_VALUES`) and D as (heads, 1)
@@ -23,8 +25,11 @@ import numpy as np
 
 from mlxlab.export.gguf_regroup import (
     GGUFLayoutError,
+    StoredValues,
     Tensors,
+    dt_bias_name,
     expert_hparams,
+    kernel_2d,
     split_granite_experts,
     stack_experts,
 )
@@ -88,15 +93,15 @@ def mamba2_mixers(tensors: Tensors, config: dict) -> Tensors:
         if leaf in ("A_log", "D") and w.ndim == 1:
             yield name, w.reshape(-1, 1)
         elif leaf == "dt_bias":
-            yield name.removesuffix("dt_bias") + "dt_proj.bias", w
+            yield dt_bias_name(name), w
         elif name.endswith("conv1d.weight"):
-            yield name, w[:, 0]
+            yield name, kernel_2d(w)
         elif name.endswith(("mixer.norm.weight", "mamba.norm.weight")) and w.size == m.d_inner:
             yield name, w.reshape(m.n_group, m.d_inner // m.n_group)
         elif name.endswith("in_proj.weight") and w.shape[0] != m.in_proj_rows():
             raise GGUFLayoutError(f"tensor {name} has {w.shape[0]} rows; a Mamba-2 in_proj of "
                                   f"this config has {m.in_proj_rows()} (z, x, B, C, dt): not "
-                                  "written to GGUF")
+                                  "written to GGUF; use --format hf or mlx-lm")
         else:
             yield name, w
 
@@ -113,8 +118,7 @@ def _a_log_from_a(gguf_name: str, w: np.ndarray, config: dict) -> np.ndarray:
     return np.log(-w.astype(np.float64)).astype(np.float32)
 
 
-# (the values llama.cpp stores, by GGUF name; the checkpoint's, back from them)
-MIXER_VALUES = (_a_from_a_log, _a_log_from_a)
+MIXER_VALUES = StoredValues(_a_from_a_log, _a_log_from_a)
 
 
 def mamba2_hparams(writer, config: dict) -> None:
@@ -153,10 +157,16 @@ def granite_hybrid_config(config: dict) -> dict:
     _check_mixer(config)
     if config.get("position_embedding_type") not in (None, "nope", "rope"):
         raise GGUFLayoutError(f"a Granite hybrid with position_embedding_type="
-                              f"{config['position_embedding_type']!r} has no GGUF layout here")
+                              f"{config['position_embedding_type']!r} has no GGUF layout here: "
+                              "use --format hf or mlx-lm")
     kv = config.get("num_key_value_heads", config["num_attention_heads"])
-    return {**config, "num_key_value_heads": [kv if a else 0 for a in
-                                              _attention_layers(config, "layer_types")]}
+    heads = [kv if a else 0 for a in _attention_layers(config, "layer_types")]
+    if config.get("num_local_experts"):
+        return {**config, "num_key_value_heads": heads}
+    # without experts the layer's MLP is the shared one, shared_intermediate_size wide (llama.cpp
+    # reads a dense layer's width as feed_forward_length; intermediate_size is the experts')
+    return {**config, "num_key_value_heads": heads,
+            "intermediate_size": config["shared_intermediate_size"]}
 
 
 def granite_hybrid_hparams(writer, config: dict) -> None:
@@ -193,6 +203,10 @@ def granite_hybrid_tensors(tensors: Tensors, config: dict) -> Tensors:
 def _nemotron_types(config: dict) -> list[str]:
     """Each layer's block: mamba, attention, mlp or moe (the hub's pattern string "M*-E" too)."""
     types = config.get("layers_block_type") or config.get("hybrid_override_pattern")
+    if not types:
+        raise GGUFLayoutError("a nemotron_h config with neither layers_block_type nor "
+                              "hybrid_override_pattern does not say which block each layer is: "
+                              "add one to its config.json, or use --format hf or mlx-lm")
     letters = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
     names = {"linear_attention": "mamba", "full_attention": "attention"}
     return [letters.get(t, names.get(t, t)) for t in types]
@@ -280,10 +294,13 @@ def falcon_h1_config(config: dict) -> dict:
     return config
 
 
-def _falcon_h1_scale(gguf_name: str, rows: int, config: dict) -> np.ndarray | float:
+def _falcon_h1_scale(gguf_name: str, config: dict) -> np.ndarray | float:
     """What llama.cpp's Falcon-H1 graph expects folded into a stored matrix: the multipliers
-    transformers applies to its input or output (in_proj's per part of z, x, B, C, dt)."""
-    c, kind = config, gguf_name.rsplit(".", 1)[0].rsplit(".", 1)[-1]
+    transformers applies to its input or output (in_proj's per part of z, x, B, C, dt). The
+    tensor's kind is the name's token after the layer (`blk.0.ssm_in.weight`, `blk.0.ssm_a`)
+    or its first (`token_embd.weight`, `output.weight`)."""
+    tokens = gguf_name.split(".")
+    c, kind = config, tokens[2] if tokens[0] == "blk" else tokens[0]
     attention_in = float(c.get("attention_in_multiplier", 1.0))
     scales = {"token_embd": c.get("embedding_multiplier", 1.0),
               "output": c.get("lm_head_multiplier", 1.0),
@@ -304,12 +321,12 @@ def _falcon_h1_scale(gguf_name: str, rows: int, config: dict) -> np.ndarray | fl
 
 def _falcon_h1_folded(gguf_name: str, w: np.ndarray, config: dict) -> np.ndarray:
     w = _a_from_a_log(gguf_name, w, config)
-    return (w * _falcon_h1_scale(gguf_name, w.shape[0], config)).astype(np.float32)
+    return (w * _falcon_h1_scale(gguf_name, config)).astype(np.float32)
 
 
 def _falcon_h1_unfolded(gguf_name: str, w: np.ndarray, config: dict) -> np.ndarray:
-    w = (w / _falcon_h1_scale(gguf_name, w.shape[0], config)).astype(np.float32)
+    w = (w / _falcon_h1_scale(gguf_name, config)).astype(np.float32)
     return _a_log_from_a(gguf_name, w, config)
 
 
-FALCON_H1_VALUES = (_falcon_h1_folded, _falcon_h1_unfolded)
+FALCON_H1_VALUES = StoredValues(_falcon_h1_folded, _falcon_h1_unfolded)

@@ -6,11 +6,12 @@ was written from: the writer's own regrouping and per-tensor layout (gguf.py `Ar
 are run once over the folder's element positions instead of its values, which gives, for every
 element of every GGUF tensor, the Hugging Face tensor and position it came from (and the
 constant the writer added: Gemma's norm `1 +`). The file's tensors, dequantized by gguf-py as
-written (and mapped back where the writer stored a function of the value: Mamba's A = -exp(A_log)
-gives A_log = log(-A)), are scattered back there; config.json and the tokenizer come from that folder, and the
-file's header is checked against its tensors (models/sources/gguf_header.py: block count,
-widths, heads, vocabulary). Every position must be filled exactly once and every tensor of the
-file must have a place, else the read-back fails (and the export is refused). At f32 the
+written (and mapped back where the writer stored a function of the value: Mamba's
+A = -exp(A_log) gives A_log = log(-A)), are scattered back there; config.json and the tokenizer
+come from that folder, and the file's header is checked against its tensors
+(models/sources/gguf_header.py: block count, widths, heads, vocabulary). Every position must be
+filled exactly once and every tensor of the file must have a place, else the read-back fails
+(and the export is refused). At f32 the
 read-back is the folder, bit for bit, for every architecture whose tiny test folder keeps its
 norms at their initial value; a hybrid's A_log and a perturbed 1 + w norm come back to float32
 round-off (tests/test_export_gguf_readback.py).
@@ -25,7 +26,6 @@ from pathlib import Path
 import numpy as np
 
 from mlxlab.export.gguf import (
-    ARCHITECTURES,
     GGUFExportError,
     _dequantize,
     _read_tensors,
@@ -50,11 +50,7 @@ def read_written_gguf(path: Path, folder: Path, work: Path, lora: Path | None = 
     from mlxlab.export.retention import read_folder
 
     config = json.loads((folder / "config.json").read_text())
-    kind = config.get("model_type")
-    arch = ARCHITECTURES.get(kind)
-    if arch is None:
-        raise GGUFExportError(f"model_type={kind!r}: not an architecture the GGUF writer writes")
-    arch = architecture_of(config)  # its GGUF variant (Nemotron-H with or without experts)
+    arch = architecture_of(config)  # refuses what the writer does not write; else its variant
     work.mkdir(parents=True, exist_ok=True)
     weights = _placed(path, folder, config, arch, _lora_updates(lora) if lora else {})
     import mlx.core as mx
@@ -127,7 +123,7 @@ def _placed(path: Path, folder: Path, config: dict, arch,
             raise GGUFExportError(f"{tensor.name} holds {values.size} values in the written "
                                   f"GGUF, {positions.size} in the folder: not read back")
         if arch.values is not None:  # the checkpoint's values back (Mamba's A_log from A)
-            values = arch.values[1](tensor.name, values, config)
+            values = arch.values.restored(tensor.name, values, config)
         values = values.astype(np.float32).reshape(positions.shape) - offset
         if tensor.name in updates:  # a LoRA pair's update, on the tensor as llama.cpp holds it
             values = values + updates.pop(tensor.name)

@@ -17,7 +17,8 @@ the `gguf` package's tensor-name map knows (the merged names the converter yield
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import numpy as np
 
@@ -29,6 +30,19 @@ _EXPERT = re.compile(r"(?P<prefix>.+)\.experts\.(?P<e>\d+)\.(?P<proj>\w+)\.(?P<l
 
 class GGUFLayoutError(ConfigError):
     """A setting of the model that llama.cpp's graph for its architecture does not compute."""
+
+
+# (GGUF name, array, config) -> array
+ValueMap = Callable[[str, np.ndarray, dict], np.ndarray]
+
+
+class StoredValues(NamedTuple):
+    """An elementwise map of the values llama.cpp stores in place of the checkpoint's, by GGUF
+    name (Mamba's A = -exp(A_log), Falcon-H1's multipliers folded in), and its inverse, the
+    checkpoint's values back, which the read-back (gguf_readback.py) applies."""
+
+    stored: ValueMap
+    restored: ValueMap
 
 
 def expert_count(config: dict) -> int:
@@ -86,10 +100,21 @@ def split_latent_attention(tensors: Tensors, config: dict) -> Tensors:
             yield name, w
 
 
+def kernel_2d(w: np.ndarray) -> np.ndarray:
+    """A depthwise convolution kernel (C, 1, K) as llama.cpp's 2-D (C, K); a 2-D array as is."""
+    return w[:, 0] if w.ndim == 3 else w
+
+
+def dt_bias_name(name: str) -> str:
+    """A Mamba-2 or gated delta mixer's dt_bias under the name llama.cpp's converter gives it,
+    the dt projection's bias (`...mixer.dt_bias` -> `...mixer.dt_proj.bias`)."""
+    return name.removesuffix("dt_bias") + "dt_proj.bias"
+
+
 def squeeze_conv(tensors: Tensors, config: dict) -> Tensors:
-    """LFM2's depthwise kernel (C, 1, K) as llama.cpp's 2-D (C, K)."""
+    """LFM2's depthwise kernel 2-D (kernel_2d)."""
     for name, w in tensors:
-        yield (name, w[:, 0]) if name.endswith("conv.conv.weight") else (name, w)
+        yield (name, kernel_2d(w)) if name.endswith("conv.conv.weight") else (name, w)
 
 
 # --- metadata ---------------------------------------------------------------------------------
@@ -104,16 +129,16 @@ def expert_hparams(writer, config: dict) -> None:
 
 
 def qwen3_moe_config(config: dict) -> dict:
-    """llama.cpp's Qwen3-MoE graph routes every layer through experts and renormalizes the
-    chosen experts' weights: a config that says otherwise is refused."""
+    """llama.cpp's Qwen3-MoE (and Qwen3-Next) graph routes every layer through experts and
+    renormalizes the chosen experts' weights: a config that says otherwise is refused."""
     if config.get("mlp_only_layers") or config.get("decoder_sparse_step", 1) != 1:
-        raise GGUFLayoutError("a Qwen3-MoE with dense layers (mlp_only_layers / "
+        raise GGUFLayoutError(f"a {config['model_type']} with dense layers (mlp_only_layers / "
                               "decoder_sparse_step) has no GGUF layout here: use --format hf or "
                               "mlx-lm")
     if not config.get("norm_topk_prob", True):
-        raise GGUFLayoutError("a Qwen3-MoE with norm_topk_prob=false has no GGUF layout here "
-                              "(llama.cpp renormalizes the top-k weights): use --format hf or "
-                              "mlx-lm")
+        raise GGUFLayoutError(f"a {config['model_type']} with norm_topk_prob=false has no GGUF "
+                              "layout here (llama.cpp renormalizes the top-k weights): use "
+                              "--format hf or mlx-lm")
     return config
 
 
