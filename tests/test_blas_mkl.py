@@ -107,3 +107,15 @@ def test_a_non_intel_cpu_keeps_openblas_unmeasured(tmp_path, monkeypatch):
     assert picked is None and "AuthenticAMD" in why, why
     assert not (tmp_path / blas_kernels.CACHE_FILE).exists()  # nothing timed, nothing kept
 
+
+
+def test_an_intel_cpu_without_mkl_is_told_the_install_that_adds_it(monkeypatch):
+    """Without the mkl package, an Intel CPU's device line names `mlxlab[mkl]` and what it gave
+    where measured; another vendor's says nothing of MKL."""
+    monkeypatch.setattr(mkl, "mkl_directory", lambda: None)  # the package not installed
+    for vendor, said in (("GenuineIntel", True), ("AuthenticAMD", False)):
+        monkeypatch.setattr(cpu, "cpu_vendor", lambda cpuinfo=None, v=vendor: v)
+        picked, why = mkl.choose(_openblas(), {})
+        assert picked is None
+        assert ("pip install 'mlxlab[mkl]'" in why and mkl.WHY_MKL in why) == said, (vendor, why)
+        assert said or why == ""
