@@ -50,13 +50,15 @@ VARIANTS = ("bare", "replay", "nokernels")
 
 
 NUMPY_SPIN_S = 0.2  # gemm_pair: longer than numpy's OpenBLAS threads spin after a product
+BURST = 5  # gemm_pair: products of one library back to back
 
 
 def gemm_pair(n: int, repeats: int) -> tuple[float, float]:
-    """Best-of-`repeats` fp32 n x n x n GFLOP/s of (MLX, numpy) on the same operands, the two
-    timed alternately so a busy machine slows both alike. After each numpy product a pause
-    longer than its OpenBLAS's threads spin (2^28 cycles, ~0.1 s, numpy's default): spinning on
-    the cores, they took half of MLX's next threaded product (1024: 130 GFLOP/s against 200)."""
+    """Best fp32 n x n x n GFLOP/s of (MLX, numpy) on the same operands over `repeats` rounds,
+    each a burst of BURST products of one library then of the other, so a busy machine slows
+    both alike. After numpy's burst a pause longer than its OpenBLAS's threads spin (2^28 cycles,
+    ~0.1 s, numpy's default): spinning on the cores, they took half of MLX's next threaded product
+    (1024: 130 GFLOP/s against 200); the burst's first product wakes MLX's threads again."""
     rng = np.random.default_rng(0)
     a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
     am, bm = mx.array(a), mx.array(b)
@@ -64,12 +66,14 @@ def gemm_pair(n: int, repeats: int) -> tuple[float, float]:
     a @ b
     best_mlx = best_np = float("inf")
     for _ in range(repeats):
-        start = time.perf_counter()
-        mx.eval(am @ bm)
-        best_mlx = min(best_mlx, time.perf_counter() - start)
-        start = time.perf_counter()
-        a @ b
-        best_np = min(best_np, time.perf_counter() - start)
+        for _ in range(BURST):
+            start = time.perf_counter()
+            mx.eval(am @ bm)
+            best_mlx = min(best_mlx, time.perf_counter() - start)
+        for _ in range(BURST):
+            start = time.perf_counter()
+            a @ b
+            best_np = min(best_np, time.perf_counter() - start)
         time.sleep(NUMPY_SPIN_S)
     return 2 * n**3 / best_mlx / 1e9, 2 * n**3 / best_np / 1e9
 
@@ -581,7 +585,7 @@ def main() -> None:
     if args.gemm_worker or args.gemm_table or args.bf16:
         sizes = [int(n) for n in (args.gemm or ("64" if args.smoke else
                                                 "64,128,256,512,1024,2048")).split(",")]
-        repeats = args.repeats or (2 if args.smoke else 10 if args.bf16 else 20)
+        repeats = args.repeats or (2 if args.smoke else 10 if args.bf16 else 4)
         if args.gemm_worker:
             return gemm_worker(sizes, repeats)
         threads = args.threads or int(os.environ.get("OPENBLAS_NUM_THREADS") or os.cpu_count() or 1)
@@ -622,7 +626,7 @@ def main() -> None:
                 "torch": next((d.version for d in importlib.metadata.distributions(name="torch")), None)}
         print(f"BLAS threads: mlx {blas_threads()}, requested {args.threads}", file=sys.stderr)
         gemm = [{"n": n, "mlx": m, "numpy": p, "ratio": m / p}
-                for n in gemm_sizes for m, p in [gemm_pair(n, repeats=5 if quick else 20)]]
+                for n in gemm_sizes for m, p in [gemm_pair(n, repeats=2 if quick else 4)]]
     peak = max(max(g["mlx"], g["numpy"]) for g in gemm)
     rows, ratio_rows, checks = [], [], []
     with tempfile.TemporaryDirectory(prefix="mlxlab-bench-") as tmp:
