@@ -146,7 +146,9 @@ def main() -> None:
     ratio = (statistics.median(x["wall_s"] / y["wall_s"] for x, y in zip(results[ours], results["twin"]))
              if ours and "twin" in results else None)
     twin = "the same run as a plain PyTorch script (speed/torch_bert_run.py)"
-    h.write_record("default-run-bf16-vs-pytorch-autocast" if args.bf16 else "default-run-vs-pytorch",
+    # the summary shows each name's newest record with a ratio: rows without the twin have none
+    name = ("default-run-bf16" if args.bf16 else "default-run") + ("-vs-pytorch" if ratio else "")
+    h.write_record(name + ("-autocast" if args.bf16 and ratio else ""),
                    {**results, "table": shown, "bf16": args.bf16}, question="speed-pytorch",
                    reference=ratio and (f"{twin} under torch.autocast bf16" if args.bf16 else twin),
                    ratio=ratio and round(ratio, 2),
