@@ -16,6 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlxlab.errors import ConfigError
+from mlxlab.kernels import causal_additive_mask
 from mlxlab.models.adapters.lora import maybe_apply_lora
 from mlxlab.models.base import Model
 from mlxlab.models.decoders.packing import segment_mask, segment_positions
@@ -23,7 +24,6 @@ from mlxlab.models.layers.blocks import (
     Attention,
     Dropout,
     KVCache,
-    causal_additive_mask,
     causal_padding_mask,
     check_dropout,
     check_positive,
