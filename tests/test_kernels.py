@@ -186,7 +186,7 @@ def test_swiglu_values_and_gradients_equal_mlx(shape, scale):
     (1, 1, 1, 1, 4, False), (2, 3, 5, 5, 8, True), (2, 2, 3, 11, 16, True), (3, 2, 17, 17, 32, False),
 ])
 def test_attention_values_and_gradients_equal_mlx(b, h, t_q, t_kv, d, masked):
-    from mlxlab.models.layers.blocks import causal_additive_mask
+    from mlxlab.kernels import causal_additive_mask
 
     ks = mx.random.split(mx.random.key(b * 100 + t_q * 10 + t_kv), 4)
     q = mx.random.normal((b, h, t_q, d), key=ks[0]) * 2
@@ -223,7 +223,8 @@ def test_grouped_query_attention_equals_mlx(b, h, h_kv, t_q, t_kv, d, mask_kind)
     """Grouped-query heads (h = group * h_kv) run fused, the group's queries stacked on one key
     head (no repeated keys): values and gradients equal MLX's SDPA's to float32 rounding (the
     products sum in another blocking), and the fused softmax is in the graph."""
-    from mlxlab.models.layers.blocks import causal_additive_mask, padding_mask
+    from mlxlab.kernels import causal_additive_mask
+    from mlxlab.models.layers.blocks import padding_mask
 
     ks = mx.random.split(mx.random.key(h * 10 + t_q), 4)
     q = mx.random.normal((b, h, t_q, d), key=ks[0]) * 2

@@ -47,7 +47,8 @@ def sdpa_mask(kind, b, t_q, t_kv):
     """The mask as attention() and SDPA take it: causal (T_q, T_kv) additive (the last T_q keys
     end at the query's own position), keys (B, 1, 1, T_kv) boolean whose last row keeps no key,
     rows (B, 1, T_q, T_kv) additive, bias (T_q, T_kv) additive random."""
-    from mlxlab.models.layers.blocks import causal_additive_mask, padding_mask
+    from mlxlab.kernels import causal_additive_mask
+    from mlxlab.models.layers.blocks import padding_mask
 
     if kind is None:
         return None
@@ -150,23 +151,47 @@ def test_the_causal_flag_equals_sdpa_causal(module, b, h, h_kv, t_q, t_kv, d, bl
 def test_attention_takes_causal_as_the_blocked_kernels_flag(module, monkeypatch):
     """kernels.attention(mask="causal") runs the blocked kernel's causal path from
     BLOCKED_MIN_KEYS keys on (SDPA's values and gradients), and below that, or with more queries
-    than keys, MLX's SDPA with "causal" as before (its bits)."""
+    than keys, MLX's bits for SDPA's mask="causal"."""
     monkeypatch.setattr(ops, "BLOCKED_MIN_KEYS", 24)
     for t_q, t_kv in ((25, 25), (9, 30)):
         q, k, v, cot = inputs(2, 4, 2, t_q, t_kv, 16, seed=17)
-        assert kernels.blocked_causal(q, k, v)
         want = value_and_grads(
             partial(mx.fast.scaled_dot_product_attention, scale=0.25, mask="causal"), cot, q, k, v
         )
         got = value_and_grads(partial(kernels.attention, scale=0.25, mask="causal"), cot, q, k, v)
         assert_close(got, want)
         assert "MlxlabBlockedAttention" in graph(q, k, v, "causal")
-    for t_q, t_kv in ((23, 23), (30, 25)):  # too few keys; more queries than keys
+    for t_q, t_kv in ((23, 23), (9, 20), (30, 25)):  # too few keys; more queries than keys
         q, k, v, cot = inputs(2, 4, 2, t_q, t_kv, 16, seed=19)
-        assert not kernels.blocked_causal(q, k, v)
+        assert "MlxlabBlockedAttention" not in graph(q, k, v, "causal")
         got = kernels.attention(q, k, v, 0.25, "causal")
         want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask="causal")
         assert mx.array_equal(got, want).item()
+        assert not mx.isnan(got).any().item()  # (30, 25): a query row with no key, not NaN
+
+
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_causal_equals_the_additive_mask(module, mode):
+    """mask="causal" computes what the explicit causal_additive_mask array computes, output and
+    q/k/v gradients: to the bit below BLOCKED_MIN_KEYS (the whole-scores path, given that very
+    array) and with the kernels off (MLX's SDPA given it), to float32 rounding from
+    BLOCKED_MIN_KEYS keys on, where the blocked kernel skips the keys above the diagonal instead
+    of adding -inf to them."""
+    kernels.set_mode(mode)
+    for t_q, t_kv in ((ops.BLOCKED_MIN_KEYS - 1,) * 2, (40, ops.BLOCKED_MIN_KEYS - 1),
+                      (ops.BLOCKED_MIN_KEYS,) * 2, (40, ops.BLOCKED_MIN_KEYS + 9)):
+        q, k, v, cot = inputs(1, 2, 1, t_q, t_kv, 16, seed=29)
+        additive = kernels.causal_additive_mask(t_q, t_kv)
+        got = value_and_grads(partial(kernels.attention, scale=0.25, mask="causal"), cot, q, k, v)
+        want = value_and_grads(partial(kernels.attention, scale=0.25, mask=additive),
+                               cot, q, k, v)
+        blocked = mode == "on" and t_kv >= ops.BLOCKED_MIN_KEYS
+        assert ("MlxlabBlockedAttention" in graph(q, k, v, "causal")) == blocked
+        if blocked:
+            assert_close(got, want)
+        else:
+            for name, a, b in zip(("out", "value", "dq", "dk", "dv"), got, want):
+                np.testing.assert_array_equal(a, b, err_msg=name)
 
 
 def test_the_causal_flag_holds_no_mask(module):

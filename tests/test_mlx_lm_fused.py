@@ -66,9 +66,10 @@ def test_fused_decoder_equals_mlx_lm(kind, tmp_path, kernel_mode, monkeypatch):
 
 
 def test_long_rows_pass_causal_to_the_blocked_kernel(tmp_path, kernel_mode, monkeypatch):
-    """From kernels.ops.BLOCKED_MIN_KEYS keys on (16 here) the wrapper hands kernels.attention
-    the string "causal" (the blocked kernel's flag: no (T, T) mask array), below it the additive
-    mask (the whole-scores path, MLX's bits); either way mlx-lm's logits and LoRA gradients."""
+    """The wrapper hands kernels.attention mlx-lm's "causal" as it is; from
+    kernels.ops.BLOCKED_MIN_KEYS keys on (16 here) that runs the blocked kernel's causal flag (no
+    (T, T) mask array), below it the additive mask on the whole-scores path (MLX's bits); either
+    way mlx-lm's logits and LoRA gradients."""
     if kernels.extension() is None:
         pytest.skip("the fused kernels do not build here")
     from mlxlab.kernels import ops
@@ -76,18 +77,24 @@ def test_long_rows_pass_causal_to_the_blocked_kernel(tmp_path, kernel_mode, monk
     folder = save_tiny_model("qwen3", tmp_path / "qwen3", num_attention_heads=4,
                              num_key_value_heads=2)
     model = MLXLMDecoder(vocab_size=0, pretrained=str(folder), lora=LORA)
-    masks = []
+    masks, flags = [], []
     original = kernels.attention
     monkeypatch.setattr(kernels, "attention",
                         lambda q, k, v, scale, mask: masks.append(mask) or original(
                             q, k, v, scale, mask))
+    blocked = ops._blocked_attention
+    monkeypatch.setattr(ops, "_blocked_attention",
+                        lambda *a, causal=False: flags.append(causal) or blocked(*a, causal=causal))
     monkeypatch.setattr(ops, "BLOCKED_MIN_KEYS", 16)
     assert_fused_equals_mlx_lm(model, kernel_mode, monkeypatch)
     assert masks and all(isinstance(m, str) and m == "causal" for m in masks)
+    assert flags and all(flags)
     monkeypatch.setattr(ops, "BLOCKED_MIN_KEYS", 64)
     masks.clear()
+    flags.clear()
     assert_fused_equals_mlx_lm(model, kernel_mode, monkeypatch)
-    assert masks and all(isinstance(m, mx.array) and m.shape[0] == m.shape[1] for m in masks)
+    assert masks and all(isinstance(m, str) and m == "causal" for m in masks)
+    assert not flags
 
 
 def assert_fused_equals_mlx_lm(model: MLXLMDecoder, kernel_mode, monkeypatch,

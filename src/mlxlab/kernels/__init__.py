@@ -1,6 +1,7 @@
 """Fused CPU kernels (C++ MLX primitives in csrc/) with the pure-MLX formulation as fallback.
 
-Models and losses call `cross_entropy`, `swiglu`, `gelu_gate`, `gelu`, `attention`, `rms_norm`,
+Models and losses call `cross_entropy`, `swiglu`, `gelu_gate`, `gelu`, `attention` (its causal
+mask: `causal_additive_mask`), `rms_norm`,
 `layer_norm`, `dropout`, `rope`, `split_heads`/`merge_heads` and `dequantize` (a 4/8-bit weight for the float
 GEMM: models/quantized/quantized_cpu.py) here, and the trainer's AdamW is `AdamW` (adamw.py); each
 call picks the fused primitive or the composed MLX ops. Why: on x86, MLX's CPU exp/sigmoid run
@@ -56,7 +57,7 @@ from mlxlab.kernels.ops import (
     attention,
     bf16_matmul,
     bf16_product,
-    blocked_causal,
+    causal_additive_mask,
     cross_entropy,
     dequantize,
     dropout,
@@ -75,7 +76,7 @@ from mlxlab.kernels.ops import (
     swiglu,
 )
 
-__all__ = ["MODES", "OPS", "AdamW", "attention", "bf16_matmul", "bf16_product", "blocked_causal", "cross_entropy", "dequantize", "dropout", "extension",
+__all__ = ["MODES", "OPS", "AdamW", "attention", "bf16_matmul", "bf16_product", "causal_additive_mask", "cross_entropy", "dequantize", "dropout", "extension",
            "flush_denormals", "gelu", "gelu_gate",
            "isa_level", "layer_norm", "merge_heads", "mlx_cross_entropy", "mlx_gelu_gate", "mode", "next_key", "quantized_product", "rms_norm", "rope",
            "same_draws", "set_mode", "set_skip", "set_threads", "skipped", "split_heads", "status", "swiglu",

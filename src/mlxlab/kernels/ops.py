@@ -40,8 +40,8 @@ def attention(
     q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | str | None = None
 ) -> mx.array:
     """softmax(q k^T * scale + mask) v over (B, H, T, D) heads, what
-    mx.fast.scaled_dot_product_attention computes. Fused for float32 with no mask, an additive
-    (T_q, T_kv) mask, an additive mask per row (B, 1, T_q, T_kv) (packed rows:
+    mx.fast.scaled_dot_product_attention computes. Fused for float32 with no mask, "causal", an
+    additive (T_q, T_kv) mask, an additive mask per row (B, 1, T_q, T_kv) (packed rows:
     models/decoders/packing.py) or a key-padding mask (B, 1, 1, T_kv) (boolean, True = may attend,
     as models.layers.blocks.padding_mask makes; or additive), with as many key/value heads as
     query heads or a divisor of them (grouped-query attention); otherwise MLX's SDPA. Two fused
@@ -49,19 +49,29 @@ def attention(
     of query rows at a time, no (B, H, T_q, T_kv) scores; float32 rounding of MLX's SDPA); below
     that the two matmuls go to BLAS and the masked softmax (forward and backward) to one kernel
     that is MLX's op for op, so the result is MLX's to the bit. mask="causal" (SDPA's, aligned
-    bottom-right) takes the blocked kernel's causal path where blocked_causal says so: no mask
-    array, the keys above the diagonal skipped; otherwise MLX's SDPA with "causal"."""
-    if isinstance(mask, str) and mask == "causal" and blocked_causal(q, k, v):
-        return _blocked_attention(fused("attention", q, k, v), q, k, v, scale, None, causal=True)
+    bottom-right) is decided here, once a call: the blocked kernel takes it as a flag (no mask
+    array, the keys above the diagonal skipped); every other path gets causal_additive_mask,
+    the array it stands for (MLX's bits on MLX's SDPA and on the whole-scores path), except
+    with more queries than keys, where MLX's SDPA takes "causal" itself (its rule for a query
+    row with no key left, where the array's -inf row would give NaN)."""
+    causal = isinstance(mask, str) and mask == "causal"
+    if causal and q.shape[2] > k.shape[2]:
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     key_mask = isinstance(mask, mx.array) and mask.ndim == 4 and mask.shape[1:3] == (1, 1)
     # a mask per row shared by the heads (B, 1, T_q, T_kv): packed rows' block-diagonal mask
     row_mask = (isinstance(mask, mx.array) and mask.ndim == 4 and mask.shape[1] == 1
                 and not key_mask and mask.dtype != mx.bool_)
-    plain_mask = (mask is None or key_mask or row_mask
+    plain_mask = (mask is None or causal or key_mask or row_mask
                   or (isinstance(mask, mx.array) and mask.ndim == 2))
     module = fused("attention", q, k, v)
     grouped = k.shape[1] == v.shape[1] and q.shape[1] % k.shape[1] == 0
-    if module is None or not plain_mask or not grouped:
+    fused_path = module is not None and plain_mask and grouped
+    blocked = fused_path and _takes_blocked(module, k.shape[2])
+    if causal and blocked and k.shape == v.shape:
+        return _blocked_attention(module, q, k, v, scale, None, causal=True)
+    if causal:
+        mask = causal_additive_mask(q.shape[2], k.shape[2], q.dtype)
+    if not fused_path:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     if isinstance(mask, mx.array) and mask.dtype == mx.bool_:
         # MLX puts float32's lowest where the mask is false; adding it to a score gives that
@@ -69,7 +79,7 @@ def attention(
         # MLX's, not NaN).
         mask = mx.where(mask, mx.array(0.0), mx.array(mx.finfo(mx.float32).min))
     mask = None if mask is None else mask.astype(mx.float32)
-    if _takes_blocked(module, k.shape[2]):
+    if blocked:
         return _blocked_attention(module, q, k, v, scale, mask)
     if row_mask:  # added to the scores before the fused softmax (one broadcast pass)
         return _attention_rows(module, q, k, v, scale, mask)
@@ -91,6 +101,16 @@ def attention(
     return product(probs, v, False).reshape(B, H, T, D)
 
 
+def causal_additive_mask(t_q: int, t_kv: int, dtype: mx.Dtype = mx.float32) -> mx.array:
+    """The lower-right aligned causal mask (SDPA's mask="causal": query row i reads keys
+    j <= i + t_kv - t_q) as an additive (t_q, t_kv) array of 0 / -inf. On MLX's CPU backend
+    SDPA with this array runs ~2x faster than with mask="causal", to the same bits (t_q <=
+    t_kv)."""
+    q_pos = mx.arange(t_kv - t_q, t_kv)[:, None]
+    allowed = q_pos >= mx.arange(t_kv)[None, :]
+    return mx.where(allowed, mx.array(0.0, dtype), mx.array(-mx.inf, dtype))
+
+
 # From how many keys attention takes the blocked kernel. Below, the whole-scores path stays: its
 # results are MLX's SDPA's to the bit (a seed trains the same run with the kernels on as off), and
 # its scores are small there (256 keys: 256 KB a head). The blocked kernel measured faster at
@@ -101,16 +121,6 @@ BLOCKED_MIN_KEYS = 512
 # Bytes of scores a block of query rows holds (the backward holds two such buffers): the rows per
 # block are this over T_kv's (a multiple of 16, 16 to 256 rows): 128 rows at Whisper's 1500 keys.
 BLOCK_BYTES = 768 * 1024
-
-
-def blocked_causal(q: mx.array, k: mx.array, v: mx.array) -> bool:
-    """Whether attention(q, k, v, scale, "causal") runs the blocked kernel's causal path: the
-    fused path takes the call, key/value heads as attention takes them, T_q <= T_kv, and from
-    BLOCKED_MIN_KEYS keys on. A caller that builds the causal mask itself for the whole-scores
-    path (MLX's bits below that length) asks this first."""
-    module = fused("attention", q, k, v)
-    return (module is not None and k.shape == v.shape and q.shape[1] % k.shape[1] == 0
-            and q.shape[2] <= k.shape[2] and _takes_blocked(module, k.shape[2]))
 
 
 def _takes_blocked(module, keys: int) -> bool:

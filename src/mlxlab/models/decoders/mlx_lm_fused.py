@@ -8,7 +8,7 @@ loaded model is routed through the same kernels:
 
 - the model's module-level `scaled_dot_product_attention` and `swiglu` (the names mlx-lm's
   llama, qwen2/3, mistral, ... import from models/base.py and models/activations.py) become
-  wrappers that call kernels.attention (causal as the blocked kernel's flag from
+  wrappers that call kernels.attention ("causal" passed on: the blocked kernel's flag from
   kernels.ops.BLOCKED_MIN_KEYS keys on, an additive mask below) / kernels.swiglu when
   `kernels.dispatch.fused` takes the call (CPU, float32, kernels on, op not skipped) and there is
   no KV cache, and mlx-lm's own function otherwise: generation, Metal, CUDA, other dtypes and
@@ -37,7 +37,7 @@ import mlx.nn as nn
 from mlxlab import kernels
 from mlxlab.kernels.dispatch import fused
 from mlxlab.models.decoders.packing import count_packed_mask, packed_mask
-from mlxlab.models.layers.blocks import RMSNorm, causal_additive_mask
+from mlxlab.models.layers.blocks import RMSNorm
 
 # wrapper -> the mlx-lm function it wraps: a second model of the type never wraps it again
 ORIGINALS: dict[Callable, Callable] = {}
@@ -61,10 +61,8 @@ def fused_attention(original: Callable) -> Callable:
                 or fused("attention", queries, keys, values) is None):
             return original(queries, keys, values, cache=cache, scale=scale, mask=mask,
                             sinks=sinks)
-        if isinstance(mask, str) and not kernels.blocked_causal(queries, keys, values):
-            # the whole-scores path (MLX's bits): the causal mask as an additive array; the
-            # blocked kernel takes "causal" as a flag instead (no (T_q, T_kv) array)
-            mask = causal_additive_mask(queries.shape[2], keys.shape[2])
+        # "causal" as given: kernels.attention decides the blocked kernel's flag or the
+        # additive array (the whole-scores path, MLX's bits) once, by itself
         return kernels.attention(queries, keys, values, scale, mask)
 
     ORIGINALS[attention] = original

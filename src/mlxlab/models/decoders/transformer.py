@@ -16,6 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlxlab.errors import ConfigError
+from mlxlab.kernels import causal_additive_mask
 from mlxlab.models.adapters.lora import maybe_apply_lora
 from mlxlab.models.base import Model
 from mlxlab.models.decoders.packing import segment_mask, segment_positions
@@ -23,7 +24,6 @@ from mlxlab.models.layers.blocks import (
     Attention,
     Dropout,
     KVCache,
-    causal_additive_mask,
     causal_padding_mask,
     check_dropout,
     check_positive,
@@ -189,14 +189,20 @@ class Transformer(Model):
                 f"attention_mask has shape {attention_mask.shape}; with {offset} cached positions "
                 f"it must cover all {offset + T}: (batch, cached + new)"
             )
-        # No padding: an additive causal array (faster than SDPA's mask="causal" on CPU); one new
-        # token attends to everything cached, so it needs no mask at all.
+        # No padding and nothing cached: "causal", which kernels.attention runs as the blocked
+        # kernel's flag over long rows (no (T, T) array) and as the additive array elsewhere.
+        # Padding and packed rows need their own arrays (the flag cannot say which keys are
+        # padding or another row's); with positions cached the array pins the queries at
+        # offset..offset + T (the flag would align them to however many keys the cache hands
+        # back). One new token attends to everything cached, so it needs no mask at all.
         if segment_ids is not None:
             mask = segment_mask(segment_ids, h.dtype)
         elif attention_mask is not None:
             mask = causal_padding_mask(attention_mask, T)
+        elif T == 1:
+            mask = None
         else:
-            mask = None if T == 1 else causal_additive_mask(T, offset + T, h.dtype)
+            mask = "causal" if offset == 0 else causal_additive_mask(T, offset + T, h.dtype)
         for layer, c in zip(self.layers, cache or [None] * len(self.layers)):
             h = layer(h, mask, c)
         h = self.norm(h)

@@ -73,15 +73,6 @@ def causal_padding_mask(attention_mask: mx.array, t_q: int) -> mx.array:
     return causal[None, None] & padding_mask(attention_mask)
 
 
-def causal_additive_mask(t_q: int, t_kv: int, dtype: mx.Dtype = mx.float32) -> mx.array:
-    """Lower-right aligned causal mask as an additive (T_q, T_kv) array of 0 / -inf.
-
-    On MLX's CPU backend SDPA with this array runs ~2x faster than with mask="causal"."""
-    q_pos = mx.arange(t_kv - t_q, t_kv)[:, None]
-    allowed = q_pos >= mx.arange(t_kv)[None, :]
-    return mx.where(allowed, mx.array(0.0, dtype), mx.array(-mx.inf, dtype))
-
-
 class Attention(nn.Module):
     """Multi-head attention (grouped-query when num_kv_heads < num_heads) over
     `mx.fast.scaled_dot_product_attention` (or mlxlab.kernels' fused softmax on CPU), with
