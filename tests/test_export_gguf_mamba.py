@@ -268,7 +268,7 @@ def test_a_hybrid_family_llama_cpp_has_no_architecture_for_is_named(tmp_path, ca
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["mamba2", "granitemoehybrid", "nemotron_h_moe", "falcon_h1",
-                                  "qwen3_5", "qwen3_next"])
+                                  "qwen3_5", "qwen3_next", "kimi_linear"])
 def test_a_trained_run_exports_to_f16_and_q8_0_that_llama_cpp_scores_as_mlxlab(kind, folders,
                                                                               tmp_path):
     from test_export_gguf_moe import exported_runs_score_as_mlxlab
