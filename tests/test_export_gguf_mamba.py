@@ -264,6 +264,29 @@ def test_a_hybrid_family_llama_cpp_has_no_architecture_for_is_named(tmp_path, ca
     assert "--format hf or mlx-lm" in line, line
 
 
+def test_a_kimi_linear_config_in_the_hubs_keys_is_written_alike(folders):
+    """The hub's config.json keeps the delta layers' settings under linear_attn_config (layers
+    1-indexed) and the dense layers as first_k_dense_replace: the same keys are written."""
+    import gguf
+
+    from mlxlab.export.gguf_kimi import kimi_linear_config, kimi_linear_hparams
+
+    ours = json.loads((folders("kimi_linear_mla") / "config.json").read_text())
+    drop = ("layer_types", "mlp_layer_types", "linear_head_dim", "linear_num_heads",
+            "linear_conv_kernel_dim")
+    hub = {**{k: v for k, v in ours.items() if k not in drop}, "moe_layer_freq": 1,
+           "linear_attn_config": {"full_attn_layers": [2], "kda_layers": [1, 3], "num_heads": 4,
+                                  "head_dim": 16, "short_conv_kernel_size": 3}}
+
+    def keys(config: dict) -> dict:
+        writer = gguf.GGUFWriter(None, "kimi-linear")
+        kimi_linear_hparams(writer, kimi_linear_config(config))
+        return {k: v.value for k, v in writer.kv_data[0].items()}
+
+    written = keys(ours)
+    assert keys(hub) == written and written["kimi-linear.kda.head_dim"] == 16
+    assert kimi_linear_config(hub)["num_key_value_heads"] == [0, 1, 0]
+
 # --- a trained run, through the command line (slow: training and two llama.cpp loads each) -----
 
 @pytest.mark.slow
