@@ -37,6 +37,15 @@ def _configs(t, vocab: int) -> dict:
             qk_nope_head_dim=16, v_head_dim=16, num_experts=4, num_experts_per_token=2,
             moe_intermediate_size=32, num_shared_experts=1, first_k_dense_replace=1,
             mlp_layer_types=["dense", "sparse"]),
+        # Kimi-Linear whose latent sizes all differ (rank, nope, rope, value), with delta
+        # layers on both sides of its latent layer and two shared experts
+        "kimi_linear_mla": lambda: t.KimiLinearConfig(
+            **{**c, "num_key_value_heads": 4}, num_hidden_layers=3, layer_types=[
+                "linear_attention", "full_attention", "linear_attention"], linear_head_dim=16,
+            linear_num_heads=4, linear_conv_kernel_dim=3, kv_lora_rank=32, q_lora_rank=None,
+            qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=24, num_experts=4,
+            num_experts_per_token=2, moe_intermediate_size=32, num_shared_experts=2,
+            first_k_dense_replace=1, mlp_layer_types=["dense", "sparse", "sparse"]),
         "olmo_hybrid": lambda: t.OlmoHybridConfig(
             **c, **GATED, num_hidden_layers=2, layer_types=["linear_attention", "full_attention"]),
         "nemotron_h": lambda: t.NemotronHConfig(

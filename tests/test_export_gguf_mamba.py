@@ -1,21 +1,24 @@
 """GGUF export of the Mamba-2 families (Mamba-2, Granite 4 hybrids with and without experts,
-Nemotron-H with and without experts, Falcon-H1) and of the gated delta ones (Qwen3.5's text model,
-Qwen3-Next), proven by llama.cpp itself (the xllamacpp wheel, dev extra).
+Nemotron-H with and without experts, Falcon-H1), of the gated delta ones (Qwen3.5's text model,
+Qwen3-Next) and of Kimi-Linear (Kimi delta attention, latent attention, MoE), proven by llama.cpp
+itself (the xllamacpp wheel, dev extra).
 
 Each family's tiny random folder is written by transformers (tests/hybrid_families.py: every
 parameter drawn off its initial value, A_log, D, dt_bias and the grouped norm included; Nemotron-H
 with two mixer groups), loaded by mlxlab (mlx-lm), and written as an F32 GGUF by export/gguf.py;
-llama.cpp loads the file and, after each prefix of a prompt, picks the next token greedily and lists
-its top log-probabilities, held to mlxlab's as test_export_gguf_moe.py holds the MoE families (its
-pick is mlxlab's argmax, its log-probabilities within three times the rounding shift). Measured,
-largest |llama.cpp - mlxlab| over the listed log-probabilities: mamba2 2.9e-6, granitemoehybrid
-2.4e-6 (without experts 2.4e-6 too), Falcon-H1 2.9e-6 (its multipliers folded into the weights),
-Qwen3.5 2.5e-5, Qwen3-Next 4.3e-6, Nemotron-H 4.8e-6 (dense) and 6.7e-6 (experts), these two against
-the model without transformers' time-step clamp, which llama.cpp does not apply (with it: 2.5e-3 and
-3.8e-3, the same picks). A wrong layout (A_log not negated and exponentiated, the norm not split per
-group, gate and up swapped, Qwen3.5's value heads left grouped or its rotary pairs not all rotating,
-Qwen3-Next's v and z swapped) changes the picks. What llama.cpp's graphs do not compute is one line,
-exit 2, naming the setting or tensor.
+llama.cpp loads the file and, after each prefix of a prompt, picks the next token greedily and
+lists its top log-probabilities, held to mlxlab's as test_export_gguf_moe.py holds the MoE
+families (its pick is mlxlab's argmax, its log-probabilities within three times the rounding
+shift). Measured, largest |llama.cpp - mlxlab| over the listed log-probabilities: mamba2 2.9e-6,
+granitemoehybrid 2.4e-6 (without experts 2.4e-6 too), Falcon-H1 2.9e-6 (its multipliers folded
+into the weights), Qwen3.5 2.5e-5, Qwen3-Next 4.3e-6, Kimi-Linear 3.9e-5 (its router's bias
+drawn too) and 1.1e-4 (its latent sizes all different, two shared experts), Nemotron-H 4.8e-6
+(dense) and 6.7e-6 (experts), these two against the model without transformers' time-step
+clamp, which llama.cpp does not apply (with it: 2.5e-3 and 3.8e-3, the same picks). A wrong
+layout (A_log not negated and exponentiated, the norm not split per group, gate and up swapped,
+Qwen3.5's value heads left grouped or its rotary pairs not all rotating, Qwen3-Next's v and z
+swapped, Kimi-Linear's latent k_b untransposed or its gates swapped: tested below) changes the
+picks. What llama.cpp's graphs do not compute is one line, exit 2, naming the setting or tensor.
 """
 
 from __future__ import annotations
@@ -32,11 +35,12 @@ from mlxlab.export.gguf import write_gguf
 from test_export_gguf_moe import IDS, compare, llama_cpp_steps, log_softmax, rounding_shift
 
 KINDS = ("mamba2", "granitemoehybrid", "granitemoehybrid_dense", "nemotron_h_dense",
-         "nemotron_h_moe", "falcon_h1", "qwen3_5", "qwen3_next")
+         "nemotron_h_moe", "falcon_h1", "qwen3_5", "qwen3_next", "kimi_linear", "kimi_linear_mla")
 ARCH = {"mamba2": "mamba2", "granitemoehybrid": "granitehybrid",
         "granitemoehybrid_dense": "granitehybrid", "nemotron_h_dense": "nemotron_h",
         "nemotron_h_moe": "nemotron_h_moe", "falcon_h1": "falcon-h1", "qwen3_5": "qwen35",
-        "qwen3_next": "qwen3next"}
+        "qwen3_next": "qwen3next", "kimi_linear": "kimi-linear", "kimi_linear_mla": "kimi-linear"}
+KIMI_BIAS = "model.layers.1.block_sparse_moe.gate.e_score_correction_bias"
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +50,10 @@ def folders(tmp_path_factory) -> dict:
     def folder(kind: str) -> Path:
         if kind not in made:
             made[kind] = save_tiny_hybrid(kind, root / kind)
+            if kind.startswith("kimi"):  # the router's bias is a buffer, left at zero: drawn
+                bias = np.random.default_rng(0).normal(0.0, 0.5, 4).astype(np.float32)
+                made[kind] = _edited_copy(made[kind], root / f"{kind}_biased",
+                                          extra={KIMI_BIAS: bias})
         return made[kind]
 
     return folder
@@ -123,6 +131,81 @@ def test_the_mixer_tensors_are_llama_cpps_layout(folders, tmp_path):
     assert tensors["blk.0.ssm_in.weight"].tensor_type == gguf.GGMLQuantizationType.F16
 
 
+def test_kimi_linears_tensors_and_keys_are_what_llama_cpps_loader_reads(folders, tmp_path):
+    """The keys llama.cpp's kimi-linear loader requires (key/value heads per layer: 0 for a
+    delta layer), the q/k/v kernels {K, 1, C} and A {1, heads, 1, 1} = -exp(A_log) in F32 in an
+    f16 file, dt_bias as the dt bias, the latent k_b {nope, rank, heads} and v_b
+    {rank, value, heads}, the dense layer's MLP and the MoE layer's experts and router bias."""
+    import gguf
+    from safetensors.numpy import load_file
+
+    folder = folders("kimi_linear_mla")
+    write_gguf(folder, tmp_path / "f16.gguf", "f16", name="tiny")
+    source = load_file(str(folder / "model.safetensors"))
+    reader = gguf.GGUFReader(str(tmp_path / "f16.gguf"))
+    keys = {k.removeprefix("kimi-linear."): f.contents() for k, f in reader.fields.items()}
+    assert keys["attention.head_count_kv"] == [0, 1, 0]
+    assert (keys["kda.head_dim"], keys["ssm.conv_kernel"], keys["attention.kv_lora_rank"]) == (
+        16, 3, 32)
+    assert (keys["attention.key_length_mla"], keys["attention.value_length_mla"]) == (24, 24)
+    assert (keys["leading_dense_block_count"], keys["expert_shared_count"],
+            keys["expert_gating_func"]) == (1, 2, gguf.ExpertGatingFuncType.SIGMOID)
+    tensors = {t.name: t for t in reader.tensors}
+    f32 = gguf.GGMLQuantizationType.F32
+    for name, shape in (("blk.2.ssm_conv1d_q.weight", [3, 1, 64]), ("blk.2.ssm_a", [1, 4, 1, 1]),
+                        ("blk.2.ssm_dt.bias", [64]), ("blk.2.ssm_norm.weight", [16]),
+                        ("blk.1.exp_probs_b.bias", [4])):
+        assert list(tensors[name].shape) == shape and tensors[name].tensor_type == f32, name
+    np.testing.assert_allclose(np.asarray(tensors["blk.2.ssm_a"].data).ravel(),
+                               -np.exp(source["model.layers.2.self_attn.A_log"].ravel()),
+                               rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(tensors["blk.1.exp_probs_b.bias"].data),
+                                  source[KIMI_BIAS])
+    assert list(tensors["blk.1.attn_k_b.weight"].shape) == [16, 32, 4]
+    assert list(tensors["blk.1.attn_v_b.weight"].shape) == [32, 24, 4]
+    assert list(tensors["blk.2.ffn_gate_exps.weight"].shape) == [64, 32, 4]
+    assert "blk.0.ffn_gate.weight" in tensors and "blk.0.ffn_gate_inp.weight" not in tensors
+
+
+def _untransposed_k_b(name: str, w: np.ndarray) -> tuple[str, np.ndarray]:
+    return name, w.swapaxes(1, 2) if name.endswith("k_b_proj.weight") else w
+
+
+def _gates_swapped(name: str, w: np.ndarray) -> tuple[str, np.ndarray]:
+    """The forget gate's projections named as the output gate's, and back (same shapes)."""
+    swap = {".f_a_proj.": ".g_a_proj.", ".f_b_proj.": ".g_b_proj.",
+            ".g_a_proj.": ".f_a_proj.", ".g_b_proj.": ".f_b_proj."}
+    part = next((p for p in swap if p in name), None)
+    return (name.replace(part, swap[part]) if part else name), w
+
+
+@pytest.mark.parametrize("mutation", [_untransposed_k_b, _gates_swapped])
+def test_a_wrong_kimi_linear_layout_fails_llama_cpps_score(mutation, folders, tmp_path,
+                                                           monkeypatch):
+    """The score above is not blind to the layout: the latent k_b left untransposed (square
+    here, so llama.cpp loads it), or the forget and output gates' projections swapped, move
+    llama.cpp's log-probabilities far past the tolerance (measured: mean gaps 0.40 and 1.8
+    against 9.7e-6 for the right layout; 7 of 15 and 12 of 13 greedy picks changed)."""
+    from dataclasses import replace
+
+    from mlxlab.export import gguf as export_gguf
+
+    arch = export_gguf.ARCHITECTURES["kimi_linear"]
+
+    def mutated(tensors, config):
+        return (mutation(n, w) for n, w in arch.regroup(tensors, config))
+
+    monkeypatch.setitem(export_gguf.ARCHITECTURES, "kimi_linear", replace(arch, regroup=mutated))
+    folder = folders("kimi_linear")
+    write_gguf(folder, tmp_path / "f32.gguf", "f32", name="tiny")
+    ours, shift = rounding_shift(lambda: _mlxlab_model(folder), "f32", np.array([IDS]))
+    steps = llama_cpp_steps(tmp_path / "f32.gguf", IDS)
+    assert len(steps) >= len(IDS) // 2, steps
+    gaps = [abs(t["logprob"] - float(ours[end - 1][t["id"]]))
+            for end, step in steps for t in step["top_logprobs"]]
+    assert np.mean(gaps) > 30 * shift.mean(), (np.mean(gaps), shift.mean())
+
+
 def _edited_copy(source: Path, to: Path, change: dict | None = None,
                  extra: dict | None = None, drop: tuple[str, ...] = ()) -> Path:
     """The folder copied with config keys changed or dropped, or tensors added."""
@@ -193,6 +276,11 @@ def _refusal(folder: Path, tmp_path: Path, capsys) -> str:
     ("falcon_h1", {"mamba_rms_norm": True}, "gated mixer norm"),
     ("falcon_h1", {"tie_word_embeddings": True}, "tied embeddings"),
     ("granitemoehybrid", {"position_embedding_type": "alibi"}, "position_embedding_type='alibi'"),
+    ("kimi_linear", {"linear_num_heads": 2}, "linear_num_heads other than num_attention_heads"),
+    ("kimi_linear", {"mlp_layer_types": ["sparse", "dense"]}, "dense layers first"),
+    ("kimi_linear", {"moe_renormalize": False}, "moe_renormalize=false"),
+    ("kimi_linear", {"num_expert_group": 2, "topk_group": 1}, "topk_group=1"),
+    ("kimi_linear", {"tie_word_embeddings": True}, "tied embeddings"),
 ])
 def test_a_setting_llama_cpp_does_not_compute_is_one_line_exit_2(kind, change, expect, folders,
                                                                  tmp_path, capsys):
@@ -236,25 +324,44 @@ def test_a_tensor_that_does_not_map_is_refused_by_name(name, shape, expect, fold
     assert f"tensor {name}" in line and expect in line, line
 
 
-@pytest.mark.parametrize("kind, expect", [
-    ("kimi_linear", "model_type='kimi_linear' has no GGUF export here"),
-    ("olmo_hybrid", "model_type='olmo_hybrid': llama.cpp has no architecture for OLMo-Hybrid"),
-])
-def test_a_hybrid_family_without_a_gguf_layout_here_is_named(kind, expect, tmp_path, capsys):
-    """Kimi-Linear: llama.cpp runs it, mlxlab does not write it; OLMo-Hybrid: llama.cpp has no
-    architecture for it (its gguf package lists none)."""
+def test_a_hybrid_family_llama_cpp_has_no_architecture_for_is_named(tmp_path, capsys):
+    """OLMo-Hybrid: llama.cpp has no architecture for it (its gguf package lists none)."""
     import gguf
 
     assert "OLMO_HYBRID" not in gguf.MODEL_ARCH.__members__
-    line = _refusal(save_tiny_hybrid(kind, tmp_path / kind), tmp_path, capsys)
-    assert expect in line and "--format hf or mlx-lm" in line, line
+    line = _refusal(save_tiny_hybrid("olmo_hybrid", tmp_path / "olmo_hybrid"), tmp_path, capsys)
+    assert "model_type='olmo_hybrid': llama.cpp has no architecture for OLMo-Hybrid" in line
+    assert "--format hf or mlx-lm" in line, line
 
+
+def test_a_kimi_linear_config_in_the_hubs_keys_is_written_alike(folders):
+    """The hub's config.json keeps the delta layers' settings under linear_attn_config (layers
+    1-indexed) and the dense layers as first_k_dense_replace: the same keys are written."""
+    import gguf
+
+    from mlxlab.export.gguf_kimi import kimi_linear_config, kimi_linear_hparams
+
+    ours = json.loads((folders("kimi_linear_mla") / "config.json").read_text())
+    drop = ("layer_types", "mlp_layer_types", "linear_head_dim", "linear_num_heads",
+            "linear_conv_kernel_dim")
+    hub = {**{k: v for k, v in ours.items() if k not in drop}, "moe_layer_freq": 1,
+           "linear_attn_config": {"full_attn_layers": [2], "kda_layers": [1, 3], "num_heads": 4,
+                                  "head_dim": 16, "short_conv_kernel_size": 3}}
+
+    def keys(config: dict) -> dict:
+        writer = gguf.GGUFWriter(None, "kimi-linear")
+        kimi_linear_hparams(writer, kimi_linear_config(config))
+        return {k: v.value for k, v in writer.kv_data[0].items()}
+
+    written = keys(ours)
+    assert keys(hub) == written and written["kimi-linear.kda.head_dim"] == 16
+    assert kimi_linear_config(hub)["num_key_value_heads"] == [0, 1, 0]
 
 # --- a trained run, through the command line (slow: training and two llama.cpp loads each) -----
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["mamba2", "granitemoehybrid", "nemotron_h_moe", "falcon_h1",
-                                  "qwen3_5", "qwen3_next"])
+                                  "qwen3_5", "qwen3_next", "kimi_linear"])
 def test_a_trained_run_exports_to_f16_and_q8_0_that_llama_cpp_scores_as_mlxlab(kind, folders,
                                                                               tmp_path):
     from test_export_gguf_moe import exported_runs_score_as_mlxlab

@@ -24,7 +24,7 @@ IDS = np.array([[5, 17, 99, 3, 250, 31, 7, 8]])
 # the hybrids' tiny folders (tests/hybrid_families.py); Nemotron-H as its MoE variant
 HYBRIDS = {"mamba2": "mamba2", "granitemoehybrid": "granitemoehybrid",
            "nemotron_h": "nemotron_h_moe", "qwen3_5_text": "qwen3_5", "qwen3_next": "qwen3_next",
-           "falcon_h1": "falcon_h1"}
+           "falcon_h1": "falcon_h1", "kimi_linear": "kimi_linear"}
 
 
 @pytest.mark.parametrize("kind", sorted(ARCHITECTURES))

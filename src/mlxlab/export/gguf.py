@@ -48,6 +48,7 @@ from mlxlab.export.gguf_gated_delta import (
     qwen3_next_tensors,
     zero_centred_norms,
 )
+from mlxlab.export.gguf_kimi import kimi_linear_config, kimi_linear_hparams, kimi_linear_tensors
 from mlxlab.export.gguf_kquants import MIXTURES, Mixture, is_70b
 from mlxlab.export.gguf_kquants import quantize as ggml_quantize
 from mlxlab.export.gguf_mamba import (
@@ -252,12 +253,17 @@ ARCHITECTURES: dict[str, Architecture] = {
     "qwen3_next": Architecture("QWEN3NEXT", zero_centred_norms, rope_dims=True, head_dims=True,
                                hparams=qwen3_next_hparams, regroup=qwen3_next_tensors,
                                config=qwen3_next_config, values=MIXER_VALUES),
+    # Kimi-Linear: Kimi delta attention and latent attention layers (gguf_kimi.py)
+    "kimi_linear": Architecture("KIMI_LINEAR", hparams=kimi_linear_hparams,
+                                regroup=kimi_linear_tensors, config=kimi_linear_config,
+                                values=MIXER_VALUES),
 }
 # llama.cpp reads these in F32 whatever the file type (its converter never quantizes them): the
 # MoE router, whose top-k choice a rounding would flip, the convolution kernels (LFM2's, a Mamba
 # mixer's), norms (a Mamba-2 group norm is 2-D), and tensors that are not a `.weight` (biases,
 # Mamba's A and D).
-_F32_TENSORS = ("ffn_gate_inp", "shortconv.conv", "ssm_conv1d", "_norm")
+_F32_TENSORS = ("ffn_gate_inp", "shortconv.conv", "ssm_conv1d", "ssm_conv1d_q", "ssm_conv1d_k",
+                "ssm_conv1d_v", "_norm")
 
 
 def _kept_in_f32(full_name: str) -> bool:
