@@ -51,11 +51,11 @@ INTERFACE = "libmkl_intel_lp64.so.3"  # MKL_INT = 32-bit int: the cblas ABI MLX 
 # Threading layers, best first: (MKL's layer library, the OpenMP runtime linked with it).
 LAYERS = (("libmkl_gnu_thread.so.3", "-lgomp"), ("libmkl_sequential.so.3", None))
 # What MKL gave where it was measured: the device line's hint where it is not installed.
-WHY_MKL = "on a 2-core Xeon the default run's training loop took 0.87-0.91x OpenBLAS's time"
+WHY_MKL = "on a 2-core Xeon the default run's training loop took 0.85-0.93x OpenBLAS's time"
 # MKL must beat OpenBLAS by this much to serve MLX. Lower than the AVX-512 kernels' margin
 # (blas_kernels.MARGIN): the race is single-threaded, and a run's products on two or more threads
 # gain more from MKL than that (MKL threads a middling product better): on a 2-core Xeon the race
-# measured 1.10-1.14x while the default run's loop took 0.91x OpenBLAS's time and nano's 0.90x.
+# measured 1.10-1.14x while the default run's loop took 0.85-0.93x OpenBLAS's time, nano's 0.90x.
 MARGIN = 1.05
 # (M, N, K) timed: blas_kernels.SHAPES (a small decoder's products at 2,048 tokens), the default
 # BERT's step at 1,024 tokens (its projections, MLP, and a weight's gradient, K the tokens) and
