@@ -18,7 +18,13 @@ box's load), one process, each case after mx.clear_cache and mx.reset_peak_memor
    gated delta runs the token loop) at --mlx-lm-lengths, each in a subprocess a watchdog stops
    once its resident memory passes --guard-mb.
 
-A case whose peak, extrapolated from its shorter lengths, would pass --guard-mb is skipped.
+--shape qwen3.5-0.8b takes Qwen3.5-0.8B's published text config instead (24 layers, hidden
+1024, vocabulary 248,320; 18 gated delta + 6 attention layers) and a plain Qwen3 of the same
+width, depth, heads, MLP and vocabulary, LoRA on mlxlab's default targets (query, key, value,
+out), for the layer, model, grad_checkpoint and mlx-lm sweeps alike.
+
+A case whose peak, extrapolated from its shorter lengths (before any, from its weights and the
+float32 logits and their gradient), would pass --guard-mb is skipped.
 
     python benchmarks/memory/bench_hybrid_memory.py    (--help: each option's default)
 """
@@ -57,12 +63,41 @@ WIDTH = {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8,
 GATED_DELTA = {"linear_num_key_heads": 4, "linear_num_value_heads": 8,
                "linear_key_head_dim": 128, "linear_value_head_dim": 128,
                "linear_conv_kernel_dim": 4, "full_attention_interval": 4}
-HYBRID = {"model_type": "qwen3_5",
-          "text_config": {**WIDTH, **GATED_DELTA, "model_type": "qwen3_5_text"}}
-PLAIN = {**WIDTH, "model_type": "qwen3", "rope_theta": 1e6}
+
+
+def hybrid_and_plain(width: dict, gated_delta: dict, rope_theta: float) -> dict[str, dict]:
+    """A Qwen3.5 text config (gated delta layers, every `full_attention_interval`-th attention)
+    and a plain Qwen3 of the same width, depth, heads, MLP and vocabulary."""
+    return {"plain qwen3": {**width, "model_type": "qwen3", "rope_theta": rope_theta},
+            "hybrid, chunked": {"model_type": "qwen3_5", "text_config": {
+                **width, **gated_delta, "model_type": "qwen3_5_text"}}}
+
+
+PLAIN, HYBRID = hybrid_and_plain(WIDTH, GATED_DELTA, 1e6).values()
 LORA_TARGETS = ["query", "key", "value", "out", "in_proj_qkv", "in_proj_z", "gate_proj",
                 "up_proj", "down_proj"]  # "out" is also the gated-delta layers' out_proj
 LORA = {"rank": 8, "alpha": 16.0}
+# Qwen3.5-0.8B's published text config (the hub's Qwen/Qwen3.5-0.8B config.json: 24 layers,
+# 18 gated delta with 16 key and 16 value heads of 128, every 4th attention with 8 query and 2
+# key/value heads of 256, the embeddings tied as the output head), beside a plain Qwen3 of that
+# width, depth, heads, MLP and vocabulary; LoRA on mlxlab's default targets
+# (conf/model/hf_decoder.yaml), which reach the gated delta layers' in_proj_qkv and out_proj
+SHAPES = {
+    "small": {"families": None, "lora_targets": LORA_TARGETS, "label": "Qwen3.5-shaped"},
+    "qwen3.5-0.8b": {
+        "families": hybrid_and_plain(
+            {"hidden_size": 1024, "intermediate_size": 3584, "num_hidden_layers": 24,
+             "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 256,
+             "vocab_size": 248320, "rms_norm_eps": 1e-6, "max_position_embeddings": 262144,
+             "tie_word_embeddings": True},
+            {"linear_num_key_heads": 16, "linear_num_value_heads": 16,
+             "linear_key_head_dim": 128, "linear_value_head_dim": 128,
+             "linear_conv_kernel_dim": 4, "full_attention_interval": 4,
+             "rope_parameters": {"type": "default", "mrope_section": [11, 11, 10],
+                                 "rope_theta": 1e7, "partial_rotary_factor": 0.25}},
+            1e7),
+        "lora_targets": ["query", "key", "value", "out"], "label": "Qwen3.5-0.8B-shaped"},
+}
 # Mamba-2 mixers at hidden 512 in Nemotron-H's proportions (heads x head dim = 2 x hidden,
 # state 128), 6 of them and 2 attention mixers as the hybrid has; Falcon-H1 runs both in each layer
 MIXERS = ["mamba"] * 3 + ["attention"] + ["mamba"] * 3 + ["attention"]
@@ -136,11 +171,12 @@ class sequential:  # noqa: N801  (a context, named for what runs inside it)
             module.gated_delta_update = function
 
 
-def layer_peaks(lengths: list[int], sequential_max: int) -> dict:
-    """One GatedDeltaNet's forward + backward (its weights), both paths, MB by length."""
+def layer_peaks(lengths: list[int], sequential_max: int, hybrid: dict = HYBRID) -> dict:
+    """One GatedDeltaNet of `hybrid`'s forward + backward (its weights), both paths, MB by
+    length."""
     from mlxlab.models.decoders.gated_delta_swap import chunked_in_training
 
-    args = qwen3_5.TextModelArgs.from_dict(HYBRID["text_config"])
+    args = qwen3_5.TextModelArgs.from_dict(hybrid["text_config"])
     layer = qwen3_5.GatedDeltaNet(args)
     layer.train()
     mx.eval(layer.parameters())
@@ -163,14 +199,17 @@ def layer_peaks(lengths: list[int], sequential_max: int) -> dict:
     return rows
 
 
-def model_step(config: dict, length: int,
-               checkpoint: bool = False) -> tuple[Callable[[], object], float]:
-    """mlxlab's mlx-lm decoder built from `config` with LoRA (its blocks recomputed in the
-    backward with `checkpoint`): one loss + gradient at `length`, and the MB its weights (base
-    and adapters) hold."""
-    vocab = config.get("vocab_size") or config["text_config"]["vocab_size"]
-    model = MLXLMDecoder(vocab_size=vocab, hf_config=config,
-                         lora={**LORA, "targets": LORA_TARGETS})
+def vocabulary(config: dict) -> int:
+    return config.get("vocab_size") or config["text_config"]["vocab_size"]
+
+
+def model_step(config: dict, length: int, checkpoint: bool = False,
+               targets: list[str] = LORA_TARGETS) -> tuple[Callable[[], object], float]:
+    """mlxlab's mlx-lm decoder built from `config` with LoRA on `targets` (its blocks recomputed
+    in the backward with `checkpoint`): one loss + gradient at `length`, and the MB its weights
+    (base and adapters) hold."""
+    vocab = vocabulary(config)
+    model = MLXLMDecoder(vocab_size=vocab, hf_config=config, lora={**LORA, "targets": targets})
     if checkpoint:
         checkpoint_blocks(model)
     model.train()
@@ -185,11 +224,13 @@ def model_step(config: dict, length: int,
     return (lambda: value_grad(model)), weights
 
 
-def expected_mb(seen: dict[int, float], weights: float, length: int) -> float:
+def expected_mb(seen: dict[int, float], weights: float, length: int, vocab: int = 0) -> float:
     """A case's peak at `length` from its measured ones: the memory above the weights grown at
-    the power its last two lengths show (at least linear; squared after a single length)."""
+    the power its last two lengths show (at least linear; squared after a single length). Before
+    any, the float32 logits over `vocab` and their gradient, both alive in the head's backward
+    (the floor that dominates at a real vocabulary)."""
     if not seen:
-        return 0.0
+        return weights + 2 * length * vocab * 4 / MB
     (n1, p1), (n2, p2) = ([(0, 0.0)] + sorted(seen.items()))[-2:]
     power = max(1.0, math.log((p2 - weights) / (p1 - weights)) / math.log(n2 / n1)) if n1 else 2.0
     return weights + (p2 - weights) * (length / n2) ** power
@@ -203,11 +244,15 @@ def guarded_sweep(columns: dict[str, dict], lengths: list[int], guard: float, la
     for length in lengths:
         row = {}
         for name, config in columns.items():
-            expected = expected_mb(seen[name], weights.get(name, 0.0), length)
+            vocab = vocabulary(config)
+            step, expected = None, expected_mb(seen[name], weights.get(name, 0.0), length, vocab)
+            if expected <= guard:  # built: its weights counted too
+                step, weights[name] = model_step(config, length, **build)
+                expected = expected_mb(seen[name], weights[name], length, vocab)
             if expected > guard:
                 row[name] = f"skipped: {expected:,.0f} expected"
+                del step
                 continue
-            step, weights[name] = model_step(config, length, **build)
             row[name] = seen[name][length] = peak_mb(step)
             row[f"{name} weights"] = weights[name]
             if name == "hybrid, chunked" and length <= sequential_max:
@@ -223,12 +268,12 @@ def guarded_sweep(columns: dict[str, dict], lengths: list[int], guard: float, la
     return rows
 
 
-def mlx_lm_peaks(lengths: list[int], guard: float) -> dict:
-    """mlx-lm's own LoRA step on the hybrid (MLX_LM_WORKER in a fresh process), each length
+def mlx_lm_peaks(lengths: list[int], guard: float, hybrid: dict = HYBRID) -> dict:
+    """mlx-lm's own LoRA step on `hybrid` (MLX_LM_WORKER in a fresh process), each length
     stopped by a watchdog once the process's resident memory passes `guard` MB."""
     rows = {}
     for length in lengths:
-        worker = subprocess.Popen([sys.executable, "-c", MLX_LM_WORKER, json.dumps(HYBRID),
+        worker = subprocess.Popen([sys.executable, "-c", MLX_LM_WORKER, json.dumps(hybrid),
                                    str(length)], stdout=subprocess.PIPE, text=True)
         top = 0.0
         while worker.poll() is None:
@@ -272,24 +317,32 @@ def main() -> None:
                 model_sequential_max=(1024, "the longest sequential hybrid model run"),
                 mlx_lm_lengths=("512,2048", "mlx-lm's own path's lengths (watchdog-guarded)"),
                 guard_mb=(8000.0, "the largest peak or resident MB a case may reach"),
-                families=(";".join(FAMILIES), "the model sweep's families (separated by ;)"))
+                shape=("small", f"the models' shape: {' | '.join(SHAPES)} (a published one: "
+                                "its hybrid and plain Qwen3 alone)"),
+                families=(None, f"the model sweep's families (separated by ;; the small shape's: "
+                                f"{'; '.join(FAMILIES)}); default all the shape's"))
     opts = parser.parse_args()
-    names = [n for n in opts.families.split(";") if n]
-    families = {n: FAMILIES[n] for n in names if n in FAMILIES}
+    if opts.shape not in SHAPES:
+        parser.error(f"--shape {opts.shape}: one of {', '.join(SHAPES)}")
+    shape = SHAPES[opts.shape]
+    catalog = shape["families"] or FAMILIES
+    names = [n for n in (opts.families or ";".join(catalog)).split(";") if n]
+    families = {n: catalog[n] for n in names if n in catalog}
     if len(families) < len(names) or not {REFERENCE, "hybrid, chunked"} <= families.keys():
-        parser.error(f"--families: names from {'; '.join(FAMILIES)}, with {REFERENCE!r} and "
+        parser.error(f"--families: names from {'; '.join(catalog)}, with {REFERENCE!r} and "
                      "'hybrid, chunked'")
     if opts.smoke:
         opts.layer_lengths = opts.model_lengths = opts.checkpoint_lengths = "70"
         opts.mlx_lm_lengths = "70"
     guard = opts.guard_mb
-    layer = layer_peaks(lengths(opts.layer_lengths), opts.sequential_max)
+    hybrid, targets = catalog["hybrid, chunked"], shape["lora_targets"]
+    layer = layer_peaks(lengths(opts.layer_lengths), opts.sequential_max, hybrid)
     model = guarded_sweep(families, lengths(opts.model_lengths), guard, "model",
-                          sequential_max=opts.model_sequential_max)
-    kept = guarded_sweep({n: FAMILIES[n] for n in (REFERENCE, "hybrid, chunked")},
+                          sequential_max=opts.model_sequential_max, targets=targets)
+    kept = guarded_sweep({n: catalog[n] for n in (REFERENCE, "hybrid, chunked")},
                          lengths(opts.checkpoint_lengths), guard, "grad_checkpoint",
-                         checkpoint=True)
-    mlx_lm = mlx_lm_peaks(lengths(opts.mlx_lm_lengths), guard)
+                         checkpoint=True, targets=targets)
+    mlx_lm = mlx_lm_peaks(lengths(opts.mlx_lm_lengths), guard, hybrid)
     pair = [REFERENCE, "hybrid, chunked", "hybrid, chunked / plain"]
     tables = {"layer": table(layer, ["sequential (mlx-lm)", "chunked"]),
               "model": table(model, [*families, "hybrid, sequential (mlx-lm)",
@@ -308,11 +361,11 @@ def main() -> None:
     longest = max(n for n, row in rows.items() if isinstance(row.get(pair[2]), float))
     write_record("hybrid-memory", {"tables": tables, "layer_mb": layer, "model_mb": model,
                                    "grad_checkpoint_mb": kept, "mlx_lm_mb": mlx_lm,
-                                   "families": families, "lora": LORA,
-                                   "lora_targets": LORA_TARGETS, "guard_mb": guard},
+                                   "shape": opts.shape, "families": families, "lora": LORA,
+                                   "lora_targets": targets, "guard_mb": guard},
                  question="memory", reference="a plain qwen3 of the same width and depth",
                  ratio=round(rows[longest][pair[2]], 3), smoke=opts.smoke,
-                 summary=f"MLX peak of a LoRA step, Qwen3.5-shaped hybrid (chunked gated delta) "
+                 summary=f"MLX peak of a LoRA step, {shape['label']} hybrid (chunked gated delta) "
                          f"over plain Qwen3, {longest:,} tokens{sweep} (lower is better)")
 
 
