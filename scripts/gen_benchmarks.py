@@ -172,7 +172,10 @@ def question_section(records: list[dict], question: str) -> str:
     for title, group in groups.items():
         shown = [c for c in map(current, sorted(group, key=lambda r: r["_file"])) if c]
         hidden = [f"`{r['_file']}`" for r in group if r["_file"] not in {c["_file"] for c in shown}]
-        blocks = [record_block(c) for c in shown]
+        # the newest record of one command in full; an earlier run of it a line (its file)
+        newest = {(c["name"], c["command"]): c["_file"] for c in shown}
+        blocks = [record_block(c) if newest[c["name"], c["command"]] == c["_file"]
+                  else f"An earlier run of `{cell(c['command'])}`: `{c['_file']}`." for c in shown]
         if hidden:  # the title stays, so what links to it still lands here
             blocks.append(f"{'Also answered' if shown else 'Answered'} once, by a script since "
                           f"removed: the figures are in {', '.join(hidden)} and on the "
