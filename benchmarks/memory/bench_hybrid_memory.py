@@ -359,7 +359,10 @@ def main() -> None:
         parser.exit(1, "no length measured under --guard-mb\n")
     sweep, rows = measured
     longest = max(n for n, row in rows.items() if isinstance(row.get(pair[2]), float))
-    write_record("hybrid-memory", {"tables": tables, "layer_mb": layer, "model_mb": model,
+    # one summary row per shape and sweep (the page shows each name's newest record)
+    name = ("hybrid-memory" + ("" if opts.shape == "small" else f"-{opts.shape}")
+            + ("-grad-checkpoint" if sweep else ""))
+    write_record(name, {"tables": tables, "layer_mb": layer, "model_mb": model,
                                    "grad_checkpoint_mb": kept, "mlx_lm_mb": mlx_lm,
                                    "shape": opts.shape, "families": families, "lora": LORA,
                                    "lora_targets": targets, "guard_mb": guard},
