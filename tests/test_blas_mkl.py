@@ -119,3 +119,29 @@ def test_an_intel_cpu_without_mkl_is_told_the_install_that_adds_it(monkeypatch):
         assert picked is None
         assert ("pip install 'mlxlab[mkl]'" in why and mkl.WHY_MKL in why) == said, (vendor, why)
         assert said or why == ""
+
+
+@pytest.mark.parametrize("first, env, spins", [
+    ("", {}, "0"),  # MLX's MKL loads libgomp: its idle threads sleep at once
+    ("import torch; ", {}, "300000"),  # PyTorch loaded it first: its settings stand
+    ("", {"OMP_WAIT_POLICY": "ACTIVE"}, "30000000000"),  # the user's wait wins
+])
+def test_mkl_loads_libgomp_passive_unless_it_is_loaded_or_the_user_chose(first, env, spins):
+    """libgomp's settings as it reports them at load (OMP_DISPLAY_ENV=verbose), in a process
+    where MLX's MKL serves MLX; the variable mlxlab set is gone from the environment after."""
+    import os
+    import subprocess
+
+    if first and importlib_missing("torch"):
+        pytest.skip("torch is not installed")
+    code = f"{first}import os, mlxlab; print(mlxlab.blas.status, os.environ.get('OMP_WAIT_POLICY'))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={
+        **os.environ, "MLXLAB_BLAS": "mkl", "OMP_DISPLAY_ENV": "verbose", **env}, check=True)
+    assert f"GOMP_SPINCOUNT = '{spins}'" in done.stderr, done.stderr[-2000:]
+    assert done.stdout.split() == ["loaded", env.get("OMP_WAIT_POLICY", "None")], done.stdout
+
+
+def importlib_missing(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is None

@@ -165,7 +165,7 @@ def _load_default(choice: str) -> tuple[Path, ctypes.CDLL] | BlasInfo:
     if picked is not None:
         group, layer = picked
         try:
-            lib = _load(group, {})  # no variable: MKL shares PyTorch's OpenMP as it is (mkl.py)
+            lib = _load(group, mkl.load_environment())  # libgomp's wait (mkl.py)
         except OSError as e:
             return BlasInfo("failed", detail=f"could not load MKL ({group}): {e}")
         _mkl_layer = layer

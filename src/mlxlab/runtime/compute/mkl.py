@@ -28,14 +28,21 @@ Threads: MKL's GNU OpenMP layer, never Intel's libiomp5, a second OpenMP runtime
 threads spin 200 ms by default. The layer needs libgomp.so.1, and a process holds one library of
 that name: PyTorch's CPU wheel bundles its own under the same name, so whichever of the two is
 imported first loads its libgomp and the other uses it (tests/test_blas.py): MLX's MKL and
-PyTorch share one OpenMP runtime with its default settings, and neither's threads spin against a
-second runtime's. mlxlab sets no OpenMP variable (its idle threads spin briefly, then sleep), so
-PyTorch runs as it would alone. MLX's small products run on one thread anyway (small_gemm.py).
+PyTorch share one OpenMP runtime, and neither's threads spin against a second runtime's. libgomp
+reads its settings once, as it loads; by default an idle thread spins (300,000 rounds) before it
+sleeps, and between the products of a small model's step, where MLX's own ops and the fused
+kernels need both cores, those spins took most of a 2-core Xeon's CPU time. So where MLX's MKL
+loads libgomp (PyTorch not imported yet) and the user set neither OMP_WAIT_POLICY nor
+GOMP_SPINCOUNT, it loads with OMP_WAIT_POLICY=PASSIVE (idle threads sleep at once, as OpenBLAS's
+do: blas.SPIN_EXPONENT), taken out of the environment again afterwards; a PyTorch imported later
+in that process shares that runtime, its threads sleeping at once too. Where PyTorch loaded
+libgomp first, its settings stand. MLX's small products run on one thread anyway (small_gemm.py).
 Where libgomp cannot be linked, MKL's sequential layer (one thread) is used.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import importlib.metadata
 import os
@@ -65,6 +72,21 @@ MARGIN = 1.05
 SHAPES = (*blas_kernels.SHAPES, (1024, 128, 128), (1024, 512, 128), (1024, 128, 512),
           (128, 128, 1024), (128, 128, 128), (256, 256, 256))
 GROUP_SOURCE = "/* MKL's layers, linked for mlxlab (runtime/compute/mkl.py) */\n"
+
+
+OPENMP_WAIT = {"OMP_WAIT_POLICY": "PASSIVE"}  # load_environment's, module docstring
+
+
+def load_environment() -> dict[str, str]:
+    """The variables MKL's layers load with (blas._load sets them for the load only): libgomp's
+    passive wait where it is not loaded yet and the user set no wait of their own."""
+    if {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & os.environ.keys():
+        return {}
+    try:
+        ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD)  # loaded already (PyTorch's)
+    except OSError:
+        return dict(OPENMP_WAIT)
+    return {}
 
 
 def mkl_directory() -> Path | None:
