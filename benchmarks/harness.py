@@ -37,15 +37,16 @@ def clock() -> tuple[float, float]:
     return time.perf_counter(), time.process_time()
 
 
-def _status_kb(key: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
+def _status_kb(key: str, pid: int | str = "self") -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(key + ":"):
             return float(line.split()[1])
     return float("nan")
 
 
-def rss_mb() -> float:
-    return _status_kb("VmRSS") / 1024
+def rss_mb(pid: int | str = "self") -> float:
+    """The resident memory of this process (or of process `pid`), in MB."""
+    return _status_kb("VmRSS", pid) / 1024
 
 
 def reset_peak_rss() -> None:

@@ -23,7 +23,7 @@ from conftest import PYTHON, REPO
 from test_docs import load_gen_benchmarks
 
 BENCH = REPO / "benchmarks"
-FOLDERS = ("speed", "quality", "memory", "parity", "faults")
+FOLDERS = ("speed", "quality", "memory", "parity")
 SCRIPTS = sorted(p.relative_to(BENCH).as_posix() for folder in FOLDERS
                  for p in (BENCH / folder).glob("*.py") if p.name != "__init__.py")
 # The PyTorch references: processes another script starts and reads (they never import mlxlab,
@@ -32,7 +32,7 @@ REFERENCE_WORKERS = {"speed/bench_torch.py", "speed/torch_bert_run.py", "speed/t
                      "quality/real_model_torch_peft.py"}
 # A script that answers more than one question: each mode's flag, smoked beside its default.
 MODES = {"quality/bench_gkd_learning.py": ("--grpo",), "speed/bench_preference.py": ("--grpo",),
-         "speed/bench.py": ("--bf16",)}
+         "speed/bench.py": ("--bf16",), "memory/bench_hybrid_memory.py": ("--step-time",)}
 SMOKES = [(s, ()) for s in SCRIPTS] + [(s, (m,)) for s, ms in MODES.items() for m in ms]
 
 # Loads each script as its command would, then forgets benchmarks.* and the path it added, so

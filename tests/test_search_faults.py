@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -308,21 +307,12 @@ def test_a_failed_or_empty_sweep_is_never_latest(grid_with_a_failing_job, capsys
 # --------------------------------------------------------------------------- parallel starts
 
 
-def bench_module():
-    spec = importlib.util.spec_from_file_location(
-        "bench_parallel_start", REPO / "benchmarks" / "faults" / "bench_parallel_start.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
 def test_two_searches_started_at_the_same_moment_share_one_study(tmp_path):
     """Both processes wait at a file barrier until both are up, then start Hydra together on
     a fresh root (no store, no study): 8 trials in all, 8 parameter sets (the sampler's seed
     is fixed: each trial's is seed + its number), one parent, nothing RUNNING."""
-    bench = bench_module()
+    import parallel_starts as bench
     procs = bench.start_together([tmp_path, tmp_path], bench.search_args(8, 2), REPO / "src")
     outputs = [p.communicate(timeout=900)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[-3000:] for o in outputs]
@@ -344,7 +334,7 @@ def test_two_searches_started_together_on_postgresql_make_n_trials(tmp_path):
     from test_search import _postgres
 
     url = _postgres(tmp_path)
-    bench = bench_module()
+    import parallel_starts as bench
     args = [*bench.search_args(4, 2), f"hydra.sweeper.storage={url}"]
     procs = bench.start_together([tmp_path / "machine0", tmp_path / "machine1"], args, REPO / "src")
     outputs = [p.communicate(timeout=900)[0] for p in procs]

@@ -12,8 +12,7 @@ box's load), one process, each case after mx.clear_cache and mx.reset_peak_memor
    (MLXLMDecoder(hf_config=...): the chunked rule swapped in at load, mlxlab's LoRA on attention,
    sequence-mixer projections and MLPs, rank 8), random weights, batch 1: one LoRA loss + gradient
    at --model-lengths tokens; the hybrid and plain model also with grad_checkpoint
-   (models/layers/grad_checkpoint.py) at --checkpoint-lengths. The hybrid's sequential path
-   (mlx-lm's own) at the lengths up to --model-sequential-max.
+   (models/layers/grad_checkpoint.py) at --checkpoint-lengths.
 3. mlx-lm's own path (its model, its LoRA, mlx_lm.tuner's loss; mlxlab never imported, so its
    gated delta runs the token loop) at --mlx-lm-lengths, each in a subprocess a watchdog stops
    once its resident memory passes --guard-mb.
@@ -26,7 +25,15 @@ out), for the layer, model, grad_checkpoint and mlx-lm sweeps alike.
 A case whose peak, extrapolated from its shorter lengths (before any, from its weights and the
 float32 logits and their gradient), would pass --guard-mb is skipped.
 
+--step-time times the step instead: the hybrid's and the plain model's loss + gradient at each
+--step-lengths, each (model, length) in its own process (one model's compiled kernels and cache
+never help the other), --repeats rounds in alternating order (ABBA); a process times --steps
+steps after a warm-up and reports their median; the figure is the hybrid's over the plain
+model's, per round. Every step flushes denormal floats on MLX's thread, as the training loop
+does (trainer.flush_denormals): the gates' products across a chunk pass through that range.
+
     python benchmarks/memory/bench_hybrid_memory.py    (--help: each option's default)
+    python benchmarks/memory/bench_hybrid_memory.py --step-time --step-lengths 2048,4096
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from statistics import median
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # benchmarks.*
@@ -49,7 +57,8 @@ import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 from mlx_lm.models import qwen3_5  # noqa: E402
 
-from benchmarks.harness import add_options, print_table, write_record  # noqa: E402
+from benchmarks import harness as h  # noqa: E402
+from mlxlab import kernels  # noqa: E402
 from mlxlab.models.decoders.gated_delta_swap import ORIGINALS  # noqa: E402
 from mlxlab.models.decoders.mlx_lm_decoder import MLXLMDecoder  # noqa: E402
 from mlxlab.models.layers.grad_checkpoint import checkpoint_blocks  # noqa: E402
@@ -150,35 +159,13 @@ def peak_mb(run: Callable[[], object]) -> float:
     return mx.get_peak_memory() / MB
 
 
-class sequential:  # noqa: N801  (a context, named for what runs inside it)
-    """mlx-lm's own gated_delta_update (its token loop in training) in the qwen3_5 and
-    qwen3_next modules for the duration."""
-
-    MODULES = ("qwen3_5", "qwen3_next")
-
-    def __enter__(self) -> None:
-        import importlib
-
-        self.kept = {}
-        for name in self.MODULES:
-            module = importlib.import_module(f"mlx_lm.models.{name}")
-            self.kept[module] = module.gated_delta_update
-            module.gated_delta_update = ORIGINALS.get(module.gated_delta_update,
-                                                      module.gated_delta_update)
-
-    def __exit__(self, *exc: object) -> None:
-        for module, function in self.kept.items():
-            module.gated_delta_update = function
-
-
 def layer_peaks(lengths: list[int], sequential_max: int, hybrid: dict = HYBRID) -> dict:
     """One GatedDeltaNet of `hybrid`'s forward + backward (its weights), both paths, MB by
     length."""
     from mlxlab.models.decoders.gated_delta_swap import chunked_in_training
 
     args = qwen3_5.TextModelArgs.from_dict(hybrid["text_config"])
-    layer = qwen3_5.GatedDeltaNet(args)
-    layer.train()
+    layer = qwen3_5.GatedDeltaNet(args).train()
     mx.eval(layer.parameters())
     own = qwen3_5.gated_delta_update
     original = ORIGINALS.get(own, own)
@@ -207,7 +194,8 @@ def model_step(config: dict, length: int, checkpoint: bool = False,
                targets: list[str] = LORA_TARGETS) -> tuple[Callable[[], object], float]:
     """mlxlab's mlx-lm decoder built from `config` with LoRA on `targets` (its blocks recomputed
     in the backward with `checkpoint`): one loss + gradient at `length`, and the MB its weights
-    (base and adapters) hold."""
+    (base and adapters) hold. Denormals flushed on MLX's thread, as the training loop does."""
+    kernels.flush_denormals(True)
     vocab = vocabulary(config)
     model = MLXLMDecoder(vocab_size=vocab, hf_config=config, lora={**LORA, "targets": targets})
     if checkpoint:
@@ -237,7 +225,7 @@ def expected_mb(seen: dict[int, float], weights: float, length: int, vocab: int 
 
 
 def guarded_sweep(columns: dict[str, dict], lengths: list[int], guard: float, label: str,
-                  sequential_max: int = 0, **build: object) -> dict:
+                  **build: object) -> dict:
     """Each column's peak (MB) at each length, one model alive at a time; a case expected over
     `guard` MB is not run (its row says what was expected)."""
     rows, seen, weights = {}, {name: {} for name in columns}, {}
@@ -251,18 +239,13 @@ def guarded_sweep(columns: dict[str, dict], lengths: list[int], guard: float, la
                 expected = expected_mb(seen[name], weights[name], length, vocab)
             if expected > guard:
                 row[name] = f"skipped: {expected:,.0f} expected"
-                del step
-                continue
-            row[name] = seen[name][length] = peak_mb(step)
-            row[f"{name} weights"] = weights[name]
-            if name == "hybrid, chunked" and length <= sequential_max:
-                with sequential():
-                    row["hybrid, sequential (mlx-lm)"] = peak_mb(step)
+            else:
+                row[name] = seen[name][length] = peak_mb(step)
+                row[f"{name} weights"] = weights[name]
             del step
-        for name in columns:
-            if name != REFERENCE and isinstance(row.get(name), float) and isinstance(
-                    row.get(REFERENCE), float):
-                row[f"{name} / plain"] = row[name] / row[REFERENCE]
+        if isinstance(base := row.get(REFERENCE), float):
+            row.update({f"{n} / plain": row[n] / base for n in columns
+                        if n != REFERENCE and isinstance(row.get(n), float)})
         rows[length] = row
         print(f"{label} {length}: {row}", flush=True)
     return rows
@@ -277,19 +260,53 @@ def mlx_lm_peaks(lengths: list[int], guard: float, hybrid: dict = HYBRID) -> dic
                                    str(length)], stdout=subprocess.PIPE, text=True)
         top = 0.0
         while worker.poll() is None:
-            with contextlib.suppress(FileNotFoundError):
-                status = Path(f"/proc/{worker.pid}/status").read_text().splitlines()
-                top = max([top, *(int(line.split()[1]) / 1024 for line in status
-                                  if line.startswith("VmRSS:"))])  # none once it exited
+            with contextlib.suppress(FileNotFoundError):  # gone once it exited
+                top = max(top, h.rss_mb(worker.pid))
             if top > guard:
                 worker.kill()
             time.sleep(0.1)
         out = worker.stdout.read().strip()
         rows[length] = {"mlx-lm, sequential": float(out) if worker.returncode == 0 and out
-                        else f"stopped: resident {top:,.0f} > {guard:,.0f}",
-                        "resident MB": top}
+                        else f"stopped: resident {top:,.0f} > {guard:,.0f}", "resident MB": top}
         print(f"mlx-lm {length}: {rows[length]}", flush=True)
     return rows
+
+
+def step_worker(family: str, length: int, steps: int) -> None:
+    """One process of --step-time: `family`'s step at `length`, a warm-up, then the median of
+    `steps` timed (s), printed."""
+    step, _ = model_step(FAMILIES[family], length)
+    mx.eval(step())
+    seconds = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        mx.eval(step())
+        seconds.append(time.perf_counter() - start)
+    print(median(seconds))
+
+
+def step_times(lengths: list[int], repeats: int, steps: int, smoke: bool) -> None:
+    """--step-time: the plain model's and the hybrid's step, ABBA rounds of one process each."""
+    pair, rounds = (REFERENCE, "hybrid, chunked"), {n: [] for n in lengths}
+    for length, r in ((n, r) for n in lengths for r in range(repeats)):
+        rounds[length].append(row := {family: float(subprocess.run(
+            [sys.executable, __file__, "--step-worker", family, "--step-lengths", str(length),
+             "--steps", str(steps)],
+            capture_output=True, text=True, check=True).stdout.split()[-1])
+            for family in h.in_round(list(pair), r)})
+        print(f"{length} round {r + 1}: " + "  ".join(f"{k} {v:.2f} s" for k, v in row.items()),
+              flush=True)
+    ratios = {n: sorted(row[pair[1]] / row[pair[0]] for row in rounds[n]) for n in lengths}
+    shown = {"head": ["tokens", "plain qwen3 s / step", "hybrid s / step", "hybrid / plain"],
+             "rows": [[f"{n:,}", *(f"{median(r[f] for r in rounds[n]):.2f}" for f in pair),
+                       f"{median(ratios[n]):.2f}x ({ratios[n][0]:.2f}-{ratios[n][-1]:.2f})"]
+                      for n in lengths]}
+    h.print_table(shown)
+    h.write_record("hybrid-step", {"rounds": rounds, "table": shown, "steps": steps},
+                 question="speed-mlx", reference="a plain qwen3 of the same width and depth",
+                 ratio=round(median(ratios[lengths[-1]]), 3), smoke=smoke,
+                 summary=f"LoRA step time (loss + gradient), Qwen3.5-shaped hybrid over plain "
+                         f"Qwen3, {lengths[-1]:,} tokens (lower is better)")
 
 
 def table(rows: dict, columns: list[str]) -> dict:
@@ -310,18 +327,28 @@ def lengths(text: str) -> list[int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_options(parser, layer_lengths=("256,512,1024,2048,4096", "one layer's lengths"),
+    h.add_options(parser, layer_lengths=("256,512,1024,2048,4096", "one layer's lengths"),
                 model_lengths=("512,1024,2048,4096,8192", "the models' lengths"),
                 checkpoint_lengths=("2048,4096,8192,16384", "the lengths with grad_checkpoint"),
                 sequential_max=(2048, "the longest sequential (token loop) layer run"),
-                model_sequential_max=(1024, "the longest sequential hybrid model run"),
                 mlx_lm_lengths=("512,2048", "mlx-lm's own path's lengths (watchdog-guarded)"),
                 guard_mb=(8000.0, "the largest peak or resident MB a case may reach"),
                 shape=("small", f"the models' shape: {' | '.join(SHAPES)} (a published one: "
                                 "its hybrid and plain Qwen3 alone)"),
                 families=(None, f"the model sweep's families (separated by ;; the small shape's: "
-                                f"{'; '.join(FAMILIES)}); default all the shape's"))
+                                f"{'; '.join(FAMILIES)}); default all the shape's"),
+                step_time=(False, "time the small shape's hybrid and plain steps instead"),
+                step_lengths=("2048,4096", "--step-time's lengths"),
+                repeats=(3, "--step-time's rounds"),
+                steps=(3, "--step-time's steps timed a process"))
+    parser.add_argument("--step-worker", help=argparse.SUPPRESS)
     opts = parser.parse_args()
+    if opts.step_worker:
+        return step_worker(opts.step_worker, int(opts.step_lengths), opts.steps)
+    if opts.step_time:
+        if opts.smoke:
+            opts.step_lengths, opts.repeats, opts.steps = "64", 1, 1
+        return step_times(lengths(opts.step_lengths), opts.repeats, opts.steps, opts.smoke)
     if opts.shape not in SHAPES:
         parser.error(f"--shape {opts.shape}: one of {', '.join(SHAPES)}")
     shape = SHAPES[opts.shape]
@@ -337,21 +364,20 @@ def main() -> None:
     guard = opts.guard_mb
     hybrid, targets = catalog["hybrid, chunked"], shape["lora_targets"]
     layer = layer_peaks(lengths(opts.layer_lengths), opts.sequential_max, hybrid)
-    model = guarded_sweep(families, lengths(opts.model_lengths), guard, "model",
-                          sequential_max=opts.model_sequential_max, targets=targets)
+    model = guarded_sweep(families, lengths(opts.model_lengths), guard, "model", targets=targets)
     kept = guarded_sweep({n: catalog[n] for n in (REFERENCE, "hybrid, chunked")},
                          lengths(opts.checkpoint_lengths), guard, "grad_checkpoint",
                          checkpoint=True, targets=targets)
     mlx_lm = mlx_lm_peaks(lengths(opts.mlx_lm_lengths), guard, hybrid)
     pair = [REFERENCE, "hybrid, chunked", "hybrid, chunked / plain"]
     tables = {"layer": table(layer, ["sequential (mlx-lm)", "chunked"]),
-              "model": table(model, [*families, "hybrid, sequential (mlx-lm)",
-                                     *(f"{n} / plain" for n in families if n != REFERENCE),
+              "model": table(model, [*families, *(f"{n} / plain" for n in families
+                                                  if n != REFERENCE),
                                      *(f"{n} weights" for n in families)]),
               "grad_checkpoint": table(kept, pair),
               "mlx-lm": table(mlx_lm, ["mlx-lm, sequential", "resident MB"])}
     for t in tables.values():
-        print_table(t)
+        h.print_table(t)
     # the ratio at the longest length both models ran, with grad_checkpoint if only there
     measured = next(((s, r) for s, r in (("", model), (" with grad_checkpoint", kept))
                      if any(isinstance(row.get(pair[2]), float) for row in r.values())), None)
@@ -362,10 +388,10 @@ def main() -> None:
     # one summary row per shape and sweep (the page shows each name's newest record)
     name = ("hybrid-memory" + ("" if opts.shape == "small" else f"-{opts.shape}")
             + ("-grad-checkpoint" if sweep else ""))
-    write_record(name, {"tables": tables, "layer_mb": layer, "model_mb": model,
-                                   "grad_checkpoint_mb": kept, "mlx_lm_mb": mlx_lm,
-                                   "shape": opts.shape, "families": families, "lora": LORA,
-                                   "lora_targets": targets, "guard_mb": guard},
+    h.write_record(name, {"tables": tables, "layer_mb": layer, "model_mb": model,
+                        "grad_checkpoint_mb": kept, "mlx_lm_mb": mlx_lm, "shape": opts.shape,
+                        "families": families, "lora": LORA, "lora_targets": targets,
+                        "guard_mb": guard},
                  question="memory", reference="a plain qwen3 of the same width and depth",
                  ratio=round(rows[longest][pair[2]], 3), smoke=opts.smoke,
                  summary=f"MLX peak of a LoRA step, {shape['label']} hybrid (chunked gated delta) "

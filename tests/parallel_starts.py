@@ -1,25 +1,16 @@
-"""Searches started at the same moment on a fresh root: how many starts succeed. Each round:
-`--procs` processes of `mlxlab-train -m hparams_search=titanic_optuna debug=fast` released
-together at a file barrier; a round succeeds when every process exits 0, the study holds N
-distinct finished trials, the store one sweep parent run, and nothing is RUNNING.
-
-    python benchmarks/faults/bench_parallel_start.py [--procs 4] [--rounds 3] [--src OTHER/src]
-"""
+"""Searches started at the same moment: processes of `mlxlab-train -m hparams_search=titanic_optuna
+debug=fast` released together at a file barrier, and what their roots hold afterwards (the study's
+finished and distinct trials, the store's sweep parent runs, anything left RUNNING). Used by
+tests/test_search_faults.py."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))  # benchmarks.*
-from benchmarks.harness import add_options, write_record  # noqa: E402
 
 # A process that waits at the barrier, then runs mlxlab-train's Hydra app with these arguments:
 # every process has imported Python and its modules first, so the race is Hydra's start itself.
@@ -85,40 +76,3 @@ def check_round(root: Path, n_trials: int) -> dict:
     found["ok"] = (found["trials"] == found["distinct"] == n_trials and found["parents"] == 1
                    and found["running"] == 0 and found.get("running_trials") == 0)
     return found
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_options(parser, procs=4, rounds=3, n_trials=4, steps=2, src=REPO / "src")
-    opts = parser.parse_args()
-    if opts.smoke:  # one round of 2 processes, 2 trials
-        opts.procs, opts.rounds, opts.n_trials = 2, 1, 2
-    rounds = []
-    for i in range(opts.rounds):
-        with tempfile.TemporaryDirectory(prefix="parallel-start-") as tmp:
-            root = Path(tmp)
-            begin = time.perf_counter()
-            procs = start_together([root] * opts.procs, search_args(opts.n_trials, opts.steps),
-                                   opts.src)
-            outputs = [p.communicate(timeout=1800)[0] for p in procs]
-            codes = [p.returncode for p in procs]
-            found = check_round(root, opts.n_trials)
-            found.update(codes=codes, seconds=round(time.perf_counter() - begin, 1))
-            found["ok"] = found["ok"] and all(c == 0 for c in codes)
-            errors = sorted({line for out in outputs for line in out.splitlines()
-                             if line.startswith("mlxlab: error") or "Error" in line[:40]})
-            found["errors"] = errors[:5]
-            rounds.append(found)
-            print(f"round {i + 1}: {'ok' if found['ok'] else 'FAILED'} exit codes {codes}, "
-                  f"{found['trials']} finished trials ({found['distinct']} distinct), "
-                  f"{found['parents']} parent runs, {found['running']} runs RUNNING, "
-                  f"{found['seconds']} s" + (f"; {errors[:2]}" if errors else ""), flush=True)
-    ok = sum(r["ok"] for r in rounds)
-    print(f"{opts.procs} processes, n_trials={opts.n_trials}: {ok} of {len(rounds)} rounds ok")
-    write_record("parallel-start", {"procs": opts.procs, "n_trials": opts.n_trials,
-                                    "rounds_ok": ok, "rounds": rounds},
-                 question="faults", smoke=opts.smoke)
-
-
-if __name__ == "__main__":
-    main()

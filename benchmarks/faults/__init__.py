@@ -1,1 +1,0 @@
-"""What survives a kill: a search, a grid, searches started together."""
