@@ -552,6 +552,7 @@ def test_generation_shows_progress_count_rate_and_time(world, caplog):
     assert lines[-1].startswith("task gen20: 20 answers in ")
 
 
+@pytest.mark.slow  # the budget: test_generation_shows_progress_count_rate_and_time holds them
 def test_mlxlab_eval_writes_its_progress_to_stderr_when_it_is_a_file(world, tmp_path):
     """`mlxlab eval MODEL tasks.jsonl 2> file`: no terminal, no logging set up; the progress
     lines (count, rate, time left at each tenth, and the end) are in the file all the same."""

@@ -99,6 +99,7 @@ def test_unknown_label_column_is_a_clear_error(make_cfg):
     assert "Survived" in str(err.value)  # lists the available columns
 
 
+@pytest.mark.slow  # the default run's budget: test_search_faults' grid groups its jobs too
 def test_multirun_jobs_group_under_one_parent(tmp_path, cli_env):
     args = [PYTHON, "-m", "mlxlab.train", "--multirun", "optimizer.learning_rate=1e-3,3e-3", *FAST]
     out = subprocess.run(args, cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=600)

@@ -199,6 +199,7 @@ def vision_run(folders, tmp_path_factory) -> tuple[Path, subprocess.CompletedPro
     return root, _train(root, folders["smolvlm"], "checkpoint.save_base=true")
 
 
+@pytest.mark.slow  # the default run's budget: test_serve_vision trains experiment=finetune_vision
 def test_finetune_vision_trains_and_checkpoints(vision_run):
     """A real run of the shipped visual task on the tiny SmolVLM, tracked in MLflow."""
     root, done = vision_run
@@ -577,6 +578,7 @@ def test_eval_task_with_an_image_column(folders, tmp_path):
         score_task(model, tokenizer, task, TaskSettings(max_new_tokens=5), None)
 
 
+@pytest.mark.slow  # the default run's budget: test_adapter_checkpoints holds save_base=true
 def test_a_lora_run_saved_with_its_base_loads_with_its_adapters(folders, vision_run):
     """checkpoint.save_base=true writes every weight, the adapters' included: the run loads
     (load_run_model: generate, eval, export) rebuilt from the checkpoint's config with its
