@@ -27,6 +27,7 @@ from mlxlab.export.gguf_regroup import (
     GGUFLayoutError,
     Tensors,
     deepseek_v3_hparams,
+    dt_bias_name,
     split_latent_attention,
 )
 
@@ -115,7 +116,7 @@ def kimi_linear_tensors(tensors: Tensors, config: dict) -> Tensors:
         if dense:
             yield f"{dense[1]}.mlp.{dense[2]}", w
         elif name.endswith("self_attn.dt_bias"):
-            yield name.removesuffix("dt_bias") + "dt_proj.bias", w
+            yield dt_bias_name(name), w
         elif name.endswith("conv1d.weight") and w.ndim == 2:
             yield name, w[:, None]
         else:

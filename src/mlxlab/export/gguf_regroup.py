@@ -106,8 +106,8 @@ def kernel_2d(w: np.ndarray) -> np.ndarray:
 
 
 def dt_bias_name(name: str) -> str:
-    """A Mamba-2 or gated delta mixer's dt_bias under the name llama.cpp's converter gives it,
-    the dt projection's bias (`...mixer.dt_bias` -> `...mixer.dt_proj.bias`)."""
+    """A Mamba-2, gated delta or Kimi delta mixer's dt_bias under the name llama.cpp's converter
+    gives it, the dt projection's bias (`...mixer.dt_bias` -> `...mixer.dt_proj.bias`)."""
     return name.removesuffix("dt_bias") + "dt_proj.bias"
 
 
