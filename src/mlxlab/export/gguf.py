@@ -657,8 +657,10 @@ def write_gguf(folder: str | Path, out: str | Path, quant: str = "f16",
     mixture = None
     if quant in MIXTURES:
         if arch.regroup is not None:
-            how = ("lays out its mixer tensors otherwise (A, D, the convolution kernel, the "
-                   "grouped norm)" if arch.values is not None else
+            # every family with stored values has a mixer's A and convolution kernels (D and
+            # a grouped norm are the Mamba-2 families' alone)
+            how = ("lays out its mixer tensors otherwise (A = -exp(A_log), the convolution "
+                   "kernels)" if arch.values is not None else
                    "regroups its tensors (experts, fused or latent projections)")
             raise GGUFExportError(f"--quant {quant}: K-quant mixtures are written here for dense "
                                   f"decoders; {config['model_type']} {how}: use q8_0, q4_0 or "
