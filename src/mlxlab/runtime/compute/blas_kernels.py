@@ -55,8 +55,8 @@ SHAPES = ((2048, 256, 768), (2048, 704, 256), (2048, 3776, 256), (512, 128, 512)
 # say which core it runs ({"core": ...}, "" for a library that is not OpenBLAS), then on each
 # "go" line time each shape (best of REPEATS) and print {"cpu": ..., "wall": ...}: the seconds on
 # this thread's clock (what another busy process on the machine cannot add to) and on the wall's
-# (how much of them it was kept waiting), each shape's seconds times its weight (argv[4]; default
-# 1: the shapes' total time). Standard library only.
+# (how much of them it was kept waiting), each shape's seconds times its weight (argv[4]).
+# Standard library only.
 _CHILD = r"""
 import ctypes, json, sys, time
 lib = ctypes.CDLL(sys.argv[1], mode=ctypes.RTLD_LOCAL)
@@ -68,7 +68,7 @@ gemm = getattr(lib, prefix + "cblas_sgemm")
 I, F, P = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
 gemm.argtypes = [I, I, I, I, I, I, F, P, I, P, I, F, P, I]
 shapes = json.loads(sys.argv[2])
-weights = json.loads(sys.argv[4]) if len(sys.argv) > 4 else [1.0] * len(shapes)
+weights = json.loads(sys.argv[4])
 buffers = []
 for m, n, k in shapes:
     a, b, c = ((ctypes.c_float * size)() for size in (m * k, k * n, m * n))
