@@ -216,9 +216,10 @@ def load_environment(library: Path) -> dict[str, str]:
 
 
 def _load(path: Path, added: dict[str, str]) -> ctypes.CDLL:
-    """Load the BLAS library out of the global symbol scope with load_environment()'s variables
-    (`added`). OpenBLAS reads them while it loads; they are taken out again afterwards, so that
-    no other library's OpenBLAS in this process (numpy's), nor any child process, runs with them."""
+    """Load the BLAS library out of the global symbol scope with the variables its
+    load_environment() gives (`added`: this module's for OpenBLAS, mkl.py's for MKL's libgomp).
+    The library reads them while it loads; they are taken out again afterwards, so that no other
+    library's OpenBLAS in this process (numpy's), nor any child process, runs with them."""
     os.environ.update(added)
     try:
         return ctypes.CDLL(str(path), mode=ctypes.RTLD_LOCAL)

@@ -74,18 +74,16 @@ SHAPES = (*blas_kernels.SHAPES, (1024, 128, 128), (1024, 512, 128), (1024, 128, 
 GROUP_SOURCE = "/* MKL's layers, linked for mlxlab (runtime/compute/mkl.py) */\n"
 
 
-OPENMP_WAIT = {"OMP_WAIT_POLICY": "PASSIVE"}  # load_environment's, module docstring
-
-
 def load_environment() -> dict[str, str]:
     """The variables MKL's layers load with (blas._load sets them for the load only): libgomp's
-    passive wait where it is not loaded yet and the user set no wait of their own."""
+    passive wait (module docstring) where it is not loaded yet and the user set no wait of
+    their own."""
     if {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & os.environ.keys():
         return {}
     try:
         ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD)  # loaded already (PyTorch's)
     except OSError:
-        return dict(OPENMP_WAIT)
+        return {"OMP_WAIT_POLICY": "PASSIVE"}
     return {}
 
 
