@@ -7,6 +7,7 @@ resolve to is fixed per process.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -108,7 +109,6 @@ def test_a_non_intel_cpu_keeps_openblas_unmeasured(tmp_path, monkeypatch):
     assert not (tmp_path / blas_kernels.CACHE_FILE).exists()  # nothing timed, nothing kept
 
 
-
 def test_an_intel_cpu_without_mkl_is_told_the_install_that_adds_it(monkeypatch):
     """Without the mkl package, an Intel CPU's device line names `mlxlab[mkl]` and what it gave
     where measured; another vendor's says nothing of MKL."""
@@ -132,16 +132,10 @@ def test_mkl_loads_libgomp_passive_unless_it_is_loaded_or_the_user_chose(first, 
     import os
     import subprocess
 
-    if first and importlib_missing("torch"):
+    if first and importlib.util.find_spec("torch") is None:  # found, not imported here
         pytest.skip("torch is not installed")
     code = f"{first}import os, mlxlab; print(mlxlab.blas.status, os.environ.get('OMP_WAIT_POLICY'))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={
         **os.environ, "MLXLAB_BLAS": "mkl", "OMP_DISPLAY_ENV": "verbose", **env}, check=True)
     assert f"GOMP_SPINCOUNT = '{spins}'" in done.stderr, done.stderr[-2000:]
     assert done.stdout.split() == ["loaded", env.get("OMP_WAIT_POLICY", "None")], done.stdout
-
-
-def importlib_missing(name: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(name) is None
