@@ -11,10 +11,9 @@ A = -exp(A_log) gives A_log = log(-A)), are scattered back there; config.json an
 come from that folder, and the file's header is checked against its tensors
 (models/sources/gguf_header.py: block count, widths, heads, vocabulary). Every position must be
 filled exactly once and every tensor of the file must have a place, else the read-back fails
-(and the export is refused). At f32 the
-read-back is the folder, bit for bit, for every architecture whose tiny test folder keeps its
-norms at their initial value; a hybrid's A_log and a perturbed 1 + w norm come back to float32
-round-off (tests/test_export_gguf_readback.py).
+(and the export is refused). At f32 the read-back is the folder, bit for bit, for every
+architecture whose tiny test folder keeps its norms at their initial value; a hybrid's A_log and
+a perturbed 1 + w norm come back to float32 round-off (tests/test_export_gguf_readback.py).
 """
 
 from __future__ import annotations
