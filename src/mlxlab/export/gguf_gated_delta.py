@@ -61,19 +61,11 @@ def qwen3_5_config(config: dict) -> dict:
     if rope.get("rope_type", "default") != "default":
         raise GGUFLayoutError(f"a {config['model_type']} with rope_type {rope['rope_type']!r} "
                               "has no GGUF layout here: use --format hf or mlx-lm")
-    return {**config, **_rope_keys(config, rope)}
-
-
-def _rope_keys(config: dict, rope: dict) -> dict:
-    """rope_theta and partial_rotary_factor from rope_parameters (transformers 5), else from the
-    top level (the hub's configs); a rope_theta set nowhere is left out (the writer's default,
-    10000, is transformers'), a partial_rotary_factor set nowhere is transformers' 0.25."""
-    theta = rope.get("rope_theta", config.get("rope_theta"))
-    factor = rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 0.25))
-    keys = {"partial_rotary_factor": factor}
-    if theta is not None:
-        keys["rope_theta"] = theta
-    return keys
+    # each from rope_parameters (transformers 5), else the top level (the hub's configs), else
+    # transformers' default
+    return {**config, "rope_theta": rope.get("rope_theta", config.get("rope_theta", 10000.0)),
+            "partial_rotary_factor": rope.get("partial_rotary_factor",
+                                              config.get("partial_rotary_factor", 0.25))}
 
 
 def _delta_hparams(writer, config: dict) -> None:
