@@ -132,6 +132,16 @@ def fused_kernels_on():
 
 
 @pytest.fixture
+def kernel_mode():
+    """kernels.set_mode, for the test to pick the fused kernels' mode; the mode restored after."""
+    from mlxlab import kernels
+
+    before = kernels.mode()
+    yield kernels.set_mode
+    kernels.set_mode(before)
+
+
+@pytest.fixture
 def make_cfg(tmp_path: Path):
     def make(*overrides: str) -> DictConfig:
         return compose_cfg(tmp_path, overrides)

@@ -31,13 +31,6 @@ from mlxlab.models.layers import blocks
 LORA = {"rank": 4, "alpha": 8.0, "targets": ["query", "key", "value", "out", "gate_proj"]}
 
 
-@pytest.fixture
-def kernel_mode():
-    before = kernels.mode()
-    yield kernels.set_mode
-    kernels.set_mode(before)
-
-
 def logits_and_grads(model: MLXLMDecoder, ids: mx.array) -> tuple[np.ndarray, dict]:
     def loss(m):
         return nn.losses.cross_entropy(m(ids[:, :-1]), ids[:, 1:]).mean()

@@ -255,38 +255,34 @@ def test_kv_cache_matches_full_forward(positions, monkeypatch):
 
 
 @pytest.mark.parametrize("fused_kernels", ["auto", "off"])
-def test_decoder_passes_causal_where_it_is_exact(fused_kernels, monkeypatch):
+def test_decoder_passes_causal_where_it_is_exact(fused_kernels, kernel_mode, monkeypatch):
     """With no padding and nothing cached the decoder's layers get mask="causal" (no (T, T)
     array of its own; kernels.attention builds one only where the blocked kernel does not run),
     with the logits of the explicit additive mask to the bit; a chunk after cached positions
     gets the explicit (T, cached + T) array, its logits the full forward's rows."""
     from mlxlab import kernels
 
-    before = kernels.mode()
-    kernels.set_mode(fused_kernels)
-    try:
-        model = tiny_decoder(num_kv_heads=2)
-        x = ids((2, 13))
-        masks = []
-        attend = kernels.attention
-        monkeypatch.setattr(kernels, "attention",
-                            lambda q, k, v, scale, mask: masks.append(mask) or attend(
-                                q, k, v, scale, mask))
-        full = model(x)
-        assert masks and all(isinstance(m, str) and m == "causal" for m in masks)
-        h = model.embed_tokens(x)
-        for layer in model.layers:
-            h = layer(h, kernels.causal_additive_mask(13, 13))
-        explicit = model.embed_tokens.as_linear(model.norm(h))
-        np.testing.assert_array_equal(np.array(full), np.array(explicit))
-        cache = model.make_cache()
-        model(x[:, :5], cache=cache)
-        masks.clear()
-        chunk = model(x[:, 5:9], cache=cache)
-        assert masks and all(isinstance(m, mx.array) and m.shape == (4, 9) for m in masks)
-        np.testing.assert_allclose(np.array(chunk), np.array(full[:, 5:9]), atol=1e-5)
-    finally:
-        kernels.set_mode(before)
+    kernel_mode(fused_kernels)
+    model = tiny_decoder(num_kv_heads=2)
+    x = ids((2, 13))
+    masks = []
+    attend = kernels.attention
+    monkeypatch.setattr(kernels, "attention",
+                        lambda q, k, v, scale, mask: masks.append(mask) or attend(
+                            q, k, v, scale, mask))
+    full = model(x)
+    assert masks and all(isinstance(m, str) and m == "causal" for m in masks)
+    h = model.embed_tokens(x)
+    for layer in model.layers:
+        h = layer(h, kernels.causal_additive_mask(13, 13))
+    explicit = model.embed_tokens.as_linear(model.norm(h))
+    np.testing.assert_array_equal(np.array(full), np.array(explicit))
+    cache = model.make_cache()
+    model(x[:, :5], cache=cache)
+    masks.clear()
+    chunk = model(x[:, 5:9], cache=cache)
+    assert masks and all(isinstance(m, mx.array) and m.shape == (4, 9) for m in masks)
+    np.testing.assert_allclose(np.array(chunk), np.array(full[:, 5:9]), atol=1e-5)
 
 
 def test_generation_reproducible_and_uses_cache():
