@@ -260,8 +260,8 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 # llama.cpp reads these in F32 whatever the file type (its converter never quantizes them): the
 # MoE router, whose top-k choice a rounding would flip, the convolution kernels (LFM2's, a Mamba
-# mixer's), norms (a Mamba-2 group norm is 2-D), and tensors that are not a `.weight` (biases,
-# Mamba's A and D).
+# or gated delta mixer's, Kimi-Linear's q/k/v ones), norms (a Mamba-2 group norm is 2-D), and
+# tensors that are not a `.weight` (biases, Mamba's A and D).
 _F32_TENSORS = ("ffn_gate_inp", "shortconv.conv", "ssm_conv1d", "ssm_conv1d_q", "ssm_conv1d_k",
                 "ssm_conv1d_v", "_norm")
 
