@@ -52,7 +52,9 @@ def start_together(roots: list[Path], args: list[str], src: Path) -> list[subpro
     return started
 
 
-def check_round(root: Path, n_trials: int) -> dict:
+def check_round(root: Path) -> dict:
+    """What `root` holds after a round: the study's finished and distinct trials and those not
+    finished, the store's sweep parent runs and runs left RUNNING."""
     import optuna
     from mlflow import MlflowClient
 
@@ -73,6 +75,4 @@ def check_round(root: Path, n_trials: int) -> dict:
         runs = client.search_runs(exps, max_results=10000)
         found["parents"] = sum(r.data.tags.get("mlxlab.role") == "sweep" for r in runs)
         found["running"] = sum(r.info.status == "RUNNING" for r in runs)
-    found["ok"] = (found["trials"] == found["distinct"] == n_trials and found["parents"] == 1
-                   and found["running"] == 0 and found.get("running_trials") == 0)
     return found

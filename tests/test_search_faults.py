@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+import parallel_starts as starts
 from conftest import PYTHON, REPO
 from one_process import each_in_one_process
 
@@ -312,11 +313,10 @@ def test_two_searches_started_at_the_same_moment_share_one_study(tmp_path):
     """Both processes wait at a file barrier until both are up, then start Hydra together on
     a fresh root (no store, no study): 8 trials in all, 8 parameter sets (the sampler's seed
     is fixed: each trial's is seed + its number), one parent, nothing RUNNING."""
-    import parallel_starts as bench
-    procs = bench.start_together([tmp_path, tmp_path], bench.search_args(8, 2), REPO / "src")
+    procs = starts.start_together([tmp_path, tmp_path], starts.search_args(8, 2), REPO / "src")
     outputs = [p.communicate(timeout=900)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[-3000:] for o in outputs]
-    found = bench.check_round(tmp_path, 8)
+    found = starts.check_round(tmp_path)
     assert (
         found["trials"],
         found["distinct"],
@@ -334,9 +334,8 @@ def test_two_searches_started_together_on_postgresql_make_n_trials(tmp_path):
     from test_search import _postgres
 
     url = _postgres(tmp_path)
-    import parallel_starts as bench
-    args = [*bench.search_args(4, 2), f"hydra.sweeper.storage={url}"]
-    procs = bench.start_together([tmp_path / "machine0", tmp_path / "machine1"], args, REPO / "src")
+    args = [*starts.search_args(4, 2), f"hydra.sweeper.storage={url}"]
+    procs = starts.start_together([tmp_path / "machine0", tmp_path / "machine1"], args, REPO / "src")
     outputs = [p.communicate(timeout=900)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[-3000:] for o in outputs]
     import optuna
