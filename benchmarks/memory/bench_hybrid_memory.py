@@ -26,14 +26,13 @@ A case whose peak, extrapolated from its shorter lengths (before any, from its w
 float32 logits and their gradient), would pass --guard-mb is skipped.
 
 --step-time times the step instead: the hybrid's and the plain model's loss + gradient at each
---step-lengths, each (model, length) in its own process (one model's compiled kernels and cache
-never help the other), --repeats rounds in alternating order (ABBA); a process times --steps
-steps after a warm-up and reports their median; the figure is the hybrid's over the plain
-model's, per round. Every step flushes denormal floats on MLX's thread, as the training loop
-does (trainer.flush_denormals): the gates' products across a chunk pass through that range.
+--model-lengths, each (model, length) in its own process (one model's compiled kernels and cache
+never help the other), --repeats rounds in alternating order (ABBA), the median of --steps steps
+after a warm-up; the figure is the hybrid's over the plain model's, per round. Denormals are
+flushed, as the training loop flushes them: the gates' products across a chunk make them.
 
     python benchmarks/memory/bench_hybrid_memory.py    (--help: each option's default)
-    python benchmarks/memory/bench_hybrid_memory.py --step-time --step-lengths 2048,4096
+    python benchmarks/memory/bench_hybrid_memory.py --step-time --model-lengths 2048,4096
 """
 
 from __future__ import annotations
@@ -62,6 +61,7 @@ from mlxlab import kernels  # noqa: E402
 from mlxlab.models.decoders.gated_delta_swap import ORIGINALS  # noqa: E402
 from mlxlab.models.decoders.mlx_lm_decoder import MLXLMDecoder  # noqa: E402
 from mlxlab.models.layers.grad_checkpoint import checkpoint_blocks  # noqa: E402
+from mlxlab.objectives.losses import token_cross_entropy  # noqa: E402
 
 MB = 1 << 20
 WIDTH = {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8,
@@ -194,8 +194,7 @@ def model_step(config: dict, length: int, checkpoint: bool = False,
                targets: list[str] = LORA_TARGETS) -> tuple[Callable[[], object], float]:
     """mlxlab's mlx-lm decoder built from `config` with LoRA on `targets` (its blocks recomputed
     in the backward with `checkpoint`): one loss + gradient at `length`, and the MB its weights
-    (base and adapters) hold. Denormals flushed on MLX's thread, as the training loop does."""
-    kernels.flush_denormals(True)
+    (base and adapters) hold. The loss is a run's (the fused cross-entropy on the CPU)."""
     vocab = vocabulary(config)
     model = MLXLMDecoder(vocab_size=vocab, hf_config=config, lora={**LORA, "targets": targets})
     if checkpoint:
@@ -205,7 +204,7 @@ def model_step(config: dict, length: int, checkpoint: bool = False,
     ids = mx.random.randint(0, vocab, (1, length + 1))
 
     def loss(m: nn.Module) -> mx.array:
-        return nn.losses.cross_entropy(m(ids[:, :-1]), ids[:, 1:]).mean()
+        return token_cross_entropy(m(ids[:, :-1]), ids[:, 1:]).mean()
 
     value_grad = nn.value_and_grad(model, loss)
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters())) / MB
@@ -290,7 +289,7 @@ def step_times(lengths: list[int], repeats: int, steps: int, smoke: bool) -> Non
     pair, rounds = (REFERENCE, "hybrid, chunked"), {n: [] for n in lengths}
     for length, r in ((n, r) for n in lengths for r in range(repeats)):
         rounds[length].append(row := {family: float(subprocess.run(
-            [sys.executable, __file__, "--step-worker", family, "--step-lengths", str(length),
+            [sys.executable, __file__, "--step-worker", family, "--model-lengths", str(length),
              "--steps", str(steps)],
             capture_output=True, text=True, check=True).stdout.split()[-1])
             for family in h.in_round(list(pair), r)})
@@ -303,10 +302,10 @@ def step_times(lengths: list[int], repeats: int, steps: int, smoke: bool) -> Non
                       for n in lengths]}
     h.print_table(shown)
     h.write_record("hybrid-step", {"rounds": rounds, "table": shown, "steps": steps},
-                 question="speed-mlx", reference="a plain qwen3 of the same width and depth",
-                 ratio=round(median(ratios[lengths[-1]]), 3), smoke=smoke,
-                 summary=f"LoRA step time (loss + gradient), Qwen3.5-shaped hybrid over plain "
-                         f"Qwen3, {lengths[-1]:,} tokens (lower is better)")
+                   question="speed-mlx", reference="a plain qwen3 of the same width and depth",
+                   ratio=round(median(ratios[lengths[-1]]), 3), smoke=smoke,
+                   summary=f"LoRA step time (loss + gradient), Qwen3.5-shaped hybrid over plain "
+                           f"Qwen3, {lengths[-1]:,} tokens (lower is better)")
 
 
 def table(rows: dict, columns: list[str]) -> dict:
@@ -328,29 +327,30 @@ def lengths(text: str) -> list[int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     h.add_options(parser, layer_lengths=("256,512,1024,2048,4096", "one layer's lengths"),
-                model_lengths=("512,1024,2048,4096,8192", "the models' lengths"),
-                checkpoint_lengths=("2048,4096,8192,16384", "the lengths with grad_checkpoint"),
-                sequential_max=(2048, "the longest sequential (token loop) layer run"),
-                mlx_lm_lengths=("512,2048", "mlx-lm's own path's lengths (watchdog-guarded)"),
-                guard_mb=(8000.0, "the largest peak or resident MB a case may reach"),
-                shape=("small", f"the models' shape: {' | '.join(SHAPES)} (a published one: "
-                                "its hybrid and plain Qwen3 alone)"),
-                families=(None, f"the model sweep's families (separated by ;; the small shape's: "
-                                f"{'; '.join(FAMILIES)}); default all the shape's"),
-                step_time=(False, "time the small shape's hybrid and plain steps instead"),
-                step_lengths=("2048,4096", "--step-time's lengths"),
-                repeats=(3, "--step-time's rounds"),
-                steps=(3, "--step-time's steps timed a process"))
+                  model_lengths=("512,1024,2048,4096,8192", "the models' lengths"),
+                  checkpoint_lengths=("2048,4096,8192,16384", "the lengths with grad_checkpoint"),
+                  sequential_max=(2048, "the longest sequential (token loop) layer run"),
+                  mlx_lm_lengths=("512,2048", "mlx-lm's own path's lengths (watchdog-guarded)"),
+                  guard_mb=(8000.0, "the largest peak or resident MB a case may reach"),
+                  shape=("small", f"the models' shape: {' | '.join(SHAPES)} (a published one: "
+                                  "its hybrid and plain Qwen3 alone)"),
+                  families=(None, f"the model sweep's families (separated by ;; the small shape's: "
+                                  f"{'; '.join(FAMILIES)}); default all the shape's"),
+                  step_time=(False, "time the plain and hybrid steps at --model-lengths instead"),
+                  repeats=(3, "--step-time's rounds"), steps=(3, "--step-time's timed steps"))
     parser.add_argument("--step-worker", help=argparse.SUPPRESS)
     opts = parser.parse_args()
-    if opts.step_worker:
-        return step_worker(opts.step_worker, int(opts.step_lengths), opts.steps)
-    if opts.step_time:
-        if opts.smoke:
-            opts.step_lengths, opts.repeats, opts.steps = "64", 1, 1
-        return step_times(lengths(opts.step_lengths), opts.repeats, opts.steps, opts.smoke)
+    kernels.flush_denormals(True)  # as the training loop does (trainer.flush_denormals)
     if opts.shape not in SHAPES:
         parser.error(f"--shape {opts.shape}: one of {', '.join(SHAPES)}")
+    if opts.step_time and (opts.shape != "small" or opts.families):
+        parser.error("--step-time times the small shape's models alone: drop --shape, --families")
+    if opts.step_worker:
+        return step_worker(opts.step_worker, int(opts.model_lengths), opts.steps)
+    if opts.step_time:
+        if opts.smoke:
+            opts.model_lengths, opts.repeats, opts.steps = "64", 1, 1
+        return step_times(lengths(opts.model_lengths), opts.repeats, opts.steps, opts.smoke)
     shape = SHAPES[opts.shape]
     catalog = shape["families"] or FAMILIES
     names = [n for n in (opts.families or ";".join(catalog)).split(";") if n]
@@ -389,13 +389,13 @@ def main() -> None:
     name = ("hybrid-memory" + ("" if opts.shape == "small" else f"-{opts.shape}")
             + ("-grad-checkpoint" if sweep else ""))
     h.write_record(name, {"tables": tables, "layer_mb": layer, "model_mb": model,
-                        "grad_checkpoint_mb": kept, "mlx_lm_mb": mlx_lm, "shape": opts.shape,
-                        "families": families, "lora": LORA, "lora_targets": targets,
-                        "guard_mb": guard},
-                 question="memory", reference="a plain qwen3 of the same width and depth",
-                 ratio=round(rows[longest][pair[2]], 3), smoke=opts.smoke,
-                 summary=f"MLX peak of a LoRA step, {shape['label']} hybrid (chunked gated delta) "
-                         f"over plain Qwen3, {longest:,} tokens{sweep} (lower is better)")
+                          "grad_checkpoint_mb": kept, "mlx_lm_mb": mlx_lm, "shape": opts.shape,
+                          "families": families, "lora": LORA, "lora_targets": targets,
+                          "guard_mb": guard},
+                   question="memory", reference="a plain qwen3 of the same width and depth",
+                   ratio=round(rows[longest][pair[2]], 3), smoke=opts.smoke,
+                   summary=f"MLX peak of a LoRA step, {shape['label']} hybrid (chunked gated "
+                           f"delta) over plain Qwen3, {longest:,} tokens{sweep} (lower is better)")
 
 
 if __name__ == "__main__":
