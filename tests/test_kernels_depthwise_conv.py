@@ -96,7 +96,15 @@ def test_the_fused_primitive_runs_only_where_dispatch_takes_the_call():
         mx.export_to_dot(dot, out)
         return dot.getvalue()
 
-    assert "MlxlabDepthwiseConv1d" in graph(kernels.depthwise_conv1d(x, conv.weight, conv.bias))
+    eager = kernels.depthwise_conv1d(x, conv.weight, conv.bias)
+    assert "MlxlabDepthwiseConv1d" in graph(eager)
+    # in a compiled step (the trainer's), with its gradient
+    step = mx.compile(mx.value_and_grad(lambda x: kernels.depthwise_conv1d(
+        x, conv.weight, conv.bias).square().sum()))
+    value, grad = step(x)
+    want_value, want_grad = mx.value_and_grad(lambda x: conv(x).square().sum())(x)
+    assert abs(value.item() - want_value.item()) <= 1e-5 * abs(want_value.item())
+    assert mx.allclose(grad, want_grad, rtol=1e-5, atol=1e-5).item()
     kernels.set_skip(["depthwise_conv1d"])
     try:
         skipped = kernels.depthwise_conv1d(x, conv.weight, conv.bias)
