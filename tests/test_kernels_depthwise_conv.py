@@ -38,8 +38,8 @@ def conv_module(channels: int, k: int, bias: bool, seed: int) -> nn.Conv1d:
 
 
 def value_and_grads(call, conv: nn.Conv1d, x: mx.array, cot: mx.array) -> dict[str, np.ndarray]:
-    """call(x) (reading conv's parameters) and the gradients of sum(call(x) * cot) in x and in
-    each of conv's parameters."""
+    """call(x) (reading conv's parameters), the gradients of sum(call(x) * cot) in x and in
+    each of conv's parameters, and in x alone ("x only": a frozen weight's, as under LoRA)."""
     params = conv.trainable_parameters()
 
     def loss(params: dict, x: mx.array) -> tuple[mx.array, mx.array]:
@@ -48,9 +48,10 @@ def value_and_grads(call, conv: nn.Conv1d, x: mx.array, cot: mx.array) -> dict[s
         return (out * cot).sum(), out
 
     (_, out), grads = mx.value_and_grad(loss, argnums=(0, 1))(params, x)
+    (_, _), x_only = mx.value_and_grad(loss, argnums=1)(params, x)
     conv.update(params)
-    mx.eval(out, grads)
-    return {"out": np.array(out), "x": np.array(grads[1]),
+    mx.eval(out, grads, x_only)
+    return {"out": np.array(out), "x": np.array(grads[1]), "x only": np.array(x_only),
             **{k: np.array(v) for k, v in tree_flatten(grads[0])}}
 
 

@@ -14,6 +14,7 @@
 #include "common.h"
 #include "kernels.h"
 
+#include <algorithm>
 #include <stdexcept>
 #include <vector>
 
@@ -81,9 +82,10 @@ struct ConvShape {
 };
 
 // The gradients of one batch row's input rows [s0, s1): dx[s] = sum_k dz[s - k] wt[k] over the
-// output rows 0 <= s - k < T, and the output rows t in [s0, s1) added into dw (K, C) and db (C).
-// dz is dy (times silu'(z), z recomputed, with `silu`); the K - 1 output rows before s0 that dx
-// reads are recomputed, not added (the part before owns them). `ring` holds K rows of C.
+// output rows 0 <= s - k < T, and (dw not null) the output rows t in [s0, s1) added into dw
+// (K, C) and db (C). dz is dy (times silu'(z), z recomputed, with `silu`); the K - 1 output rows
+// before s0 that dx reads are recomputed, not added (the part before owns them). `ring` holds K
+// rows of C.
 void grad_rows(const float* x, const float* wt, const float* bias, const float* dy, float* dx,
                float* dw, float* db, float* ring, const ConvShape& sh, int64_t s0, int64_t s1,
                bool silu) {
@@ -106,8 +108,8 @@ void grad_rows(const float* x, const float* wt, const float* bias, const float* 
     make_dz(t);
   }
   for (int64_t s = s0; s < s1; ++s) {
-    if (s < sh.t) {
-      const float* __restrict g = make_dz(s);
+    const float* __restrict g = s < sh.t ? make_dz(s) : nullptr;
+    if (g && dw) {
       for (int64_t ki = 0; ki < k; ++ki) {
         const float* __restrict xr = x + (s + ki) * c;
         float* __restrict dwr = dw + ki * c;
@@ -128,11 +130,11 @@ void grad_rows(const float* x, const float* wt, const float* bias, const float* 
       if (t < 0 || t >= sh.t) {
         continue;
       }
-      const float* __restrict g = dz_row(t);
+      const float* __restrict gt = dz_row(t);
       const float* __restrict wr = wt + ki * c;
 #pragma omp simd
       for (int64_t j = 0; j < c; ++j) {
-        out[j] += g[j] * wr[j];
+        out[j] += gt[j] * wr[j];
       }
     }
   }
@@ -141,6 +143,53 @@ void grad_rows(const float* x, const float* wt, const float* bias, const float* 
 ConvShape conv_shape(const mx::array& x, const mx::array& w) {
   const int64_t c = x.shape(2), k = w.size() / c;
   return {x.shape(0), x.shape(1), x.shape(1) - k + 1, c, k};
+}
+
+// The backward's arrays: x and bias null where it does not read them, dw and db where it does
+// not give them.
+struct GradArrays {
+  const float *x, *w, *bias, *dy;
+  float *dx, *dw, *db;
+  ConvShape sh;
+  bool silu;
+};
+
+void conv_grad(const GradArrays& a) {
+  const int64_t c = a.sh.c, k = a.sh.k, l = a.sh.l, rows = a.sh.b * l;
+  const std::vector<float> wt = taps_by_row(a.w, c, k);
+  // Each part sums its weight and bias gradients into its own (K + 1, C) rows of `partial`;
+  // those are added in part order, so the result does not depend on which thread ran what.
+  const int64_t parts = plan_threads(rows, 3 * c * k), block = (rows + parts - 1) / parts;
+  std::vector<float> partial(a.dw ? parts * (k + 1) * c : 0, 0.0f);
+  std::vector<float> rings(a.silu ? parts * k * c : 0);
+  parallel_parts(parts, [&](int part) {
+    float* dw = a.dw ? partial.data() + part * (k + 1) * c : nullptr;
+    float* ring = a.silu ? rings.data() + part * k * c : nullptr;
+    // the part's input rows, a batch row's span at a time
+    for (int64_t r = part * block, end = std::min(rows, (part + 1) * block); r < end;) {
+      const int64_t bi = r / l, s0 = r % l, s1 = std::min(l, s0 + end - r);
+      grad_rows(a.x ? a.x + bi * l * c : nullptr, wt.data(), a.bias, a.dy + bi * a.sh.t * c,
+                a.dx + bi * l * c, dw, dw ? dw + k * c : nullptr, ring, a.sh, s0, s1, a.silu);
+      r += s1 - s0;
+    }
+  });
+  if (!a.dw) {
+    return;
+  }
+  for (int64_t part = 1; part < parts; ++part) {
+    const float* src = partial.data() + part * (k + 1) * c;
+    for (int64_t j = 0; j < (k + 1) * c; ++j) {
+      partial[j] += src[j];
+    }
+  }
+  for (int64_t ci = 0; ci < c; ++ci) {
+    for (int64_t ki = 0; ki < k; ++ki) {
+      a.dw[ci * k + ki] = partial[ki * c + ci];
+    }
+  }
+  if (a.db) {
+    std::copy(partial.begin() + k * c, partial.begin() + (k + 1) * c, a.db);
+  }
 }
 
 } // namespace
@@ -196,16 +245,25 @@ std::vector<mx::array> DepthwiseConv1d::vjp(const std::vector<mx::array>& primal
                                             const std::vector<mx::array>& cotangents,
                                             const std::vector<int>& argnums,
                                             const std::vector<mx::array>&) {
-  std::vector<mx::array> inputs(primals);
+  // x's gradient alone (the weight frozen: LoRA) reads only the weight and dy, so x need not
+  // live until the backward unless the SiLU's input is recomputed from it.
+  const bool params = std::any_of(argnums.begin(), argnums.end(), [](int a) { return a > 0; });
+  const bool reads_x = params || silu_;
+  std::vector<mx::array> inputs;
+  if (reads_x) {
+    inputs = primals;
+  } else {
+    inputs.push_back(primals[1]);
+  }
   inputs.push_back(mx::contiguous(cotangents[0], false, stream()));
   std::vector<mx::Shape> shapes;
-  for (auto& p : primals) {
-    shapes.push_back(p.shape());
+  for (size_t i = 0; i < (params ? primals.size() : 1); ++i) {
+    shapes.push_back(primals[i].shape());
   }
-  auto grads = mx::array::make_arrays(std::move(shapes),
-                                      std::vector<mx::Dtype>(primals.size(), mx::float32),
-                                      std::make_shared<DepthwiseConv1dGrad>(stream(), silu_),
-                                      std::move(inputs));
+  const auto count = shapes.size();
+  auto grads = mx::array::make_arrays(
+      std::move(shapes), std::vector<mx::Dtype>(count, mx::float32),
+      std::make_shared<DepthwiseConv1dGrad>(stream(), silu_, params), std::move(inputs));
   std::vector<mx::array> out;
   for (int arg : argnums) {
     out.push_back(grads[arg]);
@@ -217,46 +275,20 @@ void DepthwiseConv1dGrad::eval_cpu(const std::vector<mx::array>& inputs,
                                    std::vector<mx::array>& outputs) {
   auto& encoder = mx::cpu::get_command_encoder(stream());
   set_arrays(encoder, inputs, outputs);
-  const bool has_bias = inputs.size() == 4;
-  encoder.dispatch([px = inputs[0].data<float>(), pw = inputs[1].data<float>(),
-                    pb = has_bias ? inputs[2].data<float>() : nullptr,
-                    pg = inputs.back().data<float>(), pdx = outputs[0].data<float>(),
-                    pdw = outputs[1].data<float>(),
-                    pdb = has_bias ? outputs[2].data<float>() : nullptr,
-                    sh = conv_shape(inputs[0], inputs[1]), silu = silu_]() {
-    const int64_t c = sh.c, k = sh.k, rows = sh.b * sh.l;
-    const std::vector<float> wt = taps_by_row(pw, c, k);
-    // Each part sums its weight and bias gradients into its own (K + 1, C) rows of `partial`;
-    // those are added in part order, so the result does not depend on which thread ran what.
-    const int64_t parts = plan_threads(rows, 3 * c * k), block = (rows + parts - 1) / parts;
-    std::vector<float> partial(parts * (k + 1) * c, 0.0f);
-    std::vector<float> rings(silu ? parts * k * c : 0);
-    parallel_parts(parts, [&](int part) {
-      float* dw = partial.data() + part * (k + 1) * c;
-      float* ring = silu ? rings.data() + part * k * c : nullptr;
-      // the part's input rows, a batch row's span at a time
-      for (int64_t r = part * block, end = std::min(rows, (part + 1) * block); r < end;) {
-        const int64_t bi = r / sh.l, s0 = r % sh.l, s1 = std::min(sh.l, s0 + end - r);
-        grad_rows(px + bi * sh.l * c, wt.data(), pb, pg + bi * sh.t * c, pdx + bi * sh.l * c,
-                  dw, dw + k * c, ring, sh, s0, s1, silu);
-        r += s1 - s0;
-      }
-    });
-    for (int64_t part = 1; part < parts; ++part) {
-      const float* src = partial.data() + part * (k + 1) * c;
-      for (int64_t j = 0; j < (k + 1) * c; ++j) {
-        partial[j] += src[j];
-      }
-    }
-    for (int64_t ci = 0; ci < c; ++ci) {
-      for (int64_t ki = 0; ki < k; ++ki) {
-        pdw[ci * k + ki] = partial[ki * c + ci];
-      }
-    }
-    if (pdb) {
-      std::copy(partial.begin() + k * c, partial.begin() + (k + 1) * c, pdb);
-    }
-  });
+  const bool reads_x = params_ || silu_, has_bias = reads_x && inputs.size() == 4;
+  const mx::array& w = inputs[reads_x ? 1 : 0];
+  const mx::array& dy = inputs.back();
+  const int64_t c = dy.shape(2), k = w.size() / c;
+  GradArrays a{reads_x ? inputs[0].data<float>() : nullptr,
+               w.data<float>(),
+               has_bias ? inputs[2].data<float>() : nullptr,
+               dy.data<float>(),
+               outputs[0].data<float>(),
+               params_ ? outputs[1].data<float>() : nullptr,
+               params_ && has_bias ? outputs[2].data<float>() : nullptr,
+               {dy.shape(0), dy.shape(1) + k - 1, dy.shape(1), c, k},
+               silu_};
+  encoder.dispatch([a]() { conv_grad(a); });
 }
 
 } // namespace mlxlab

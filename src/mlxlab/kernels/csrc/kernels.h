@@ -405,20 +405,24 @@ class DepthwiseConv1d : public CpuPrimitive {
   bool silu_;
 };
 
-// Inputs: x, weight (, bias), cotangent -> (d x, d weight (, d bias)).
+// Inputs: x, weight (, bias), cotangent -> (d x, d weight (, d bias)); without `params` (only
+// x's gradient asked for) -> d x, and without the SiLU too, from the weight and cotangent alone.
 class DepthwiseConv1dGrad : public CpuPrimitive {
  public:
-  DepthwiseConv1dGrad(mx::Stream stream, bool silu) : CpuPrimitive(stream), silu_(silu) {}
+  DepthwiseConv1dGrad(mx::Stream stream, bool silu, bool params)
+      : CpuPrimitive(stream), silu_(silu), params_(params) {}
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
   const char* name() const override {
     return "MlxlabDepthwiseConv1dGrad";
   }
   bool is_equivalent(const mx::Primitive& other) const override {
-    return silu_ == static_cast<const DepthwiseConv1dGrad&>(other).silu_;
+    auto& o = static_cast<const DepthwiseConv1dGrad&>(other);
+    return silu_ == o.silu_ && params_ == o.params_;
   }
 
  private:
   bool silu_;
+  bool params_; // the weight's and bias's gradients too
 };
 
 #undef MLXLAB_PRIMITIVE_BODY
