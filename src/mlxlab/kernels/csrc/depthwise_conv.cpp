@@ -8,9 +8,9 @@
 //
 // The forward sums the K products from k = 0, a rounded multiply and a rounded add each, and
 // adds the bias after them, as nn.Conv1d adds it: nn.Conv1d's values to float32 rounding (to the
-// bit where MLX's own convolution runs that loop; with mlxlab's BLAS set up it may multiply
-// through a GEMM, which sums otherwise). With `silu`, silu(z) = z sigmoid(z) follows in the
-// same pass, its backward recomputing z (K multiply-adds a value) rather than keeping it.
+// bit beside MLX's bundled BLAS; the BLAS mlxlab binds to MLX, runtime/compute/blas.py, sums
+// MLX's convolution in another order). With `silu`, silu(z) = z sigmoid(z) follows in the same
+// pass, its backward recomputing z (K multiply-adds a value) rather than keeping it.
 #include "common.h"
 #include "kernels.h"
 
