@@ -2,13 +2,15 @@
 
 Models and losses call `cross_entropy`, `swiglu`, `gelu_gate`, `gelu`, `attention` (its causal
 mask: `causal_additive_mask`), `rms_norm`,
-`layer_norm`, `dropout`, `rope`, `split_heads`/`merge_heads` and `dequantize` (a 4/8-bit weight for the float
+`layer_norm`, `dropout`, `rope`, `split_heads`/`merge_heads`, `depthwise_conv1d` (a hybrid's short
+causal convolution, optionally with its SiLU) and `dequantize` (a 4/8-bit weight for the float
 GEMM: models/quantized/quantized_cpu.py) here, and the trainer's AdamW is `AdamW` (adamw.py); each
 call picks the fused primitive or the composed MLX ops. Why: on x86, MLX's CPU exp/sigmoid run
 scalar on one thread, so the vocabulary softmax, the attention softmax and the SiLU of a small
 transformer cost several times PyTorch's, its erf (the exact GELU) is a scalar libm call that took
 more than half of the default BERT's step, and its RMSNorm, LayerNorm, RoPE, strided copies and
-AdamW update run as single-threaded element-wise ops; its dropout draws threefry bits on one thread
+AdamW update run as single-threaded element-wise ops, its grouped convolution one output at a
+time; its dropout draws threefry bits on one thread
 (see the history record in benchmarks/results/history/). The fused kernels do the same math in one
 vectorized, multi-threaded pass, forward and backward (their VJPs are fused kernels too); the
 dropout kernel draws MLX's own bits, so its masks are nn.Dropout's. Attention over many keys
@@ -59,6 +61,7 @@ from mlxlab.kernels.ops import (
     bf16_product,
     causal_additive_mask,
     cross_entropy,
+    depthwise_conv1d,
     dequantize,
     dropout,
     gelu,
@@ -66,6 +69,7 @@ from mlxlab.kernels.ops import (
     layer_norm,
     merge_heads,
     mlx_cross_entropy,
+    mlx_depthwise_conv1d,
     mlx_gelu_gate,
     next_key,
     quantized_product,
@@ -76,8 +80,8 @@ from mlxlab.kernels.ops import (
     swiglu,
 )
 
-__all__ = ["MODES", "OPS", "AdamW", "attention", "bf16_matmul", "bf16_product", "causal_additive_mask", "cross_entropy", "dequantize", "dropout", "extension",
+__all__ = ["MODES", "OPS", "AdamW", "attention", "bf16_matmul", "bf16_product", "causal_additive_mask", "cross_entropy", "depthwise_conv1d", "dequantize", "dropout", "extension",
            "flush_denormals", "gelu", "gelu_gate",
-           "isa_level", "layer_norm", "merge_heads", "mlx_cross_entropy", "mlx_gelu_gate", "mode", "next_key", "quantized_product", "rms_norm", "rope",
+           "isa_level", "layer_norm", "merge_heads", "mlx_cross_entropy", "mlx_depthwise_conv1d", "mlx_gelu_gate", "mode", "next_key", "quantized_product", "rms_norm", "rope",
            "same_draws", "set_mode", "set_skip", "set_threads", "skipped", "split_heads", "status", "swiglu",
            "threads"]

@@ -276,6 +276,35 @@ def gelu(x: mx.array) -> mx.array:
     return nn.gelu(x) if module is None else module.gelu(x)
 
 
+def mlx_depthwise_conv1d(x: mx.array, weight: mx.array, bias: mx.array | None = None,
+                         silu: bool = False) -> mx.array:
+    """depthwise_conv1d with MLX's ops: nn.Conv1d(C, C, K, groups=C)'s convolution and bias
+    (mx.conv1d, then + bias), then nn.silu when `silu`."""
+    y = mx.conv1d(x, weight, groups=x.shape[-1])
+    if bias is not None:
+        y = y + bias
+    return nn.silu(y) if silu else y
+
+
+def depthwise_conv1d(x: mx.array, weight: mx.array, bias: mx.array | None = None,
+                     silu: bool = False) -> mx.array:
+    """The causal depthwise convolution of a hybrid's short convolution (Qwen3.5's gated-delta
+    conv1d, Mamba-2's mixer conv, ...): x (B, T + K - 1, C) already left-padded by K - 1 rows,
+    weight (C, K, 1) as nn.Conv1d(C, C, K, groups=C) holds it, bias (C,) or None -> (B, T, C),
+    then silu(y) when `silu`. Fused: one vectorized, multi-threaded pass each way (the backward
+    gives x's, the weight's and the bias's gradients together, recomputing the SiLU's input),
+    nn.Conv1d's values and gradients to float32 rounding; MLX's CPU grouped convolution runs
+    one output at a time on one thread. Else mlx_depthwise_conv1d."""
+    channels = x.shape[-1] if x.ndim == 3 else -1
+    shaped = (weight.ndim == 3 and weight.shape[0] == channels and weight.shape[2] == 1
+              and x.shape[1] >= weight.shape[1] and (bias is None or bias.shape == (channels,)))
+    arrays = (x, weight) if bias is None else (x, weight, bias)
+    module = fused("depthwise_conv1d", *arrays) if shaped else None
+    if module is None:
+        return mlx_depthwise_conv1d(x, weight, bias, silu)
+    return module.depthwise_conv1d(x, weight, bias, silu)
+
+
 # The keys draws take instead of the global state's (same_draws), innermost last: each a list
 # holding the key the next draw splits
 _DRAWING: list[list[mx.array]] = []

@@ -72,6 +72,16 @@ NB_MODULE(_mlxlab_kernels, m) {
       "scale"_a,
       "(mx.random.bernoulli(keep, x.shape, key) * x) * scale for float32 x, to the bit.");
   m.def(
+      "depthwise_conv1d",
+      [](const mx::array& x, const mx::array& w, const std::optional<mx::array>& bias,
+         bool silu) { return mlxlab::depthwise_conv1d(x, w, bias, silu); },
+      "x"_a,
+      "weight"_a,
+      "bias"_a = nb::none(),
+      "silu"_a = false,
+      "The causal depthwise convolution of float32 x (B, T + K - 1, C) by weight (C, K[, 1]) "
+      "(+ bias (C,)) -> (B, T, C), then silu when asked.");
+  m.def(
       "layer_norm",
       [](const mx::array& x, const mx::array& weight, const mx::array& bias, float eps) {
         return mlxlab::layer_norm(x, weight, bias, eps);

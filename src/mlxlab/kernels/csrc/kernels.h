@@ -45,6 +45,14 @@ mx::array blocked_attention(const mx::array& q, const mx::array& k, const mx::ar
 // calls from blocked_attention's threads then stay on those threads); 0 for OpenBLAS.
 void set_blas_local_threads(uintptr_t address);
 
+// The causal depthwise convolution of the hybrids' short convolutions: x (B, T + K - 1, C)
+// (left-padded by the caller), weight (C, K) or nn.Conv1d's (C, K, 1), optional bias (C,), all
+// float32 -> (B, T, C), y[b, t, c] = sum_k x[b, t + k, c] w[c, k] + bias[c] (nn.Conv1d(C, C, K,
+// groups=C)'s values to float32 rounding), then silu(y) when `silu`. Differentiable in x, the
+// weight and the bias.
+mx::array depthwise_conv1d(const mx::array& x, const mx::array& w,
+                           const std::optional<mx::array>& bias, bool silu);
+
 // The exact GELU, x * (1 + erf(x / sqrt(2))) / 2, element-wise on float32 (BERT's, GPT-2's MLP).
 mx::array gelu(const mx::array& x);
 
@@ -378,6 +386,43 @@ class LayerNorm : public CpuPrimitive {
 class LayerNormGrad : public CpuPrimitive {
  public:
   MLXLAB_PRIMITIVE_BODY(LayerNormGrad)
+};
+
+// Inputs: x, weight (, bias) -> y (depthwise_conv1d).
+class DepthwiseConv1d : public CpuPrimitive {
+ public:
+  DepthwiseConv1d(mx::Stream stream, bool silu) : CpuPrimitive(stream), silu_(silu) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  const char* name() const override {
+    return "MlxlabDepthwiseConv1d";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return silu_ == static_cast<const DepthwiseConv1d&>(other).silu_;
+  }
+  MLXLAB_VJP
+
+ private:
+  bool silu_;
+};
+
+// Inputs: x, weight (, bias), cotangent -> (d x, d weight (, d bias)); without `params` (only
+// x's gradient asked for) -> d x, and without the SiLU too, from the weight and cotangent alone.
+class DepthwiseConv1dGrad : public CpuPrimitive {
+ public:
+  DepthwiseConv1dGrad(mx::Stream stream, bool silu, bool params)
+      : CpuPrimitive(stream), silu_(silu), params_(params) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  const char* name() const override {
+    return "MlxlabDepthwiseConv1dGrad";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const DepthwiseConv1dGrad&>(other);
+    return silu_ == o.silu_ && params_ == o.params_;
+  }
+
+ private:
+  bool silu_;
+  bool params_; // the weight's and bias's gradients too
 };
 
 #undef MLXLAB_PRIMITIVE_BODY

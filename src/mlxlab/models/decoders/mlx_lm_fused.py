@@ -15,7 +15,14 @@ loaded model is routed through the same kernels:
   fused_kernels=off run exactly mlx-lm's code;
 - each exact nn.RMSNorm becomes models.layers.blocks.RMSNorm (the same weight and eps over
   kernels.rms_norm, which is mx.fast.rms_norm wherever the kernel does not apply), each exact
-  nn.RoPE (not `traditional`) the RoPE below (kernels.rope, else mx.fast.rope);
+  nn.RoPE (not `traditional`) the RoPE below (kernels.rope, else mx.fast.rope), each exact
+  depthwise nn.Conv1d (a hybrid's short convolution: Qwen3.5's and Qwen3-Next's gated-delta
+  conv1d, Kimi-Linear's and OLMo-Hybrid's q/k/v convolutions, the Mamba-2, Nemotron-H, Falcon-H1
+  and Granite-4 mixers', LFM2's) the DepthwiseConv1d below (kernels.depthwise_conv1d, else
+  nn.Conv1d's own call). Its weight and bias stay the same parameters under the same names, so
+  checkpoints, adapters, sanitize and the exporters see the tree they saw. The SiLU mlx-lm applies
+  after the convolution stays MLX's: mlx-lm calls it as `nn.silu`, a name in MLX's own module,
+  and the kernel's fused SiLU (silu=True) is reached from no name mlx-lm's modules look up;
 - Gemma 3's own norms, GELU-gated MLP and attention become subclasses of mlx-lm's classes
   (use_fused_gemma, at the end of this file).
 
@@ -109,6 +116,29 @@ class RoPE(nn.RoPE):
         return kernels.rope(x.transpose(0, 2, 1, 3), self.dims, self.base, self.scale, offset)
 
 
+class DepthwiseConv1d(nn.Conv1d):
+    """nn.Conv1d (the same weight, bias, stride, padding, dilation and groups) over
+    kernels.depthwise_conv1d while it is depthwise and causal as the hybrids' short convolutions
+    are (groups == channels in == channels out, stride 1, no padding, no dilation: mlx-lm pads
+    the input itself) and the fused path takes the call; else (another dtype or device, kernels
+    off, a conv made grouped otherwise after loading) nn.Conv1d's own call."""
+
+    @staticmethod
+    def takes(conv: nn.Conv1d) -> bool:
+        """Whether `conv` is depthwise and causal: weight (C, K, 1) over groups=C, stride 1,
+        padding 0, dilation 1 (a tensor-parallel shard of one, C / N of each, is too)."""
+        w = conv.weight
+        return (w.ndim == 3 and w.shape[2] == 1 and conv.groups == w.shape[0]
+                and conv.stride == 1 and conv.padding == 0 and conv.dilation == 1)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        bias = self.get("bias")
+        arrays = (x, self.weight) if bias is None else (x, self.weight, bias)
+        if not self.takes(self) or fused("depthwise_conv1d", *arrays) is None:
+            return super().__call__(x)
+        return kernels.depthwise_conv1d(x, self.weight, bias)
+
+
 def _model_modules(lm: nn.Module) -> list[ModuleType]:
     """The mlx-lm Python modules that define the model's layers (llama.py, qwen3.py, ...)."""
     names = {type(m).__module__ for m in lm.modules()}
@@ -117,7 +147,8 @@ def _model_modules(lm: nn.Module) -> list[ModuleType]:
 
 def use_fused_kernels(lm: nn.Module) -> int:
     """Route `lm` (an mlx-lm model) through the fused CPU kernels as the module docstring says;
-    returns how many functions, norms and rotations now can take the fused path (0: nothing to route)."""
+    returns how many functions, norms, rotations and convolutions now can take the fused path
+    (0: nothing to route)."""
     from mlx_lm.models import activations, base
 
     routed = 0
@@ -138,6 +169,9 @@ def use_fused_kernels(lm: nn.Module) -> int:
             routed += 1
         elif type(m) is nn.RoPE and not m.traditional:  # the fused kernel rotates halves
             m.__class__ = RoPE
+            routed += 1
+        elif type(m) is nn.Conv1d and DepthwiseConv1d.takes(m):
+            m.__class__ = DepthwiseConv1d
             routed += 1
     return routed
 
