@@ -76,6 +76,7 @@ from mlxlab.kernels.ops import (
     rms_norm,
     rope,
     same_draws,
+    silu,
     split_heads,
     swiglu,
 )
@@ -83,5 +84,5 @@ from mlxlab.kernels.ops import (
 __all__ = ["MODES", "OPS", "AdamW", "attention", "bf16_matmul", "bf16_product", "causal_additive_mask", "cross_entropy", "depthwise_conv1d", "dequantize", "dropout", "extension",
            "flush_denormals", "gelu", "gelu_gate",
            "isa_level", "layer_norm", "merge_heads", "mlx_cross_entropy", "mlx_depthwise_conv1d", "mlx_gelu_gate", "mode", "next_key", "quantized_product", "rms_norm", "rope",
-           "same_draws", "set_mode", "set_skip", "set_threads", "skipped", "split_heads", "status", "swiglu",
+           "same_draws", "set_mode", "set_skip", "set_threads", "silu", "skipped", "split_heads", "status", "swiglu",
            "threads"]

@@ -276,6 +276,16 @@ def gelu(x: mx.array) -> mx.array:
     return nn.gelu(x) if module is None else module.gelu(x)
 
 
+def silu(x: mx.array) -> mx.array:
+    """x * sigmoid(x): nn.silu (the hybrids' activation after their short convolution). Fused:
+    one vectorized, multi-threaded pass each way (MLX's CPU sigmoid is a scalar exp on one
+    thread) computing MLX's own sigmoid and exp op for op: values nn.silu's to the bit, and the
+    gradient too where x feeds the SiLU alone (else to float32 rounding: csrc/silu.cpp says
+    why); the backward reads x alone."""
+    module = fused("silu", x)
+    return nn.silu(x) if module is None else module.silu(x)
+
+
 def mlx_depthwise_conv1d(x: mx.array, weight: mx.array, bias: mx.array | None = None,
                          silu: bool = False) -> mx.array:
     """depthwise_conv1d with MLX's ops: nn.Conv1d(C, C, K, groups=C)'s convolution and bias

@@ -61,6 +61,8 @@ NB_MODULE(_mlxlab_kernels, m) {
         "MKL's mkl_set_num_threads_local, which blocked_attention's threads call (0: none).");
   m.def("gelu", [](const mx::array& x) { return mlxlab::gelu(x); }, "x"_a,
         "The exact (erf) GELU of a float32 array.");
+  m.def("silu", [](const mx::array& x) { return mlxlab::silu(x); }, "x"_a,
+        "The SiLU, x * sigmoid(x), of a float32 array (nn.silu's values and gradient).");
   m.def(
       "dropout",
       [](const mx::array& x, const mx::array& key, float keep, float scale) {

@@ -56,6 +56,10 @@ mx::array depthwise_conv1d(const mx::array& x, const mx::array& w,
 // The exact GELU, x * (1 + erf(x / sqrt(2))) / 2, element-wise on float32 (BERT's, GPT-2's MLP).
 mx::array gelu(const mx::array& x);
 
+// The SiLU, x * sigmoid(x), element-wise on float32 (the hybrids' activation after their short
+// convolution): nn.silu's values and gradient to the bit (silu.cpp).
+mx::array silu(const mx::array& x);
+
 // Inverted dropout: x * mask * scale with mask ~ Bernoulli(keep) drawn as
 // mx.random.bernoulli(keep, x.shape, key) draws it (MLX's threefry bits, to the bit), scale
 // 1 / keep: nn.Dropout's output for the same key, on all cores.
@@ -342,6 +346,19 @@ class Gelu : public CpuPrimitive {
 class GeluGrad : public CpuPrimitive {
  public:
   MLXLAB_PRIMITIVE_BODY(GeluGrad)
+};
+
+// Inputs: x -> y (silu).
+class Silu : public CpuPrimitive {
+ public:
+  MLXLAB_PRIMITIVE_BODY(Silu)
+  MLXLAB_VJP
+};
+
+// Inputs: x, cotangent -> x's gradient.
+class SiluGrad : public CpuPrimitive {
+ public:
+  MLXLAB_PRIMITIVE_BODY(SiluGrad)
 };
 
 // Inputs: x, key -> (y, scale) with scale = mask / keep: the VJP multiplies by it.

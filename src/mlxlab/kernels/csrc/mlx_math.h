@@ -1,7 +1,7 @@
 // MLX's own float32 CPU formulas, op for op, for the kernels that must give MLX's results to the
-// bit (the encoder's GELU and LayerNorm, the attention's softmax: a seed trains the same run
-// with the fused kernels as without them). Sources: mlx/backend/cpu/simd/math.h and
-// base_simd.h (MLX 0.32). On x86 MLX runs these one element at a time (its Simd width is 1);
+// bit (the encoder's GELU and LayerNorm, the attention's softmax, the SiLU: a seed trains the
+// same run with the fused kernels as without them). Sources: mlx/backend/cpu/simd/math.h,
+// base_simd.h and unary_ops.h (MLX 0.32). On x86 MLX runs these one element at a time (its Simd width is 1);
 // written here as scalar code that `omp simd` loops vectorize without changing a bit.
 //
 // Files that include this build with -ffp-contract=off (CMakeLists.txt): MLX's x86 wheel and the
@@ -39,6 +39,12 @@ inline float mlx_exp(float x0) {
   r = x0 != x0 ? x0 : r;
   r = x0 > 88.0f ? std::numeric_limits<float>::infinity() : r;
   return x0 < -88.0f ? 0.0f : r;
+}
+
+// Sigmoid (unary_ops.h): 1 / (1 + exp(|x|)), or 1 minus that for x >= 0.
+inline float mlx_sigmoid(float x) {
+  const float y = 1.0f / (1.0f + mlx_exp(std::fabs(x)));
+  return x < 0.0f ? y : 1.0f - y;
 }
 
 // simd::erf: Abramowitz & Stegun 7.1.26 with MLX's exp.

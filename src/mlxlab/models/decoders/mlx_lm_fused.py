@@ -139,6 +139,54 @@ class DepthwiseConv1d(nn.Conv1d):
         return kernels.depthwise_conv1d(x, self.weight, bias)
 
 
+def fused_silu(original: Callable) -> Callable:
+    """mlx.nn's `silu(x)` through kernels.silu where the fused path takes the call."""
+
+    def silu(x: mx.array) -> mx.array:
+        if fused("silu", x) is None:
+            return original(x)
+        return kernels.silu(x)
+
+    ORIGINALS[silu] = original
+    return silu
+
+
+class SiluRoutedNN(ModuleType):
+    """mlx.nn as a hybrid's mlx-lm module sees it under its global name `nn`: every attribute is
+    mlx.nn's (looked up on each use), except `silu`, fused_silu(mlx.nn.silu). One instance,
+    ROUTED_NN, serves every module; a module whose `nn` is it is routed."""
+
+    def __init__(self) -> None:
+        super().__init__(nn.__name__, nn.__doc__)
+        self.silu = fused_silu(nn.silu)
+
+    def __getattr__(self, name: str) -> object:  # (called for what the instance does not hold)
+        return getattr(nn, name)
+
+
+ROUTED_NN = SiluRoutedNN()
+
+
+def use_fused_silu(lm: nn.Module) -> int:
+    """Give ROUTED_NN as `nn` to the mlx-lm modules whose code calls a routed depthwise
+    convolution: those of the classes holding one (their mlx-lm bases' too, whose methods may
+    make the call); returns how many modules of the model see it."""
+    modules = dict(lm.named_modules())  # path -> module, the model itself at ""
+    names = set()
+    for path, m in modules.items():
+        if isinstance(m, DepthwiseConv1d):
+            while path and (path not in modules or modules[path] is m):  # up to its holder
+                path = path.rpartition(".")[0]
+            names.update(cls.__module__ for cls in type(modules[path]).__mro__)
+    routed = 0
+    for name in sorted(n for n in names if n.startswith("mlx_lm.models.")):
+        globals_ = vars(sys.modules[name])
+        if globals_.get("nn") is nn:  # mlx.nn itself, not a same-named other
+            globals_["nn"] = ROUTED_NN
+        routed += globals_.get("nn") is ROUTED_NN
+    return routed
+
+
 def _model_modules(lm: nn.Module) -> list[ModuleType]:
     """The mlx-lm Python modules that define the model's layers (llama.py, qwen3.py, ...)."""
     names = {type(m).__module__ for m in lm.modules()}
@@ -147,8 +195,8 @@ def _model_modules(lm: nn.Module) -> list[ModuleType]:
 
 def use_fused_kernels(lm: nn.Module) -> int:
     """Route `lm` (an mlx-lm model) through the fused CPU kernels as the module docstring says;
-    returns how many functions, norms, rotations and convolutions now can take the fused path
-    (0: nothing to route)."""
+    returns how many functions, norms, rotations, convolutions and modules' SiLUs now can take
+    the fused path (0: nothing to route)."""
     from mlx_lm.models import activations, base
 
     routed = 0
@@ -173,7 +221,7 @@ def use_fused_kernels(lm: nn.Module) -> int:
         elif type(m) is nn.Conv1d and DepthwiseConv1d.takes(m):
             m.__class__ = DepthwiseConv1d
             routed += 1
-    return routed
+    return routed + use_fused_silu(lm)  # after the convolutions: it finds them routed
 
 
 # ---- Gemma 3 (mlx-lm's gemma3_text, and gemma3's text model) --------------------------------
