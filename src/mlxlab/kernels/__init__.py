@@ -3,7 +3,8 @@
 Models and losses call `cross_entropy`, `swiglu`, `gelu_gate`, `gelu`, `attention` (its causal
 mask: `causal_additive_mask`), `rms_norm`,
 `layer_norm`, `dropout`, `rope`, `split_heads`/`merge_heads`, `depthwise_conv1d` (a hybrid's short
-causal convolution, optionally with its SiLU) and `dequantize` (a 4/8-bit weight for the float
+causal convolution, optionally with its SiLU), `silu` (nn.silu: the SiLU mlx-lm's hybrids apply
+after that convolution) and `dequantize` (a 4/8-bit weight for the float
 GEMM: models/quantized/quantized_cpu.py) here, and the trainer's AdamW is `AdamW` (adamw.py); each
 call picks the fused primitive or the composed MLX ops. Why: on x86, MLX's CPU exp/sigmoid run
 scalar on one thread, so the vocabulary softmax, the attention softmax and the SiLU of a small

@@ -273,11 +273,11 @@ class MLXLMDecoder(PretrainedModel):
         if fast:
             log.debug("%d quantized layers multiply through the CPU's fused dequantize + GEMM",
                       fast)
-        # On the CPU, attention, SwiGLU, RMSNorm, RoPE and a hybrid's short convolutions take
-        # mlxlab's fused kernels (each call checks that they apply, else runs mlx-lm's own code:
-        # Metal, CUDA, generation, kernels off).
-        log.debug("%d attention / SwiGLU / RMSNorm / RoPE / convolution routes to the fused CPU "
-                  "kernels", use_fused_kernels(self.lm))
+        # On the CPU, attention, SwiGLU, RMSNorm, RoPE and a hybrid's short convolutions and
+        # their SiLU take mlxlab's fused kernels (each call checks that they apply, else runs
+        # mlx-lm's own code: Metal, CUDA, generation, kernels off).
+        log.debug("%d attention / SwiGLU / RMSNorm / RoPE / convolution / SiLU routes to the "
+                  "fused CPU kernels", use_fused_kernels(self.lm))
 
     @property
     def described(self) -> str:

@@ -20,16 +20,26 @@ loaded model is routed through the same kernels:
   conv1d, Kimi-Linear's and OLMo-Hybrid's q/k/v convolutions, the Mamba-2, Nemotron-H, Falcon-H1
   and Granite-4 mixers', LFM2's) the DepthwiseConv1d below (kernels.depthwise_conv1d, else
   nn.Conv1d's own call). Its weight and bias stay the same parameters under the same names, so
-  checkpoints, adapters, sanitize and the exporters see the tree they saw. The SiLU mlx-lm applies
-  after the convolution stays MLX's: mlx-lm calls it as `nn.silu`, a name in MLX's own module,
-  and the kernel's fused SiLU (silu=True) is reached from no name mlx-lm's modules look up;
+  checkpoints, adapters, sanitize and the exporters see the tree they saw;
+- the SiLU mlx-lm applies after that convolution, `nn.silu(self.conv1d(x))` (and any other
+  `nn.silu` call of the same module: OLMo-Hybrid's MLP), goes to kernels.silu: each mlx-lm module
+  whose code calls a routed convolution (that of the class holding it, and of its mlx-lm bases)
+  gets, under its global name `nn`, ROUTED_NN: mlx.nn attribute for attribute but for `silu`, a
+  wrapper like the two above (kernels.silu where `fused` takes the call, mlx.nn.silu otherwise;
+  kernels.silu's values are nn.silu's to the bit, so generation on the CPU in float32 computes
+  what mlx-lm's code computes). Why the module's `nn`: mlx-lm looks `silu` up through it at each
+  call, and it is the one name those calls read; replacing mlx.nn.silu itself would reroute
+  every caller in the process (MLX's own layers, mlxlab's fallbacks), the convolution kernel's
+  fused SiLU (silu=True) cannot know that its output goes to nn.silu, and subclasses calling it
+  would copy mlx-lm's mixers' __call__ bodies;
 - Gemma 3's own norms, GELU-gated MLP and attention become subclasses of mlx-lm's classes
   (use_fused_gemma, at the end of this file).
 
-The fused results equal mlx-lm's to float32 rounding (tests/test_mlx_lm_fused.py). The wrappers
-replace names in mlx-lm's module (process-wide, as importing a model module is); they call
-through to the function they replaced whenever the fused path does not apply, so another
-mlx-lm model of that type in the process computes what it did.
+The fused results equal mlx-lm's to float32 rounding (tests/test_mlx_lm_fused.py,
+tests/test_kernels_silu.py). The wrappers replace names in mlx-lm's module (process-wide, as
+importing a model module is; ORIGINALS records what each wraps, and a name already replaced is
+not wrapped again); they call through to the function they replaced whenever the fused path does
+not apply, so another mlx-lm model of that type in the process computes what it did.
 """
 
 from __future__ import annotations
