@@ -19,6 +19,7 @@ from hybrid_families import FAMILIES, save_tiny_hybrid
 from mlxlab import kernels
 from mlxlab.models.decoders.mlx_lm_decoder import MLXLMDecoder
 from mlxlab.models.decoders.mlx_lm_fused import ORIGINALS, ROUTED_NN, DepthwiseConv1d
+from test_kernels_depthwise_conv import logits_loss_grads
 
 pytestmark = pytest.mark.usefixtures("fused_kernels_on")
 
@@ -101,20 +102,6 @@ def test_routed_nn_is_mlx_nn_but_for_silu():
     assert ROUTED_NN.silu is not nn.silu and ORIGINALS[ROUTED_NN.silu] is nn.silu
     with pytest.raises(AttributeError):
         ROUTED_NN.no_such_name  # noqa: B018
-
-
-def logits_loss_grads(model: MLXLMDecoder, ids: mx.array) -> dict[str, np.ndarray]:
-    """The logits, the next-token loss and every parameter's gradient, in training mode."""
-
-    def loss(m):
-        return nn.losses.cross_entropy(m(ids[:, :-1]), ids[:, 1:]).mean()
-
-    model.train()
-    value, grads = nn.value_and_grad(model, loss)(model)
-    logits = model(ids)
-    mx.eval(value, grads, logits)
-    return {"logits": np.array(logits), "loss": np.array(value),
-            **{k: np.array(v) for k, v in tree_flatten(grads)}}
 
 
 def assert_same(got: dict, want: dict) -> None:
