@@ -18,7 +18,12 @@ from mlx.utils import tree_flatten
 from hybrid_families import FAMILIES, save_tiny_hybrid
 from mlxlab import kernels
 from mlxlab.models.decoders.mlx_lm_decoder import MLXLMDecoder
-from mlxlab.models.decoders.mlx_lm_fused import ORIGINALS, ROUTED_NN, DepthwiseConv1d
+from mlxlab.models.decoders.mlx_lm_fused import (
+    ORIGINALS,
+    ROUTED_NN,
+    DepthwiseConv1d,
+    use_fused_kernels,
+)
 from test_kernels_depthwise_conv import logits_loss_grads
 
 pytestmark = pytest.mark.usefixtures("fused_kernels_on")
@@ -143,11 +148,12 @@ def unrouted(model: MLXLMDecoder, ids: mx.array, modules: list, monkeypatch: pyt
 @pytest.mark.parametrize("kind", SILU_FAMILIES)
 def test_a_loaded_hybrids_silu_calls_take_the_kernel(kind, tmp_path, monkeypatch):
     """A tiny transformers-saved hybrid of each family loaded by mlxlab: the mlx-lm module
-    holding its short convolutions sees ROUTED_NN as `nn`; with the kernels on, each nn.silu
-    call mlx-lm's code makes (as many as the unrouted module makes) is kernels.silu, with the
-    logits, loss and every gradient of the unrouted model to the bit (each SiLU's input is a
-    convolution's or a projection's output used by nothing else); with the kernels off or the
-    op skipped, no kernel call and the unrouted model's bits."""
+    holding its short convolutions sees ROUTED_NN as `nn` (once: routing it again changes
+    nothing); with the kernels on, each nn.silu call mlx-lm's code makes (as many as the
+    unrouted module makes) is kernels.silu, with the logits, loss and every gradient of the
+    unrouted model to the bit (each SiLU's input is a convolution's or a projection's output
+    used by nothing else); with the kernels off or the op skipped, no kernel call and the
+    unrouted model's bits."""
     folder = save_tiny_hybrid(kind, tmp_path / kind)
     model = MLXLMDecoder(vocab_size=0, pretrained=str(folder))
     modules = routed_modules(model)
@@ -155,6 +161,8 @@ def test_a_loaded_hybrids_silu_calls_take_the_kernel(kind, tmp_path, monkeypatch
                if any(isinstance(c, DepthwiseConv1d)
                       for _, c in tree_flatten(m.children(), is_leaf=nn.Module.is_module))}
     assert holders and holders <= {m.__name__ for m in modules}
+    routed = use_fused_kernels(model.lm)  # a second routing (another model) wraps nothing again
+    assert use_fused_kernels(model.lm) == routed and routed_modules(model) == modules
     ids = mx.array(np.random.default_rng(0).integers(0, model.vocab_size, (2, 29)))
     fused_calls, mlx_calls = [], []
     silu = kernels.silu
