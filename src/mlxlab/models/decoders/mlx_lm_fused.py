@@ -173,6 +173,9 @@ class SiluRoutedNN(ModuleType):
     def __getattr__(self, name: str) -> object:  # (called for what the instance does not hold)
         return getattr(nn, name)
 
+    def __repr__(self) -> str:
+        return "<module 'mlx.nn' with silu through mlxlab.kernels (models/decoders/mlx_lm_fused.py)>"
+
 
 ROUTED_NN = SiluRoutedNN()
 
