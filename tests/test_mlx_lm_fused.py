@@ -8,6 +8,7 @@ the bit. A Gemma 3 LoRA step's MLX peak stays below mlx-lm's own training step's
 from __future__ import annotations
 
 import io
+import sys
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -192,6 +193,38 @@ def test_wrappers_run_mlx_lm_where_the_kernels_do_not_apply(tmp_path, kernel_mod
     half = [x.astype(mx.bfloat16) for x in (q, k, v)]  # not float32: mlx-lm's SDPA
     assert same(attention(*half, None, 0.25, "causal"),
                 base.scaled_dot_product_attention(*half, None, scale=0.25, mask="causal"))
+
+
+def test_a_gated_norms_precise_swiglu_takes_the_fused_swiglu_in_float32(tmp_path, kernel_mode,
+                                                                       monkeypatch):
+    """The gated norm's `precise_swiglu(h, gate, x)` of a loaded Qwen3.5 (Qwen3-Next's and
+    OLMo-Hybrid's norms call the same name) is the wrapper: float32
+    throughout, kernels.swiglu (mlx-lm's value to float32 rounding); another dtype, the op
+    skipped or the kernels off, mlx-lm's own function to the bit."""
+    from mlx_lm.models import activations
+
+    from hybrid_families import save_tiny_hybrid
+
+    if kernels.extension() is None:
+        pytest.skip("the fused kernels do not build here")
+    model = MLXLMDecoder(vocab_size=0, pretrained=str(save_tiny_hybrid("qwen3_5", tmp_path)))
+    wrappers = {vars(m)["precise_swiglu"] for m in map(sys.modules.get, {
+        type(x).__module__ for x in model.lm.modules()}) if "precise_swiglu" in vars(m)}
+    (wrapper,) = wrappers
+    assert ORIGINALS[wrapper] is activations.precise_swiglu
+    calls = []
+    swiglu = kernels.swiglu
+    monkeypatch.setattr(kernels, "swiglu", lambda g, x: calls.append(1) or swiglu(g, x))
+    rng = np.random.default_rng(2)
+    h, gate, x = (mx.array(rng.normal(size=(2, 7, 33)).astype(np.float32)) for _ in range(3))
+    np.testing.assert_allclose(np.array(wrapper(h, gate, x)),
+                               np.array(activations.precise_swiglu(h, gate, x)), rtol=1e-6)
+    assert calls == [1]
+    half = h.astype(mx.bfloat16)
+    assert mx.array_equal(wrapper(half, gate, x), activations.precise_swiglu(half, gate, x))
+    kernel_mode("off")
+    assert mx.array_equal(wrapper(h, gate, x), activations.precise_swiglu(h, gate, x))
+    assert calls == [1]
 
 
 def step_peak_bytes(run_step) -> int:

@@ -7,7 +7,9 @@ mlxlab's own Transformer pays with the fused kernels (docs/benchmarks.md). Here 
 loaded model is routed through the same kernels:
 
 - the model's module-level `scaled_dot_product_attention` and `swiglu` (the names mlx-lm's
-  llama, qwen2/3, mistral, ... import from models/base.py and models/activations.py) become
+  llama, qwen2/3, mistral, ... import from models/base.py and models/activations.py; also
+  `precise_swiglu`, the gated norm of Qwen3-Next, Qwen3.5 and OLMo-Hybrid, where it is float32
+  throughout) become
   wrappers that call kernels.attention ("causal" passed on: the blocked kernel's flag from
   kernels.ops.BLOCKED_MIN_KEYS keys on, an additive mask below) / kernels.swiglu when
   `kernels.dispatch.fused` takes the call (CPU, float32, kernels on, op not skipped) and there is
@@ -110,6 +112,20 @@ def fused_swiglu(original: Callable) -> Callable:
 
     ORIGINALS[swiglu] = original
     return swiglu
+
+
+def fused_precise_swiglu(original: Callable) -> Callable:
+    """mlx-lm's `precise_swiglu(h, gate, x)` (silu(gate) * x in float32, cast to h's dtype: the
+    gated norms of Qwen3-Next, Qwen3.5 and OLMo-Hybrid) through kernels.swiglu where all three
+    are float32 already, so the casts change nothing."""
+
+    def precise_swiglu(h: mx.array, gate: mx.array, x: mx.array) -> mx.array:
+        if h.dtype != mx.float32 or gate.shape != x.shape or fused("swiglu", gate, x) is None:
+            return original(h, gate, x)
+        return kernels.swiglu(gate, x)
+
+    ORIGINALS[precise_swiglu] = original
+    return precise_swiglu
 
 
 class RoPE(nn.RoPE):
@@ -215,7 +231,8 @@ def use_fused_kernels(lm: nn.Module) -> int:
     routed = 0
     targets = {"scaled_dot_product_attention": (base.scaled_dot_product_attention, fused_attention),
                "create_attention_mask": (base.create_attention_mask, segment_masks),
-               "swiglu": (activations.swiglu, fused_swiglu)}
+               "swiglu": (activations.swiglu, fused_swiglu),
+               "precise_swiglu": (activations.precise_swiglu, fused_precise_swiglu)}
     for module in _model_modules(lm):
         for name, (original, wrap) in targets.items():
             names = vars(module)
