@@ -100,6 +100,34 @@ def test_an_unused_final_state_and_small_chunks():
     assert max(rel(g, r) for g, r in zip(got, ref)) < TOL
 
 
+@pytest.mark.parametrize(("batch", "heads", "length"), [(1, 1, 75), (1, 2, 64), (2, 4, 61)],
+                         ids=["16-chunk-groups", "whole-groups", "2-chunk-groups"])
+def test_the_batched_scalar_gate_over_groups_of_chunks(batch, heads, length):
+    """A scalar gate without a mask batches its chunks in groups (16 over one head, 2 over eight
+    heads): chunks of 4 over 75 tokens are a group of 16 and a padded group of 3 (the padded
+    steps must neither decay nor write the state), over 61 a padded last chunk, over 64 whole
+    groups; output, final state and all six gradients equal the loop's."""
+    inputs = rule_inputs(length, False, seed=length, batch=batch, hk=1, hv=heads)
+    mx.random.seed(length + 1)
+    dy = mx.random.normal((batch, length, heads, DV))
+    ds = mx.random.normal((batch, heads, DV, DK))
+
+    def loss(rule):
+        def f(*xs):
+            y, state = rule(*xs)
+            return (y * dy).sum() + (state * ds).sum()
+        return f
+
+    def chunked(*xs):
+        return gated_delta_chunked(*xs, chunk_size=4)
+
+    ref = [*gated_delta.gated_delta_ops(*inputs), *mx.grad(loss(gated_delta.gated_delta_ops),
+                                                         argnums=list(range(6)))(*inputs)]
+    got = [*chunked(*inputs), *mx.grad(loss(chunked), argnums=list(range(6)))(*inputs)]
+    errors = {n: rel(c, r) for n, c, r in zip(NAMES, got, ref)}
+    assert max(errors.values()) < TOL, errors
+
+
 @pytest.mark.parametrize("options", [{}, {"lower_bound": -5.0}, {"allow_neg_eigval": True}],
                          ids=["softplus-gate", "lower-bound-gate", "neg-eigval"])
 def test_update_equals_mlx_lms_in_training(options):
@@ -249,10 +277,11 @@ def test_the_backward_keeps_chunk_boundaries_not_tokens():
     assert chunked * 4 < sequential, (chunked, sequential)
 
 
-def test_the_rule_compiles_as_the_training_step_does():
+@pytest.mark.parametrize("vectorized", [False, True], ids=["scalar-gate", "kda-gate"])
+def test_the_rule_compiles_as_the_training_step_does(vectorized):
     """mlxlab compiles its step (mx.compile): the chunked rule's gradients under it are the
     same."""
-    inputs = rule_inputs(70, True, seed=2)
+    inputs = rule_inputs(70, vectorized, seed=2)
     grad = mx.grad(lambda *xs: gated_delta_chunked(*xs)[0].square().sum(), argnums=list(range(6)))
     compiled = mx.compile(grad)(*inputs)
     assert max(rel(c, g) for c, g in zip(compiled, grad(*inputs))) < TOL

@@ -39,6 +39,11 @@ import mlx.core as mx
 import mlx.nn as nn
 
 CHUNK_SIZE = 64  # flash-linear-attention's chunk; the triangular solve is C x C per head
+# a scalar gate's rule batches chunks up to this many (batch x head x chunk) C x C matrices at
+# once (256 KB in float32 at C = 64, within a core's L2 cache): few heads get fewer, larger ops
+# (there a dispatch per op is most of the cost), many heads (then the products and exps cost
+# most) one chunk at a time, and the backward holds one group's intermediates
+GROUP_MATRICES = 16
 
 
 def _unit_lower_inverse(a: mx.array) -> mx.array:
@@ -56,27 +61,49 @@ def _unit_lower_inverse(a: mx.array) -> mx.array:
     return inverse
 
 
+@mx.custom_function
+def _lapack_inverse(a: mx.array) -> mx.array:
+    """(I + a)^-1 for a strictly lower triangular (..., C, C) by LAPACK's triangular inverse
+    (C^3 / 3 multiply-adds, against the squarings' 2 log2(C) products of C^3), with the
+    inverse's own derivative as its backward: d(I + a)^-1 = -(I + a)^-1 da (I + a)^-1."""
+    return mx.linalg.tri_inv(mx.eye(a.shape[-1], dtype=a.dtype) + a, upper=False, stream=mx.cpu)
+
+
+@_lapack_inverse.vjp
+def _lapack_inverse_vjp(primals: tuple, cotangent: mx.array, inverse: mx.array) -> mx.array:
+    inverse_t = inverse.swapaxes(-1, -2)
+    return -(inverse_t @ cotangent @ inverse_t)
+
+
+def _inverse(a: mx.array) -> mx.array:
+    """(I + a)^-1, a strictly lower triangular: LAPACK's on the CPU, where MLX has it; the
+    squarings (matrix products only) on a GPU, whose stream has no triangular inverse."""
+    if mx.default_device() == mx.cpu:
+        return _lapack_inverse(a)
+    return _unit_lower_inverse(a)
+
+
 def _pair_decay(lg: mx.array, vectorized: bool) -> mx.array:
     """Gamma_t / Gamma_s = exp(lg_(s+1) + ... + lg_t) for s <= t, 0 above the diagonal:
-    (B, H, C, C), or (B, H, C, C, Dk) for a per-channel gate. Each exponent is summed from its
-    own terms (a cumulative sum down a masked copy, Mamba-2's segment sum), never as
-    gamma_t - gamma_s: that difference of two large cumulative sums loses float32 digits
-    where the gate decays fast, and its gradient cancels them again."""
-    size = lg.shape[2]
+    (..., C, C) for lg (..., C), or (..., C, C, Dk) for a per-channel gate (..., C, Dk). Each
+    exponent is summed from its own terms (a cumulative sum down a masked copy, Mamba-2's
+    segment sum), never as gamma_t - gamma_s: that difference of two large cumulative sums loses
+    float32 digits where the gate decays fast, and its gradient cancels them again."""
+    size = lg.shape[-2] if vectorized else lg.shape[-1]
     later = mx.arange(size)[:, None] > mx.arange(size)[None, :]  # (j, s): j > s
     causal = mx.tril(mx.ones((size, size), dtype=mx.bool_))
     if vectorized:
         later, causal = later[:, :, None], causal[:, :, None]
-        terms = mx.where(later, lg[:, :, :, None, :], 0.0)
-    else:
-        terms = mx.where(later, lg[:, :, :, None], 0.0)
-    return mx.where(causal, mx.exp(mx.cumsum(terms, axis=2)), 0.0)
+        terms = mx.where(later, lg[..., :, None, :], 0.0)
+        return mx.where(causal, mx.exp(mx.cumsum(terms, axis=-3)), 0.0)
+    terms = mx.where(later, lg[..., :, None], 0.0)
+    return mx.where(causal, mx.exp(mx.cumsum(terms, axis=-2)), 0.0)
 
 
 def _pairs(x: mx.array, k: mx.array, decay: mx.array, vectorized: bool) -> mx.array:
     """(x_t * Gamma_t / Gamma_s) . k_s for s <= t: (B, H, C, C)."""
     if vectorized:
-        return (x[:, :, :, None, :] * k[:, :, None, :, :] * decay).sum(-1)
+        return (x[..., :, None, :] * k[..., None, :, :] * decay).sum(-1)
     return (x @ k.swapaxes(-1, -2)) * decay
 
 
@@ -98,7 +125,7 @@ def _chunk(q: mx.array, k: mx.array, v: mx.array, lg: mx.array, beta: mx.array, 
     a = mx.where(strict, beta_run[..., None] * _pairs(k, k, decay, vectorized), 0.0)
     s0_t = s0.swapaxes(-1, -2)  # (B, H, Dk, Dv)
     rhs = beta_run[..., None] * (v - (k * scale) @ s0_t)
-    delta = _unit_lower_inverse(a) @ rhs  # (B, H, C, Dv): each step's write d_t
+    delta = _inverse(a) @ rhs  # (B, H, C, Dv): each step's write d_t
 
     def read(x: mx.array) -> mx.array:  # S_t x_t for every t of the chunk
         return (x * scale) @ s0_t + _pairs(x, k, decay, vectorized) @ delta
@@ -121,6 +148,50 @@ def _chunk(q: mx.array, k: mx.array, v: mx.array, lg: mx.array, beta: mx.array, 
     return y, s1
 
 
+def _chunk_terms(q: mx.array, k: mx.array, v: mx.array, lg: mx.array,
+                 beta: mx.array) -> tuple[mx.array, ...]:
+    """What the chunks of a scalar gate compute without the state, all chunks at once: q, k
+    (B, H, N, C, Dk), v (B, H, N, C, Dv), lg, beta (B, H, N, C). Returns the WY form's
+    W = (I + A)^-1 (beta * Gamma * K) and U = (I + A)^-1 (beta * V) (each write is
+    U - W S0^T), the reads' parts (Gamma * Q and the pairs (q_t . k_s) Gamma_t / Gamma_s,
+    s <= t), K scaled by each step's decay to the chunk's end, and the chunk's whole decay."""
+    gamma = mx.cumsum(lg, axis=-1)  # log Gamma_t
+    decay = _pair_decay(lg, False)
+    scale = mx.exp(gamma)[..., None]
+    strict = mx.tril(mx.ones(decay.shape[-2:], dtype=mx.bool_), k=-1)
+    a = mx.where(strict, beta[..., None] * _pairs(k, k, decay, False), 0.0)
+    inverse = _inverse(a)
+    w = inverse @ (beta[..., None] * k * scale)
+    u = inverse @ (beta[..., None] * v)
+    # Gamma_C / Gamma_t: the gate's terms after t, summed as they are (not gamma_C - gamma_t)
+    to_end = mx.exp(mx.cumsum(lg, axis=-1, reverse=True, inclusive=False))[..., None]
+    whole = mx.exp(gamma[..., -1:])[..., None]  # (B, H, N, 1, 1)
+    return q * scale, _pairs(q, k, decay, False), w, u, k * to_end, whole
+
+
+def _chunks(q: mx.array, k: mx.array, v: mx.array, lg: mx.array, beta: mx.array, s0: mx.array,
+            size: int) -> tuple[mx.array, mx.array]:
+    """_chunk for a scalar gate and no mask over a length that is a multiple of `size`, the
+    chunks batched: everything that does not need the state is computed for all of them at once
+    (_chunk_terms), and only the recurrence, two products a chunk, walks them:
+    D_n = U_n - W_n S_n^T, S_(n+1) = S_n Gamma_C + D_n^T (K Gamma_C / Gamma)_n. The reads of
+    every chunk, Q Gamma S_n^T + pairs D_n, are two batched products after it."""
+    b, h, length = q.shape[:3]
+
+    def split(x: mx.array) -> mx.array:  # (B, H, T, ...) -> (B, H, N, C, ...)
+        return x.reshape(b, h, length // size, size, *x.shape[3:])
+
+    q_scaled, pairs, w, u, k_to_end, whole = _chunk_terms(*map(split, (q, k, v, lg, beta)))
+    deltas, states, state = [], [], s0
+    for n in range(length // size):
+        states.append(state.swapaxes(-1, -2))  # S_n^T (B, H, Dk, Dv)
+        delta = mx.addmm(u[:, :, n], w[:, :, n], states[-1], alpha=-1.0)
+        deltas.append(delta)
+        state = mx.addmm(state * whole[:, :, n], delta.swapaxes(-1, -2), k_to_end[:, :, n])
+    y = q_scaled @ mx.stack(states, axis=2) + pairs @ mx.stack(deltas, axis=2)
+    return y.reshape(b, h, length, -1), state
+
+
 def _spans(length: int, size: int) -> list[tuple[int, int]]:
     return [(i, min(i + size, length)) for i in range(0, length, size)]
 
@@ -140,17 +211,30 @@ def _chunk_of(masked: bool):
     return lambda q, k, v, lg, beta, s0: _chunk(q, k, v, lg, beta, s0, None)
 
 
+def _group_chunks(batch: int, heads: int) -> int:
+    """How many chunks a span of the batched rule holds (GROUP_MATRICES)."""
+    return max(1, GROUP_MATRICES // (batch * heads))
+
+
 @cache
-def _rule(chunk_size: int, masked: bool):
+def _rule(chunk_size: int, masked: bool, batched: int):
     """The chunked rule over head-major float32 arrays, (y, final state), as an
-    mx.custom_function whose backward keeps only the chunk boundaries' states."""
-    step = _chunk_of(masked)
+    mx.custom_function whose backward keeps only the states between spans. A span is one chunk
+    (_chunk), or with `batched` (a scalar gate, no mask, a length padded to whole chunks) that
+    many chunks at once (_chunks): the backward holds one span's intermediates."""
+    if batched:
+        span_size = chunk_size * batched
+
+        def step(*arrays: mx.array) -> tuple[mx.array, mx.array]:
+            return _chunks(*arrays, chunk_size)
+    else:
+        span_size, step = chunk_size, _chunk_of(masked)
 
     @mx.custom_function
     def rule(*arrays: mx.array) -> tuple[mx.array, mx.array]:
         seq, s0, keep = list(arrays[:5]), arrays[5], list(arrays[6:])
         outputs, state = [], s0
-        for span in _spans(seq[0].shape[2], chunk_size):
+        for span in _spans(seq[0].shape[2], span_size):
             y, state = step(*_cut(seq, span, state), state, *_cut(keep, span, state))
             outputs.append(y)
         return mx.concatenate(outputs, axis=2), state
@@ -159,7 +243,7 @@ def _rule(chunk_size: int, masked: bool):
     def rule_vjp(primals: tuple, cotangents: tuple, outputs: tuple) -> tuple:
         seq, s0, keep = list(primals[:5]), primals[5], list(primals[6:])
         dy, d_state = cotangents
-        spans = _spans(seq[0].shape[2], chunk_size)
+        spans = _spans(seq[0].shape[2], span_size)
         states = [s0]  # the state entering each chunk, recomputed
         for span in spans[:-1]:
             state = states[-1]
@@ -204,11 +288,18 @@ def chunked_rule(q: mx.array, k: mx.array, v: mx.array, log_g: mx.array, beta: m
     def heads(x: mx.array) -> mx.array:  # (B, T, H, ...) -> (B, H, T, ...), float32
         return mx.moveaxis(x.astype(mx.float32), 2, 1)
 
-    arrays = [heads(q), heads(k), heads(v), heads(log_g), heads(beta), state.astype(mx.float32)]
+    seq = [heads(q), heads(k), heads(v), heads(log_g), heads(beta)]
+    length = seq[0].shape[2]
+    batched = _group_chunks(batch, hv) if mask is None and log_g.ndim == 3 else 0
+    if batched and (extra := -length % chunk_size):
+        # whole chunks: a padded step has gate 1 and beta 0 (no decay, no write), its output is
+        # dropped, so the state and every real output and gradient are the unpadded ones
+        seq = [mx.pad(x, [(0, 0), (0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 3)) for x in seq]
+    arrays = [*seq, state.astype(mx.float32)]
     if mask is not None:
         arrays.append(mask.astype(mx.float32)[:, None, :])
-    y, final = _rule(chunk_size, mask is not None)(*arrays)
-    return mx.moveaxis(y, 1, 2).astype(q.dtype), final
+    y, final = _rule(chunk_size, mask is not None, batched)(*arrays)
+    return mx.moveaxis(y[:, :, :length], 1, 2).astype(q.dtype), final
 
 
 def log_gate(A_log: mx.array, a: mx.array, dt_bias: mx.array,  # noqa: N803
