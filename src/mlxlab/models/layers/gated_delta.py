@@ -38,6 +38,8 @@ from functools import cache
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlxlab.models.layers import gate_decay
+
 CHUNK_SIZE = 64  # flash-linear-attention's chunk; the triangular solve is C x C per head
 # a scalar gate's rule batches chunks up to this many (batch x head x chunk) C x C matrices at
 # once (256 KB in float32 at C = 64, within a core's L2 cache): few heads get fewer, larger ops
@@ -83,30 +85,6 @@ def _inverse(a: mx.array) -> mx.array:
     return _unit_lower_inverse(a)
 
 
-def _pair_decay(lg: mx.array, vectorized: bool) -> mx.array:
-    """Gamma_t / Gamma_s = exp(lg_(s+1) + ... + lg_t) for s <= t, 0 above the diagonal:
-    (..., C, C) for lg (..., C), or (..., C, C, Dk) for a per-channel gate (..., C, Dk). Each
-    exponent is summed from its own terms (a cumulative sum down a masked copy, Mamba-2's
-    segment sum), never as gamma_t - gamma_s: that difference of two large cumulative sums loses
-    float32 digits where the gate decays fast, and its gradient cancels them again."""
-    size = lg.shape[-2] if vectorized else lg.shape[-1]
-    later = mx.arange(size)[:, None] > mx.arange(size)[None, :]  # (j, s): j > s
-    causal = mx.tril(mx.ones((size, size), dtype=mx.bool_))
-    if vectorized:
-        later, causal = later[:, :, None], causal[:, :, None]
-        terms = mx.where(later, lg[..., :, None, :], 0.0)
-        return mx.where(causal, mx.exp(mx.cumsum(terms, axis=-3)), 0.0)
-    terms = mx.where(later, lg[..., :, None], 0.0)
-    return mx.where(causal, mx.exp(mx.cumsum(terms, axis=-2)), 0.0)
-
-
-def _pairs(x: mx.array, k: mx.array, decay: mx.array, vectorized: bool) -> mx.array:
-    """(x_t * Gamma_t / Gamma_s) . k_s for s <= t: (B, H, C, C)."""
-    if vectorized:
-        return (x[..., :, None, :] * k[..., None, :, :] * decay).sum(-1)
-    return (x @ k.swapaxes(-1, -2)) * decay
-
-
 def _chunk(q: mx.array, k: mx.array, v: mx.array, lg: mx.array, beta: mx.array, s0: mx.array,
            keep: mx.array | None) -> tuple[mx.array, mx.array]:
     """One chunk of the rule: q, k (B, H, C, Dk), v (B, H, C, Dv), lg the log gate (B, H, C) or
@@ -119,16 +97,16 @@ def _chunk(q: mx.array, k: mx.array, v: mx.array, lg: mx.array, beta: mx.array, 
     else:
         lg_run, beta_run = lg, beta
     gamma = mx.cumsum(lg_run, axis=2)  # log Gamma_t
-    decay = _pair_decay(lg_run, vectorized)
+    decay = gate_decay.decay(lg_run, vectorized)
     scale = mx.exp(gamma) if vectorized else mx.exp(gamma)[..., None]
-    strict = mx.tril(mx.ones(decay.shape[2:4], dtype=mx.bool_), k=-1)
-    a = mx.where(strict, beta_run[..., None] * _pairs(k, k, decay, vectorized), 0.0)
+    strict = mx.tril(mx.ones((lg.shape[2], lg.shape[2]), dtype=mx.bool_), k=-1)
+    a = mx.where(strict, beta_run[..., None] * gate_decay.pairs(k, k, decay, vectorized), 0.0)
     s0_t = s0.swapaxes(-1, -2)  # (B, H, Dk, Dv)
     rhs = beta_run[..., None] * (v - (k * scale) @ s0_t)
     delta = _inverse(a) @ rhs  # (B, H, C, Dv): each step's write d_t
 
     def read(x: mx.array) -> mx.array:  # S_t x_t for every t of the chunk
-        return (x * scale) @ s0_t + _pairs(x, k, decay, vectorized) @ delta
+        return (x * scale) @ s0_t + gate_decay.pairs(x, k, decay, vectorized) @ delta
 
     if keep is None:
         y = read(q)
@@ -156,17 +134,17 @@ def _chunk_terms(q: mx.array, k: mx.array, v: mx.array, lg: mx.array,
     U - W S0^T), the reads' parts (Gamma * Q and the pairs (q_t . k_s) Gamma_t / Gamma_s,
     s <= t), K scaled by each step's decay to the chunk's end, and the chunk's whole decay."""
     gamma = mx.cumsum(lg, axis=-1)  # log Gamma_t
-    decay = _pair_decay(lg, False)
+    decay = gate_decay.decay(lg, False)
     scale = mx.exp(gamma)[..., None]
     strict = mx.tril(mx.ones(decay.shape[-2:], dtype=mx.bool_), k=-1)
-    a = mx.where(strict, beta[..., None] * _pairs(k, k, decay, False), 0.0)
+    a = mx.where(strict, beta[..., None] * gate_decay.pairs(k, k, decay, False), 0.0)
     inverse = _inverse(a)
     w = inverse @ (beta[..., None] * k * scale)
     u = inverse @ (beta[..., None] * v)
     # Gamma_C / Gamma_t: the gate's terms after t, summed as they are (not gamma_C - gamma_t)
     to_end = mx.exp(mx.cumsum(lg, axis=-1, reverse=True, inclusive=False))[..., None]
     whole = mx.exp(gamma[..., -1:])[..., None]  # (B, H, N, 1, 1)
-    return q * scale, _pairs(q, k, decay, False), w, u, k * to_end, whole
+    return q * scale, gate_decay.pairs(q, k, decay, False), w, u, k * to_end, whole
 
 
 def _chunks(q: mx.array, k: mx.array, v: mx.array, lg: mx.array, beta: mx.array, s0: mx.array,

@@ -1,0 +1,107 @@
+"""A chunk's gate ratios for the chunked gated delta rule (models/layers/gated_delta.py): the decay
+Gamma_t / Gamma_s = exp(lg_(s+1) + ... + lg_t) between every pair of steps s <= t of a chunk, and
+the pair products (x_t * Gamma_t / Gamma_s) . k_s the rule builds from it.
+
+Each exponent is summed from its own terms (a cumulative sum down a masked copy, Mamba-2's
+segment sum), never as gamma_t - gamma_s: that difference of two large cumulative sums loses
+float32 digits where the gate decays fast, and its gradient cancels them again.
+
+A chunk of C steps has C^2 / 2 such ratios (C^2 Dk for a gate per key channel, KDA), and an exp
+costs some 30 multiplies on the CPU (MLX's is scalar there): the ratios were most of the rule's
+time. Where C is a multiple of BLOCK (> BLOCK), the chunk is cut into blocks of BLOCK steps and
+a ratio across blocks is a product of two exps of sums of its own terms, each at most 1:
+
+    Gamma_t / Gamma_s = exp(lg_(s+1) + ... + lg_e) * exp(lg_(e+1) + ... + lg_t),
+
+e the last step of s's block: C + C^2 / BLOCK exps across blocks, C * BLOCK within them, in place
+of C^2 (a fifth at C = 64). For KDA the product also splits the pair products across blocks
+into matrix products, (x_t Gamma_t / Gamma_e) . (k_s Gamma_e / Gamma_s), so no (C, C, Dk) tensor
+is formed outside the diagonal blocks.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+BLOCK = 8  # C + C^2/B + C*B exps is least at B = sqrt(C): 8 for flash-linear-attention's C = 64
+
+
+def pair_decay(lg: mx.array, vectorized: bool) -> mx.array:
+    """Every ratio as one exp of its segment sum: (..., C, C) for lg (..., C), or (..., C, C, Dk)
+    for a per-channel gate (..., C, Dk); 0 above the diagonal."""
+    size = lg.shape[-2] if vectorized else lg.shape[-1]
+    later = mx.arange(size)[:, None] > mx.arange(size)[None, :]  # (j, s): j > s
+    causal = mx.tril(mx.ones((size, size), dtype=mx.bool_))
+    if vectorized:
+        later, causal = later[:, :, None], causal[:, :, None]
+        terms = mx.where(later, lg[..., :, None, :], 0.0)
+        return mx.where(causal, mx.exp(mx.cumsum(terms, axis=-3)), 0.0)
+    terms = mx.where(later, lg[..., :, None], 0.0)
+    return mx.where(causal, mx.exp(mx.cumsum(terms, axis=-2)), 0.0)
+
+
+def _blocked(size: int) -> bool:
+    return size > BLOCK and size % BLOCK == 0
+
+
+def _parts(lg: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    """The factors for lg (..., C, D) (D = Dk, or 1 for a scalar gate): the ratios inside each
+    block (..., C/B, B, B, D); Gamma_e / Gamma_s from each step to its block's end (..., C, D);
+    Gamma_t / Gamma_e from each block's end e to every step t (..., C/B, C, D), 1 for t <= e
+    (those pairs are not across blocks, and 1 keeps the unused products finite)."""
+    size = lg.shape[-2]
+    count = size // BLOCK
+    blocks = lg.reshape(*lg.shape[:-2], count, BLOCK, lg.shape[-1])
+    inside = pair_decay(blocks, True)
+    to_end = mx.exp(mx.cumsum(blocks, axis=-2, reverse=True, inclusive=False)).reshape(lg.shape)
+    ends = (mx.arange(count) + 1) * BLOCK - 1
+    after = (mx.arange(size)[None, :] > ends[:, None])[:, :, None]  # (block, t, 1): t > e
+    from_end = mx.exp(mx.cumsum(mx.where(after, lg[..., None, :, :], 0.0), axis=-2))
+    return inside, to_end, from_end
+
+
+def _assemble(inside: mx.array, across: mx.array) -> mx.array:
+    """(..., C, C) from the diagonal blocks (..., C/B, B, B) and `across` (..., C, C), whose
+    entries below the diagonal blocks are kept; 0 above them."""
+    count, size = inside.shape[-3], across.shape[-1]
+    diagonal = mx.eye(count, dtype=mx.bool_)[:, None, :, None]
+    embedded = mx.where(diagonal, inside[..., :, :, None, :], 0.0).reshape(across.shape)
+    block = mx.arange(size) // BLOCK
+    return mx.where(block[:, None] > block[None, :], across, embedded)
+
+
+def decay(lg: mx.array, vectorized: bool) -> mx.array | tuple[mx.array, ...]:
+    """What `pairs` takes for the chunk's log gate lg (..., C) or (..., C, Dk): for a scalar gate
+    the ratios (..., C, C); for a per-channel gate the ratios (..., C, C, Dk), or across blocks
+    their factors (_parts)."""
+    size = lg.shape[-2] if vectorized else lg.shape[-1]
+    if not _blocked(size):
+        return pair_decay(lg, vectorized)
+    if vectorized:
+        return _parts(lg)
+    inside, to_end, from_end = _parts(lg[..., None])
+    count = size // BLOCK
+    # across[t, s] = Gamma_t / Gamma_e(s) * Gamma_e(s) / Gamma_s
+    across = from_end[..., :, None, :, 0] * to_end[..., 0].reshape(*lg.shape[:-1], count,
+                                                                    BLOCK, 1)
+    across = across.reshape(*lg.shape, size).swapaxes(-1, -2)
+    return _assemble(inside[..., 0], across)
+
+
+def pairs(x: mx.array, k: mx.array, decay: mx.array | tuple[mx.array, ...],
+          vectorized: bool) -> mx.array:
+    """(x_t * Gamma_t / Gamma_s) . k_s for s <= t, 0 above: (..., C, C) for x, k (..., C, Dk)."""
+    if not vectorized:
+        return (x @ k.swapaxes(-1, -2)) * decay
+    if not isinstance(decay, tuple):
+        return (x[..., :, None, :] * k[..., None, :, :] * decay).sum(-1)
+    inside, to_end, from_end = decay
+    size, count = x.shape[-2], inside.shape[-4]
+    x_blocks = x.reshape(*x.shape[:-2], count, BLOCK, x.shape[-1])
+    k_blocks = k.reshape(x_blocks.shape)
+    within = (x_blocks[..., :, :, None, :] * k_blocks[..., :, None, :, :] * inside).sum(-1)
+    # across[t, s] = (x_t Gamma_t / Gamma_e) . (k_s Gamma_e / Gamma_s), one product per block
+    k_to_end = (k * to_end).reshape(x_blocks.shape)
+    across = (x[..., None, :, :] * from_end) @ k_to_end.swapaxes(-1, -2)  # (.., block, t, s)
+    across = mx.moveaxis(across, -3, -2).reshape(*x.shape[:-2], size, size)
+    return _assemble(within, across)
