@@ -16,15 +16,28 @@ chunk every delta solves one unit lower-triangular system at once,
 
 (Gamma the gate's product from the chunk's start; per key channel for KDA), outputs and the next
 chunk's state are matrix products of D, and only the states between chunks are carried. The
-backward (mx.custom_function) recomputes those boundary states, then walks the chunks from the
-last, differentiating one chunk at a time: the memory it keeps is the chunk boundaries' states
-plus one chunk's intermediates, never a state per token.
+backward (mx.custom_function) recomputes the states between spans of chunks, then walks the
+spans from the last, differentiating one span at a time: the memory it keeps is those states
+plus one span's intermediates, never a state per token.
 
-Gate ratios Gamma_t / Gamma_s are exp of the log gate's terms between s and t, summed as they
-are (_pair_decay): never a quotient (a KDA channel's decay underflows float32 within a chunk),
-never a difference of cumulative sums (it loses digits, and the gate's gradient with them,
-where the gate decays fast). The per-channel gate's ratios are a (C, C, Dk) tensor per chunk
-and head (the price of exactness without sub-chunks).
+A span is one chunk, except for a scalar gate without a mask (what a layer trains through),
+whose chunks are batched in groups (_chunks): most of a chunk's work does not need the carried
+state, and is done for the group's chunks at once as batched ops over a (B, H, N, C, ...) view
+(_chunk_terms: the gate ratios, A, (I + A)^-1, flash-linear-attention's WY form
+W = (I + A)^-1 (beta * Gamma * K) and U = (I + A)^-1 (beta * V), so that D = U - W S0^T); only
+the recurrence, two products a chunk, walks the chunks. The group holds at most GROUP_MATRICES
+C x C matrices (batch x head x chunk): with few heads the cost is mostly one dispatch per op
+and the group saves it, with many it is the products and exps and a group of one is as fast;
+either way the backward's span stays small. Such a call is padded to whole chunks with steps of
+gate 1 and beta 0 (they neither decay nor write the state), whose outputs are dropped.
+
+(I + A)^-1 is LAPACK's triangular inverse on the CPU, with the inverse's own derivative as its
+backward (_lapack_inverse); elsewhere (a GPU stream has no triangular inverse) log2(C)
+squarings of matrix products. Gate ratios Gamma_t / Gamma_s come from gate_decay.py: exps of
+the log gate's terms between s and t, summed as they are, never a quotient (a KDA channel's
+decay underflows float32 within a chunk) nor a difference of cumulative sums (it loses digits,
+and the gate's gradient with them, where the gate decays fast); across blocks of 8 steps a
+product of two such exps, which for KDA also turns the pair products into matrix products.
 
 Masks follow `gated_delta_ops` exactly: a masked position leaves the state as it was, and its
 output is still what the step would have read (y_t = q_t of the step's updated state), not zero.
