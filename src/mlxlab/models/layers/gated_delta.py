@@ -28,8 +28,8 @@ W = (I + A)^-1 (beta * Gamma * K) and U = (I + A)^-1 (beta * V), so that D = U -
 the recurrence, two products a chunk, walks the chunks. The group holds at most GROUP_MATRICES
 C x C matrices (batch x head x chunk): with few heads the cost is mostly one dispatch per op
 and the group saves it, with many it is the products and exps and a group of one is as fast;
-either way the backward's span stays small. Such a call is padded to whole chunks with steps of
-gate 1 and beta 0 (they neither decay nor write the state), whose outputs are dropped.
+either way the backward's span stays small. Its last span is padded to whole chunks with steps
+of gate 1 and beta 0 (they neither decay nor write the state), whose outputs are dropped.
 
 (I + A)^-1 is LAPACK's triangular inverse on the CPU, with the inverse's own derivative as its
 backward (_lapack_inverse); elsewhere (a GPU stream has no triangular inverse) log2(C)
@@ -162,25 +162,31 @@ def _chunk_terms(q: mx.array, k: mx.array, v: mx.array, lg: mx.array,
 
 def _chunks(q: mx.array, k: mx.array, v: mx.array, lg: mx.array, beta: mx.array, s0: mx.array,
             size: int) -> tuple[mx.array, mx.array]:
-    """_chunk for a scalar gate and no mask over a length that is a multiple of `size`, the
-    chunks batched: everything that does not need the state is computed for all of them at once
+    """_chunk for a scalar gate and no mask over any length, its chunks of `size` batched:
+    everything that does not need the state is computed for all of them at once
     (_chunk_terms), and only the recurrence, two products a chunk, walks them:
     D_n = U_n - W_n S_n^T, S_(n+1) = S_n Gamma_C + D_n^T (K Gamma_C / Gamma)_n. The reads of
     every chunk, Q Gamma S_n^T + pairs D_n, are two batched products after it."""
     b, h, length = q.shape[:3]
+    count = -(-length // size)
+    # whole chunks: a padded step has gate 1 and beta 0 (no decay, no write) and its output is
+    # dropped, so the state and every real output and gradient are the unpadded ones. Padded
+    # here, in the span, not before the rule: the rule's inputs stay alive until its backward
+    extra = count * size - length
 
     def split(x: mx.array) -> mx.array:  # (B, H, T, ...) -> (B, H, N, C, ...)
-        return x.reshape(b, h, length // size, size, *x.shape[3:])
+        x = mx.pad(x, [(0, 0), (0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 3)) if extra else x
+        return x.reshape(b, h, count, size, *x.shape[3:])
 
     q_scaled, pairs, w, u, k_to_end, whole = _chunk_terms(*map(split, (q, k, v, lg, beta)))
     deltas, states, state = [], [], s0
-    for n in range(length // size):
+    for n in range(count):
         states.append(state.swapaxes(-1, -2))  # S_n^T (B, H, Dk, Dv)
         delta = mx.addmm(u[:, :, n], w[:, :, n], states[-1], alpha=-1.0)
         deltas.append(delta)
         state = mx.addmm(state * whole[:, :, n], delta.swapaxes(-1, -2), k_to_end[:, :, n])
     y = q_scaled @ mx.stack(states, axis=2) + pairs @ mx.stack(deltas, axis=2)
-    return y.reshape(b, h, length, -1), state
+    return y.reshape(b, h, count * size, -1)[:, :, :length], state
 
 
 def _spans(length: int, size: int) -> list[tuple[int, int]]:
@@ -211,8 +217,8 @@ def _group_chunks(batch: int, heads: int) -> int:
 def _rule(chunk_size: int, masked: bool, batched: int):
     """The chunked rule over head-major float32 arrays, (y, final state), as an
     mx.custom_function whose backward keeps only the states between spans. A span is one chunk
-    (_chunk), or with `batched` (a scalar gate, no mask, a length padded to whole chunks) that
-    many chunks at once (_chunks): the backward holds one span's intermediates."""
+    (_chunk), or with `batched` (a scalar gate, no mask) that many chunks at once (_chunks):
+    the backward holds one span's intermediates."""
     if batched:
         span_size = chunk_size * batched
 
@@ -279,18 +285,12 @@ def chunked_rule(q: mx.array, k: mx.array, v: mx.array, log_g: mx.array, beta: m
     def heads(x: mx.array) -> mx.array:  # (B, T, H, ...) -> (B, H, T, ...), float32
         return mx.moveaxis(x.astype(mx.float32), 2, 1)
 
-    seq = [heads(q), heads(k), heads(v), heads(log_g), heads(beta)]
-    length = seq[0].shape[2]
-    batched = _group_chunks(batch, hv) if mask is None and log_g.ndim == 3 else 0
-    if batched and (extra := -length % chunk_size):
-        # whole chunks: a padded step has gate 1 and beta 0 (no decay, no write), its output is
-        # dropped, so the state and every real output and gradient are the unpadded ones
-        seq = [mx.pad(x, [(0, 0), (0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 3)) for x in seq]
-    arrays = [*seq, state.astype(mx.float32)]
+    arrays = [heads(q), heads(k), heads(v), heads(log_g), heads(beta), state.astype(mx.float32)]
     if mask is not None:
         arrays.append(mask.astype(mx.float32)[:, None, :])
+    batched = _group_chunks(batch, hv) if mask is None and log_g.ndim == 3 else 0
     y, final = _rule(chunk_size, mask is not None, batched)(*arrays)
-    return mx.moveaxis(y[:, :, :length], 1, 2).astype(q.dtype), final
+    return mx.moveaxis(y, 1, 2).astype(q.dtype), final
 
 
 def log_gate(A_log: mx.array, a: mx.array, dt_bias: mx.array,  # noqa: N803
