@@ -102,13 +102,14 @@ def test_an_unused_final_state_and_small_chunks():
     assert max(rel(g, r) for g, r in zip(got, ref)) < TOL
 
 
-@pytest.mark.parametrize(("batch", "heads", "length"), [(1, 1, 75), (1, 2, 64), (2, 4, 61)],
-                         ids=["16-chunk-groups", "whole-groups", "2-chunk-groups"])
+@pytest.mark.parametrize(("batch", "heads", "length"), [(1, 1, 75), (1, 2, 64), (1, 4, 61)],
+                         ids=["8-chunk-groups", "whole-groups", "2-chunk-groups"])
 def test_the_batched_scalar_gate_over_groups_of_chunks(batch, heads, length):
-    """A scalar gate without a mask batches its chunks in groups (16 over one head, 2 over eight
-    heads): chunks of 4 over 75 tokens are a group of 16 and a padded group of 3 (the padded
-    steps must neither decay nor write the state), over 61 a padded last chunk, over 64 whole
-    groups; output, final state and all six gradients equal the loop's."""
+    """A scalar gate without a mask over few heads batches its chunks in groups (8 over one
+    head, 2 over four): chunks of 4 over 75 tokens are two groups of 8 and a padded group of 3
+    (the padded steps must neither decay nor write the state), over 61 a padded last chunk,
+    over 64 whole groups; output, final state and all six gradients equal the loop's, compiled
+    too (mlxlab compiles its step)."""
     inputs = rule_inputs(length, False, seed=length, batch=batch, hk=1, hv=heads)
     mx.random.seed(length + 1)
     dy = mx.random.normal((batch, length, heads, DV))
@@ -123,11 +124,14 @@ def test_the_batched_scalar_gate_over_groups_of_chunks(batch, heads, length):
     def chunked(*xs):
         return gated_delta_chunked(*xs, chunk_size=4)
 
+    assert chunked_module._group_chunks(batch, heads) == 8 // heads
     ref = [*gated_delta.gated_delta_ops(*inputs), *mx.grad(loss(gated_delta.gated_delta_ops),
                                                          argnums=list(range(6)))(*inputs)]
     got = [*chunked(*inputs), *mx.grad(loss(chunked), argnums=list(range(6)))(*inputs)]
     errors = {n: rel(c, r) for n, c, r in zip(NAMES, got, ref)}
     assert max(errors.values()) < TOL, errors
+    compiled = mx.compile(mx.grad(loss(chunked), argnums=list(range(6))))(*inputs)
+    assert max(rel(c, r) for c, r in zip(compiled, ref[2:])) < TOL
 
 
 @pytest.mark.parametrize("vectorized", [False, True], ids=["scalar-gate", "kda-gate"])

@@ -20,16 +20,16 @@ backward (mx.custom_function) recomputes the states between spans of chunks, the
 spans from the last, differentiating one span at a time: the memory it keeps is those states
 plus one span's intermediates, never a state per token.
 
-A span is one chunk, except for a scalar gate without a mask (what a layer trains through),
-whose chunks are batched in groups (_chunks): most of a chunk's work does not need the carried
+A span is one chunk, except for a scalar gate without a mask (what a layer trains through) over
+a batch of few heads, whose chunks are batched in groups (_chunks): most of a chunk's work does not need the carried
 state, and is done for the group's chunks at once as batched ops over a (B, H, N, C, ...) view
 (_chunk_terms: the gate ratios, A, (I + A)^-1, flash-linear-attention's WY form
 W = (I + A)^-1 (beta * Gamma * K) and U = (I + A)^-1 (beta * V), so that D = U - W S0^T); only
-the recurrence, two products a chunk, walks the chunks. The group holds at most GROUP_MATRICES
-C x C matrices (batch x head x chunk): with few heads the cost is mostly one dispatch per op
-and the group saves it, with many it is the products and exps and a group of one is as fast;
-either way the backward's span stays small. Its last span is padded to whole chunks with steps
-of gate 1 and beta 0 (they neither decay nor write the state), whose outputs are dropped.
+the recurrence, two products a chunk, walks the chunks. A group holds at most GROUP_MATRICES
+C x C matrices (batch x head x chunk), and is at least 2 chunks: with few heads the cost is
+mostly one dispatch per op and the group saves it; with 8 or more it is the products and exps,
+and the chunks go one at a time. Its last span is padded to whole chunks with steps of gate 1
+and beta 0 (they neither decay nor write the state), whose outputs are dropped.
 
 (I + A)^-1 is LAPACK's triangular inverse on the CPU, with the inverse's own derivative as its
 backward (_lapack_inverse); elsewhere (a GPU stream has no triangular inverse) log2(C)
@@ -55,10 +55,11 @@ from mlxlab.models.layers import gate_decay
 
 CHUNK_SIZE = 64  # flash-linear-attention's chunk; the triangular solve is C x C per head
 # a scalar gate's rule batches chunks up to this many (batch x head x chunk) C x C matrices at
-# once (256 KB in float32 at C = 64, within a core's L2 cache): few heads get fewer, larger ops
-# (there a dispatch per op is most of the cost), many heads (then the products and exps cost
-# most) one chunk at a time, and the backward holds one group's intermediates
-GROUP_MATRICES = 16
+# once: with a batch of few heads the cost is mostly one dispatch per op, which a group saves;
+# from 8 heads on it is the products and exps, a group is no faster, and the per-chunk form
+# keeps the layer's peak memory lower (at 4,096 tokens a group of 2 or more raised a whole
+# layer's forward + backward peak by a sixth: MLX schedules the weights' gradients otherwise)
+GROUP_MATRICES = 8
 
 
 def _unit_lower_inverse(a: mx.array) -> mx.array:
@@ -209,8 +210,10 @@ def _chunk_of(masked: bool):
 
 
 def _group_chunks(batch: int, heads: int) -> int:
-    """How many chunks a span of the batched rule holds (GROUP_MATRICES)."""
-    return max(1, GROUP_MATRICES // (batch * heads))
+    """How many chunks a span of the batched rule holds (GROUP_MATRICES); 0: one at a time, in
+    the per-chunk form (_chunk)."""
+    count = GROUP_MATRICES // (batch * heads)
+    return count if count > 1 else 0
 
 
 @cache
