@@ -64,8 +64,8 @@ GROUP_MATRICES = 8
 
 def _unit_lower_inverse(a: mx.array) -> mx.array:
     """(I + a)^-1 for a strictly lower triangular (..., C, C): with n = -a nilpotent the inverse
-    is I + n + ... + n^(C-1) = (I + n)(I + n^2)(I + n^4)..., log2(C) squarings (matrix products,
-    differentiable, unlike MLX's triangular solvers)."""
+    is I + n + ... + n^(C-1) = (I + n)(I + n^2)(I + n^4)..., log2(C) squarings: matrix products
+    only, which every stream runs and autograd differentiates."""
     size = a.shape[-1]
     power = -a
     inverse = mx.eye(size, dtype=a.dtype) + power
@@ -196,9 +196,9 @@ def _spans(length: int, size: int) -> list[tuple[int, int]]:
 
 def _cut(arrays: list[mx.array], span: tuple[int, int],
          after: mx.array | list[mx.array]) -> list[mx.array]:
-    """The chunk `span` of each array, computed only once `after` is: a chunk's gate ratios and
-    key products do not depend on the state, and MLX would otherwise compute many chunks' at
-    once (for a per-channel gate, a (C, C, Dk) tensor per chunk and head alive together)."""
+    """The span `span` of each array, computed only once `after` is: a span's gate ratios and
+    key products do not depend on the state, and MLX would otherwise compute many spans' at
+    once (all their intermediates alive together)."""
     return mx.depends([x[:, :, span[0]:span[1]] for x in arrays], after) if arrays else []
 
 
