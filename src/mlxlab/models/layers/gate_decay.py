@@ -21,17 +21,40 @@ is formed outside the diagonal blocks.
 
 from __future__ import annotations
 
+from functools import cache
+
 import mlx.core as mx
+import numpy as np
 
 BLOCK = 8  # C + C^2/B + C*B exps is least at B = sqrt(C): 8 for flash-linear-attention's C = 64
+
+
+@cache
+def masks(size: int) -> tuple[mx.array, mx.array]:
+    """(later, causal): j > s and t >= s over a chunk's steps, (size, size) bool. Built once per
+    size from numpy (a constant even when first asked inside mx.compile's trace): a chunk's
+    rule is a few dozen ops, and building its masks anew each time was a fifth of them."""
+    steps = np.arange(size)
+    return mx.array(steps[:, None] > steps[None, :]), mx.array(steps[:, None] >= steps[None, :])
+
+
+@cache
+def _block_masks(size: int) -> tuple[mx.array, mx.array, mx.array]:
+    """For C = size in blocks of BLOCK: t > e (block, t, 1), e each block's last step; the
+    diagonal blocks' places (block, 1, block, 1); t's block after s's (C, C)."""
+    steps, count = np.arange(size), size // BLOCK
+    ends = (np.arange(count) + 1) * BLOCK - 1
+    block = steps // BLOCK
+    return (mx.array((steps[None, :] > ends[:, None])[:, :, None]),
+            mx.array(np.eye(count, dtype=bool)[:, None, :, None]),
+            mx.array(block[:, None] > block[None, :]))
 
 
 def pair_decay(lg: mx.array, vectorized: bool) -> mx.array:
     """Every ratio as one exp of its segment sum: (..., C, C) for lg (..., C), or (..., C, C, Dk)
     for a per-channel gate (..., C, Dk); 0 above the diagonal."""
     size = lg.shape[-2] if vectorized else lg.shape[-1]
-    later = mx.arange(size)[:, None] > mx.arange(size)[None, :]  # (j, s): j > s
-    causal = mx.tril(mx.ones((size, size), dtype=mx.bool_))
+    later, causal = masks(size)  # later (j, s): j > s
     if vectorized:
         later, causal = later[:, :, None], causal[:, :, None]
         terms = mx.where(later, lg[..., :, None, :], 0.0)
@@ -54,8 +77,7 @@ def _parts(lg: mx.array) -> tuple[mx.array, mx.array, mx.array]:
     blocks = lg.reshape(*lg.shape[:-2], count, BLOCK, lg.shape[-1])
     inside = pair_decay(blocks, True)
     to_end = mx.exp(mx.cumsum(blocks, axis=-2, reverse=True, inclusive=False)).reshape(lg.shape)
-    ends = (mx.arange(count) + 1) * BLOCK - 1
-    after = (mx.arange(size)[None, :] > ends[:, None])[:, :, None]  # (block, t, 1): t > e
+    after = _block_masks(size)[0]  # (block, t, 1): t > e
     from_end = mx.exp(mx.cumsum(mx.where(after, lg[..., None, :, :], 0.0), axis=-2))
     return inside, to_end, from_end
 
@@ -63,11 +85,9 @@ def _parts(lg: mx.array) -> tuple[mx.array, mx.array, mx.array]:
 def _assemble(inside: mx.array, across: mx.array) -> mx.array:
     """(..., C, C) from the diagonal blocks (..., C/B, B, B) and `across` (..., C, C), whose
     entries below the diagonal blocks are kept; 0 above them."""
-    count, size = inside.shape[-3], across.shape[-1]
-    diagonal = mx.eye(count, dtype=mx.bool_)[:, None, :, None]
+    _, diagonal, below = _block_masks(across.shape[-1])
     embedded = mx.where(diagonal, inside[..., :, :, None, :], 0.0).reshape(across.shape)
-    block = mx.arange(size) // BLOCK
-    return mx.where(block[:, None] > block[None, :], across, embedded)
+    return mx.where(below, across, embedded)
 
 
 def decay(lg: mx.array, vectorized: bool) -> mx.array | tuple[mx.array, ...]:

@@ -50,6 +50,7 @@ from functools import cache
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from mlxlab.models.layers import gate_decay
 
@@ -62,13 +63,19 @@ CHUNK_SIZE = 64  # flash-linear-attention's chunk; the triangular solve is C x C
 GROUP_MATRICES = 8
 
 
+@cache
+def _identity(size: int) -> mx.array:
+    """I (size, size) float32, built once from numpy (as gate_decay.masks)."""
+    return mx.array(np.eye(size, dtype=np.float32))
+
+
 def _unit_lower_inverse(a: mx.array) -> mx.array:
     """(I + a)^-1 for a strictly lower triangular (..., C, C): with n = -a nilpotent the inverse
     is I + n + ... + n^(C-1) = (I + n)(I + n^2)(I + n^4)..., log2(C) squarings: matrix products
     only, which every stream runs and autograd differentiates."""
     size = a.shape[-1]
     power = -a
-    inverse = mx.eye(size, dtype=a.dtype) + power
+    inverse = _identity(size) + power
     reach = 2
     while reach < size:
         power = power @ power
@@ -82,7 +89,7 @@ def _lapack_inverse(a: mx.array) -> mx.array:
     """(I + a)^-1 for a strictly lower triangular (..., C, C) by LAPACK's triangular inverse
     (C^3 / 3 multiply-adds, against the squarings' 2 log2(C) products of C^3), with the
     inverse's own derivative as its backward: d(I + a)^-1 = -(I + a)^-1 da (I + a)^-1."""
-    return mx.linalg.tri_inv(mx.eye(a.shape[-1], dtype=a.dtype) + a, upper=False, stream=mx.cpu)
+    return mx.linalg.tri_inv(_identity(a.shape[-1]) + a, upper=False, stream=mx.cpu)
 
 
 @_lapack_inverse.vjp
@@ -113,7 +120,7 @@ def _chunk(q: mx.array, k: mx.array, v: mx.array, lg: mx.array, beta: mx.array, 
     gamma = mx.cumsum(lg_run, axis=2)  # log Gamma_t
     decay = gate_decay.decay(lg_run, vectorized)
     scale = mx.exp(gamma) if vectorized else mx.exp(gamma)[..., None]
-    strict = mx.tril(mx.ones((lg.shape[2], lg.shape[2]), dtype=mx.bool_), k=-1)
+    strict = gate_decay.masks(lg.shape[2])[0]  # s < t
     a = mx.where(strict, beta_run[..., None] * gate_decay.pairs(k, k, decay, vectorized), 0.0)
     s0_t = s0.swapaxes(-1, -2)  # (B, H, Dk, Dv)
     rhs = beta_run[..., None] * (v - (k * scale) @ s0_t)
@@ -150,7 +157,7 @@ def _chunk_terms(q: mx.array, k: mx.array, v: mx.array, lg: mx.array,
     gamma = mx.cumsum(lg, axis=-1)  # log Gamma_t
     decay = gate_decay.decay(lg, False)
     scale = mx.exp(gamma)[..., None]
-    strict = mx.tril(mx.ones(decay.shape[-2:], dtype=mx.bool_), k=-1)
+    strict = gate_decay.masks(lg.shape[-1])[0]  # s < t
     a = mx.where(strict, beta[..., None] * gate_decay.pairs(k, k, decay, False), 0.0)
     inverse = _inverse(a)
     w = inverse @ (beta[..., None] * k * scale)
