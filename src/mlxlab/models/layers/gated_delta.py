@@ -21,11 +21,11 @@ spans from the last, differentiating one span at a time: the memory it keeps is 
 plus one span's intermediates, never a state per token.
 
 A span is one chunk, except for a scalar gate without a mask (what a layer trains through) over
-a batch of few heads, whose chunks are batched in groups (_chunks): most of a chunk's work does not need the carried
-state, and is done for the group's chunks at once as batched ops over a (B, H, N, C, ...) view
-(_chunk_terms: the gate ratios, A, (I + A)^-1, flash-linear-attention's WY form
-W = (I + A)^-1 (beta * Gamma * K) and U = (I + A)^-1 (beta * V), so that D = U - W S0^T); only
-the recurrence, two products a chunk, walks the chunks. A group holds at most GROUP_MATRICES
+a batch of few heads, whose chunks are batched in groups (_chunks): most of a chunk's work does
+not need the carried state, and is done for the group's chunks at once as batched ops over a
+(B, H, N, C, ...) view (_chunk_terms: the gate ratios, A, (I + A)^-1, flash-linear-attention's
+WY form W = (I + A)^-1 (beta * Gamma * K) and U = (I + A)^-1 (beta * V), so that
+D = U - W S0^T); only the recurrence, two products a chunk, walks the chunks. A group holds at most GROUP_MATRICES
 C x C matrices (batch x head x chunk), and is at least 2 chunks: with few heads the cost is
 mostly one dispatch per op and the group saves it; with 8 or more it is the products and exps,
 and the chunks go one at a time. Its last span is padded to whole chunks with steps of gate 1
@@ -251,12 +251,12 @@ def _rule(chunk_size: int, masked: bool, batched: int):
         seq, s0, keep = list(primals[:5]), primals[5], list(primals[6:])
         dy, d_state = cotangents
         spans = _spans(seq[0].shape[2], span_size)
-        states = [s0]  # the state entering each chunk, recomputed
+        states = [s0]  # the state entering each span, recomputed
         for span in spans[:-1]:
             state = states[-1]
             states.append(step(*_cut(seq, span, state), state, *_cut(keep, span, state))[1])
         grads: list[list[mx.array]] = [[] for _ in seq]
-        done = [d_state]  # what a chunk's backward waits for: all of the later chunk's
+        done = [d_state]  # what a span's backward waits for: all of the later span's
         for span, state in zip(reversed(spans), reversed(states)):
             kept = _cut(keep, span, done)
             _, back = mx.vjp(lambda *xs, kept=kept: step(*xs, *kept),
