@@ -25,10 +25,10 @@ a batch of few heads, whose chunks are batched in groups (_chunks): most of a ch
 not need the carried state, and is done for the group's chunks at once as batched ops over a
 (B, H, N, C, ...) view (_chunk_terms: the gate ratios, A, (I + A)^-1, flash-linear-attention's
 WY form W = (I + A)^-1 (beta * Gamma * K) and U = (I + A)^-1 (beta * V), so that
-D = U - W S0^T); only the recurrence, two products a chunk, walks the chunks. A group holds at most GROUP_MATRICES
-C x C matrices (batch x head x chunk), and is at least 2 chunks: with few heads the cost is
-mostly one dispatch per op and the group saves it; with 8 or more it is the products and exps,
-and the chunks go one at a time. Its last span is padded to whole chunks with steps of gate 1
+D = U - W S0^T); only the recurrence, two products a chunk, walks the chunks. A group holds at
+most GROUP_MATRICES C x C matrices (batch x head x chunk), and is at least 2 chunks: with few
+heads the cost is mostly one dispatch per op and the group saves it; with 8 or more it is the
+products and exps, and the chunks go one at a time. Its last span is padded to whole chunks with steps of gate 1
 and beta 0 (they neither decay nor write the state), whose outputs are dropped.
 
 (I + A)^-1 is LAPACK's triangular inverse on the CPU, with the inverse's own derivative as its
