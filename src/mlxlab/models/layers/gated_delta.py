@@ -28,8 +28,9 @@ WY form W = (I + A)^-1 (beta * Gamma * K) and U = (I + A)^-1 (beta * V), so that
 D = U - W S0^T); only the recurrence, two products a chunk, walks the chunks. A group holds at
 most GROUP_MATRICES C x C matrices (batch x head x chunk), and is at least 2 chunks: with few
 heads the cost is mostly one dispatch per op and the group saves it; with 8 or more it is the
-products and exps, and the chunks go one at a time. Its last span is padded to whole chunks with steps of gate 1
-and beta 0 (they neither decay nor write the state), whose outputs are dropped.
+products and exps, and the chunks go one at a time. Its last span is padded to whole chunks
+with steps of gate 1 and beta 0 (they neither decay nor write the state), whose outputs are
+dropped.
 
 (I + A)^-1 is LAPACK's triangular inverse on the CPU, with the inverse's own derivative as its
 backward (_lapack_inverse); elsewhere (a GPU stream has no triangular inverse) log2(C)
