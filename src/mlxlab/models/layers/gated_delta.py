@@ -57,10 +57,11 @@ from mlxlab.models.layers import gate_decay
 
 CHUNK_SIZE = 64  # flash-linear-attention's chunk; the triangular solve is C x C per head
 # a scalar gate's rule batches chunks up to this many (batch x head x chunk) C x C matrices at
-# once: with a batch of few heads the cost is mostly one dispatch per op, which a group saves;
-# from 8 heads on it is the products and exps, a group is no faster, and the per-chunk form
-# keeps the layer's peak memory lower (at 4,096 tokens a group of 2 or more raised a whole
-# layer's forward + backward peak by a sixth: MLX schedules the weights' gradients otherwise)
+# once. With a batch of few heads the cost is mostly one dispatch per op, which a group saves
+# (2 heads: a quarter of the time), at a price: a group of 2 or more raises a whole layer's
+# forward + backward peak at 4,096 tokens by a sixth (MLX schedules the weights' gradients
+# otherwise). From 8 heads on the products and exps cost most, a group is no faster, and the
+# chunks go one at a time. 0: never group.
 GROUP_MATRICES = 8
 
 
