@@ -104,7 +104,7 @@ def test_an_unused_final_state_and_small_chunks():
 
 @pytest.mark.parametrize(("batch", "heads", "length"), [(1, 1, 75), (1, 2, 64), (1, 4, 61)],
                          ids=["8-chunk-groups", "whole-groups", "2-chunk-groups"])
-def test_the_batched_scalar_gate_over_groups_of_chunks(batch, heads, length):
+def test_the_batched_scalar_gate_over_groups_of_chunks(batch, heads, length, monkeypatch):
     """A scalar gate without a mask over few heads batches its chunks in groups (8 over one
     head, 2 over four): chunks of 4 over 75 tokens are two groups of 8 and a padded group of 3
     (the padded steps must neither decay nor write the state), over 61 a padded last chunk,
@@ -124,6 +124,7 @@ def test_the_batched_scalar_gate_over_groups_of_chunks(batch, heads, length):
     def chunked(*xs):
         return gated_delta_chunked(*xs, chunk_size=4)
 
+    monkeypatch.setattr(chunked_module, "GROUP_MATRICES", 8)  # the groups this test walks
     assert chunked_module._group_chunks(batch, heads) == 8 // heads
     ref = [*gated_delta.gated_delta_ops(*inputs), *mx.grad(loss(gated_delta.gated_delta_ops),
                                                          argnums=list(range(6)))(*inputs)]
