@@ -7,16 +7,19 @@ segment sum), never as gamma_t - gamma_s: that difference of two large cumulativ
 float32 digits where the gate decays fast, and its gradient cancels them again.
 
 A chunk of C steps has C^2 / 2 such ratios (C^2 Dk for a gate per key channel, KDA), and an exp
-costs some 30 multiplies on the CPU (MLX's is scalar there): the ratios were most of the rule's
-time. Where C is a multiple of BLOCK (> BLOCK), the chunk is cut into blocks of BLOCK steps and
-a ratio across blocks is a product of two exps of sums of its own terms, each at most 1:
+costs some 30 multiplies on the CPU (MLX's is scalar there): the ratios were a fifth of the
+rule's time with a scalar gate, most of it with KDA's. Where C is a multiple of BLOCK (> BLOCK),
+the chunk is cut into blocks of BLOCK steps and a ratio across blocks is a product of exps of
+sums of its own terms, each at most 1 (so none overflows, and one that underflows leaves a
+product below float32's range anyway):
 
-    Gamma_t / Gamma_s = exp(lg_(s+1) + ... + lg_e) * exp(lg_(e+1) + ... + lg_t),
+    Gamma_t / Gamma_s = exp(lg_(s+1) + ... + lg_e) * exp(sum of the whole blocks between)
+                        * exp(lg_(f+1) + ... + lg_t),
 
-e the last step of s's block: C + C^2 / BLOCK exps across blocks, C * BLOCK within them, in place
-of C^2 (a fifth at C = 64). For KDA the product also splits the pair products across blocks
-into matrix products, (x_t Gamma_t / Gamma_e) . (k_s Gamma_e / Gamma_s), so no (C, C, Dk) tensor
-is formed outside the diagonal blocks.
+e the last step of s's block, f the last before t's block: 2C + (C/BLOCK)^2 exps across blocks
+and C * BLOCK within them, in place of C^2 (a sixth at C = 64). For KDA the product also splits
+the pair products across blocks into matrix products, (x_t Gamma_t / Gamma_e) .
+(k_s Gamma_e / Gamma_s), so no (C, C, Dk) tensor is formed outside the diagonal blocks.
 """
 
 from __future__ import annotations
@@ -39,14 +42,11 @@ def masks(size: int) -> tuple[mx.array, mx.array]:
 
 
 @cache
-def _block_masks(size: int) -> tuple[mx.array, mx.array, mx.array]:
-    """For C = size in blocks of BLOCK: t > e (block, t, 1), e each block's last step; the
-    diagonal blocks' places (block, 1, block, 1); t's block after s's (C, C)."""
-    steps, count = np.arange(size), size // BLOCK
-    ends = (np.arange(count) + 1) * BLOCK - 1
-    block = steps // BLOCK
-    return (mx.array((steps[None, :] > ends[:, None])[:, :, None]),
-            mx.array(np.eye(count, dtype=bool)[:, None, :, None]),
+def _block_masks(size: int) -> tuple[mx.array, mx.array]:
+    """For C = size in blocks of BLOCK: the diagonal blocks' places (block, 1, block, 1); t's
+    block after s's (C, C)."""
+    block = np.arange(size) // BLOCK
+    return (mx.array(np.eye(size // BLOCK, dtype=bool)[:, None, :, None]),
             mx.array(block[:, None] > block[None, :]))
 
 
@@ -67,25 +67,37 @@ def _blocked(size: int) -> bool:
     return size > BLOCK and size % BLOCK == 0
 
 
+def _from_ends(blocks: mx.array) -> mx.array:
+    """Gamma_t / Gamma_e (..., C/B, C, D) from each block's end e to every step t of a later
+    block, for blocks (..., C/B, B, D): the whole blocks between (one exp per pair of blocks, of
+    the sum of their sums) times t's block up to t (one exp per step), C + (C/B)^2 exps where
+    one per (block, step) would be C^2 / B; 0 where t's block is not later (never used)."""
+    count, size = blocks.shape[-3], blocks.shape[-3] * blocks.shape[-2]
+    head = mx.exp(mx.cumsum(blocks, axis=-2))  # (block b, j): t's block from its start to t
+    between = pair_decay(blocks.sum(-2), True)  # (i, a): blocks a+1 .. i, 0 for i < a
+    # t in block b crosses blocks a+1 .. b-1 (row b-1); the first block crosses none
+    between = mx.concatenate([mx.zeros_like(between[..., :1, :, :]), between[..., :-1, :, :]],
+                             axis=-3)
+    ratios = between[..., :, None, :, :] * head[..., :, :, None, :]  # (b, j, a, D)
+    ratios = ratios.reshape(*blocks.shape[:-3], size, count, blocks.shape[-1])
+    return mx.moveaxis(ratios, -2, -3)
+
+
 def _parts(lg: mx.array) -> tuple[mx.array, mx.array, mx.array]:
     """The factors for lg (..., C, D) (D = Dk, or 1 for a scalar gate): the ratios inside each
     block (..., C/B, B, B, D); Gamma_e / Gamma_s from each step to its block's end (..., C, D);
-    Gamma_t / Gamma_e from each block's end e to every step t (..., C/B, C, D), 1 for t <= e
-    (those pairs are not across blocks, and 1 keeps the unused products finite)."""
-    size = lg.shape[-2]
-    count = size // BLOCK
+    Gamma_t / Gamma_e from each block's end e to every step t of a later block (_from_ends)."""
+    count = lg.shape[-2] // BLOCK
     blocks = lg.reshape(*lg.shape[:-2], count, BLOCK, lg.shape[-1])
     inside = pair_decay(blocks, True)
     to_end = mx.exp(mx.cumsum(blocks, axis=-2, reverse=True, inclusive=False)).reshape(lg.shape)
-    after = _block_masks(size)[0]  # (block, t, 1): t > e
-    from_end = mx.exp(mx.cumsum(mx.where(after, lg[..., None, :, :], 0.0), axis=-2))
-    return inside, to_end, from_end
+    return inside, to_end, _from_ends(blocks)
 
 
 def _assemble(inside: mx.array, across: mx.array) -> mx.array:
     """(..., C, C) from the diagonal blocks (..., C/B, B, B) and `across` (..., C, C), whose
     entries below the diagonal blocks are kept; 0 above them."""
-    _, diagonal, below = _block_masks(across.shape[-1])
+    diagonal, below = _block_masks(across.shape[-1])
     embedded = mx.where(diagonal, inside[..., :, :, None, :], 0.0).reshape(across.shape)
     return mx.where(below, across, embedded)
 
