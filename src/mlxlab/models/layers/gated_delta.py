@@ -38,7 +38,7 @@ squarings of matrix products. Gate ratios Gamma_t / Gamma_s come from gate_decay
 the log gate's terms between s and t, summed as they are, never a quotient (a KDA channel's
 decay underflows float32 within a chunk) nor a difference of cumulative sums (it loses digits,
 and the gate's gradient with them, where the gate decays fast); across blocks of 8 steps a
-product of two such exps, which for KDA also turns the pair products into matrix products.
+product of such exps, which for KDA also turns the pair products into matrix products.
 
 Masks follow `gated_delta_ops` exactly: a masked position leaves the state as it was, and its
 output is still what the step would have read (y_t = q_t of the step's updated state), not zero.
