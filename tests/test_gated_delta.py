@@ -17,6 +17,8 @@ from mlx_lm.models import gated_delta, kimi_linear, qwen3_5, qwen3_next
 
 from mlxlab.models.decoders.gated_delta_swap import ORIGINALS, use_chunked_gated_delta
 from mlxlab.models.decoders.mlx_lm_decoder import MLXLMDecoder
+from mlxlab.models.layers import gate_decay
+from mlxlab.models.layers import gated_delta as chunked_module
 from mlxlab.models.layers.gated_delta import chunked_gated_delta_update, gated_delta_chunked
 
 TOL = 1e-5
@@ -98,6 +100,72 @@ def test_an_unused_final_state_and_small_chunks():
     got = mx.grad(loss(lambda *xs: gated_delta_chunked(*xs, chunk_size=16)),
                   argnums=list(range(6)))(*inputs)
     assert max(rel(g, r) for g, r in zip(got, ref)) < TOL
+
+
+@pytest.mark.parametrize(("batch", "heads", "length"), [(1, 1, 75), (1, 2, 64), (1, 4, 61)],
+                         ids=["8-chunk-groups", "whole-groups", "2-chunk-groups"])
+def test_the_batched_scalar_gate_over_groups_of_chunks(batch, heads, length, monkeypatch):
+    """A scalar gate without a mask over few heads batches its chunks in groups (8 over one
+    head, 2 over four): chunks of 4 over 75 tokens are two groups of 8 and a padded group of 3
+    (the padded steps must neither decay nor write the state), over 61 a padded last chunk,
+    over 64 whole groups; output, final state and all six gradients equal the loop's, compiled
+    too (mlxlab compiles its step)."""
+    inputs = rule_inputs(length, False, seed=length, batch=batch, hk=1, hv=heads)
+    mx.random.seed(length + 1)
+    dy = mx.random.normal((batch, length, heads, DV))
+    ds = mx.random.normal((batch, heads, DV, DK))
+
+    def loss(rule):
+        def f(*xs):
+            y, state = rule(*xs)
+            return (y * dy).sum() + (state * ds).sum()
+        return f
+
+    def chunked(*xs):
+        return gated_delta_chunked(*xs, chunk_size=4)
+
+    monkeypatch.setattr(chunked_module, "GROUP_MATRICES", 8)  # the groups this test walks
+    assert chunked_module._group_chunks(batch, heads) == 8 // heads
+    ref = [*gated_delta.gated_delta_ops(*inputs), *mx.grad(loss(gated_delta.gated_delta_ops),
+                                                         argnums=list(range(6)))(*inputs)]
+    got = [*chunked(*inputs), *mx.grad(loss(chunked), argnums=list(range(6)))(*inputs)]
+    errors = {n: rel(c, r) for n, c, r in zip(NAMES, got, ref)}
+    assert max(errors.values()) < TOL, errors
+    compiled = mx.compile(mx.grad(loss(chunked), argnums=list(range(6))))(*inputs)
+    assert max(rel(c, r) for c, r in zip(compiled, ref[2:])) < TOL
+
+
+@pytest.mark.parametrize("vectorized", [False, True], ids=["scalar-gate", "kda-gate"])
+def test_blocked_gate_ratios_equal_one_exp_each(vectorized):
+    """Across blocks of 8 steps a ratio is a product of two exps (gate_decay): over a chunk of 64
+    with a gate decaying up to e^-8 a step, the pair products and the gate's gradient through
+    them equal those from one exp per ratio."""
+    mx.random.seed(5)
+    shape = (2, 3, 64, 16) if vectorized else (2, 3, 64)
+    lg = -mx.random.uniform(0.01, 8.0, shape)
+    x, k = mx.random.normal((2, 3, 64, 16)), mx.random.normal((2, 3, 64, 16))
+    weights = mx.random.normal((2, 3, 64, 64))
+
+    def products(decay):
+        def f(lg, x, k):
+            return (gate_decay.pairs(x, k, decay(lg, vectorized), vectorized) * weights).sum()
+        return mx.value_and_grad(f, argnums=[0, 1, 2])(lg, x, k)
+
+    blocked, plain = products(gate_decay.decay), products(gate_decay.pair_decay)
+    assert isinstance(gate_decay.decay(lg, vectorized), tuple) == vectorized
+    assert rel(blocked[0], plain[0]) < TOL
+    assert max(rel(b, p) for b, p in zip(blocked[1], plain[1])) < TOL
+
+
+def test_the_squarings_inverse_off_the_cpu(monkeypatch):
+    """Off the CPU (no triangular inverse there) (I + A)^-1 is log2(C) squarings: the rule
+    through them equals the loop too."""
+    monkeypatch.setattr(chunked_module, "_inverse", chunked_module._unit_lower_inverse)
+    inputs = rule_inputs(70, False, seed=4)
+    reference = values_and_grads(gated_delta.gated_delta_ops, inputs, None, seed=4)
+    chunked = values_and_grads(gated_delta_chunked, inputs, None, seed=4)
+    errors = {n: rel(c, r) for n, c, r in zip(NAMES, chunked, reference)}
+    assert max(errors.values()) < TOL, errors
 
 
 @pytest.mark.parametrize("options", [{}, {"lower_bound": -5.0}, {"allow_neg_eigval": True}],
@@ -249,10 +317,11 @@ def test_the_backward_keeps_chunk_boundaries_not_tokens():
     assert chunked * 4 < sequential, (chunked, sequential)
 
 
-def test_the_rule_compiles_as_the_training_step_does():
+@pytest.mark.parametrize("vectorized", [False, True], ids=["scalar-gate", "kda-gate"])
+def test_the_rule_compiles_as_the_training_step_does(vectorized):
     """mlxlab compiles its step (mx.compile): the chunked rule's gradients under it are the
     same."""
-    inputs = rule_inputs(70, True, seed=2)
+    inputs = rule_inputs(70, vectorized, seed=2)
     grad = mx.grad(lambda *xs: gated_delta_chunked(*xs)[0].square().sum(), argnums=list(range(6)))
     compiled = mx.compile(grad)(*inputs)
     assert max(rel(c, g) for c, g in zip(compiled, grad(*inputs))) < TOL

@@ -16,15 +16,29 @@ chunk every delta solves one unit lower-triangular system at once,
 
 (Gamma the gate's product from the chunk's start; per key channel for KDA), outputs and the next
 chunk's state are matrix products of D, and only the states between chunks are carried. The
-backward (mx.custom_function) recomputes those boundary states, then walks the chunks from the
-last, differentiating one chunk at a time: the memory it keeps is the chunk boundaries' states
-plus one chunk's intermediates, never a state per token.
+backward (mx.custom_function) recomputes the states between spans of chunks, then walks the
+spans from the last, differentiating one span at a time: the memory it keeps is those states
+plus one span's intermediates, never a state per token.
 
-Gate ratios Gamma_t / Gamma_s are exp of the log gate's terms between s and t, summed as they
-are (_pair_decay): never a quotient (a KDA channel's decay underflows float32 within a chunk),
-never a difference of cumulative sums (it loses digits, and the gate's gradient with them,
-where the gate decays fast). The per-channel gate's ratios are a (C, C, Dk) tensor per chunk
-and head (the price of exactness without sub-chunks).
+A span is one chunk, except for a scalar gate without a mask (what a layer trains through) over
+a batch of few heads, whose chunks are batched in groups (_chunks): most of a chunk's work does
+not need the carried state, and is done for the group's chunks at once as batched ops over a
+(B, H, N, C, ...) view (_chunk_terms: the gate ratios, A, (I + A)^-1, flash-linear-attention's
+WY form W = (I + A)^-1 (beta * Gamma * K) and U = (I + A)^-1 (beta * V), so that
+D = U - W S0^T); only the recurrence, two products a chunk, walks the chunks. A group holds at
+most GROUP_MATRICES C x C matrices (batch x head x chunk), and is at least 2 chunks: with few
+heads the cost is mostly one dispatch per op and the group saves it; with 8 or more it is the
+products and exps, and the chunks go one at a time. Its last span is padded to whole chunks
+with steps of gate 1 and beta 0 (they neither decay nor write the state), whose outputs are
+dropped.
+
+(I + A)^-1 is LAPACK's triangular inverse on the CPU, with the inverse's own derivative as its
+backward (_lapack_inverse); elsewhere (a GPU stream has no triangular inverse) log2(C)
+squarings of matrix products. Gate ratios Gamma_t / Gamma_s come from gate_decay.py: exps of
+the log gate's terms between s and t, summed as they are, never a quotient (a KDA channel's
+decay underflows float32 within a chunk) nor a difference of cumulative sums (it loses digits,
+and the gate's gradient with them, where the gate decays fast); across blocks of 8 steps a
+product of such exps, which for KDA also turns the pair products into matrix products.
 
 Masks follow `gated_delta_ops` exactly: a masked position leaves the state as it was, and its
 output is still what the step would have read (y_t = q_t of the step's updated state), not zero.
@@ -37,17 +51,33 @@ from functools import cache
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
+
+from mlxlab.models.layers import gate_decay
 
 CHUNK_SIZE = 64  # flash-linear-attention's chunk; the triangular solve is C x C per head
+# a scalar gate's rule batches chunks up to this many (batch x head x chunk) C x C matrices at
+# once. With a batch of few heads the cost is mostly one dispatch per op, which a group saves
+# (2 heads: a quarter of the time), at a price: a group of 2 or more raises a whole layer's
+# forward + backward peak at 4,096 tokens by a sixth (MLX schedules the weights' gradients
+# otherwise). From 8 heads on the products and exps cost most, a group is no faster, and the
+# chunks go one at a time. 0: never group.
+GROUP_MATRICES = 8
+
+
+@cache
+def _identity(size: int) -> mx.array:
+    """I (size, size) float32, built once from numpy (as gate_decay.masks)."""
+    return mx.array(np.eye(size, dtype=np.float32))
 
 
 def _unit_lower_inverse(a: mx.array) -> mx.array:
     """(I + a)^-1 for a strictly lower triangular (..., C, C): with n = -a nilpotent the inverse
-    is I + n + ... + n^(C-1) = (I + n)(I + n^2)(I + n^4)..., log2(C) squarings (matrix products,
-    differentiable, unlike MLX's triangular solvers)."""
+    is I + n + ... + n^(C-1) = (I + n)(I + n^2)(I + n^4)..., log2(C) squarings: matrix products
+    only, which every stream runs and autograd differentiates."""
     size = a.shape[-1]
     power = -a
-    inverse = mx.eye(size, dtype=a.dtype) + power
+    inverse = _identity(size) + power
     reach = 2
     while reach < size:
         power = power @ power
@@ -56,28 +86,26 @@ def _unit_lower_inverse(a: mx.array) -> mx.array:
     return inverse
 
 
-def _pair_decay(lg: mx.array, vectorized: bool) -> mx.array:
-    """Gamma_t / Gamma_s = exp(lg_(s+1) + ... + lg_t) for s <= t, 0 above the diagonal:
-    (B, H, C, C), or (B, H, C, C, Dk) for a per-channel gate. Each exponent is summed from its
-    own terms (a cumulative sum down a masked copy, Mamba-2's segment sum), never as
-    gamma_t - gamma_s: that difference of two large cumulative sums loses float32 digits
-    where the gate decays fast, and its gradient cancels them again."""
-    size = lg.shape[2]
-    later = mx.arange(size)[:, None] > mx.arange(size)[None, :]  # (j, s): j > s
-    causal = mx.tril(mx.ones((size, size), dtype=mx.bool_))
-    if vectorized:
-        later, causal = later[:, :, None], causal[:, :, None]
-        terms = mx.where(later, lg[:, :, :, None, :], 0.0)
-    else:
-        terms = mx.where(later, lg[:, :, :, None], 0.0)
-    return mx.where(causal, mx.exp(mx.cumsum(terms, axis=2)), 0.0)
+@mx.custom_function
+def _lapack_inverse(a: mx.array) -> mx.array:
+    """(I + a)^-1 for a strictly lower triangular (..., C, C) by LAPACK's triangular inverse
+    (C^3 / 3 multiply-adds, against the squarings' 2 log2(C) products of C^3), with the
+    inverse's own derivative as its backward: d(I + a)^-1 = -(I + a)^-1 da (I + a)^-1."""
+    return mx.linalg.tri_inv(_identity(a.shape[-1]) + a, upper=False, stream=mx.cpu)
 
 
-def _pairs(x: mx.array, k: mx.array, decay: mx.array, vectorized: bool) -> mx.array:
-    """(x_t * Gamma_t / Gamma_s) . k_s for s <= t: (B, H, C, C)."""
-    if vectorized:
-        return (x[:, :, :, None, :] * k[:, :, None, :, :] * decay).sum(-1)
-    return (x @ k.swapaxes(-1, -2)) * decay
+@_lapack_inverse.vjp
+def _lapack_inverse_vjp(primals: tuple, cotangent: mx.array, inverse: mx.array) -> mx.array:
+    inverse_t = inverse.swapaxes(-1, -2)
+    return -(inverse_t @ cotangent @ inverse_t)
+
+
+def _inverse(a: mx.array) -> mx.array:
+    """(I + a)^-1, a strictly lower triangular: LAPACK's on the CPU, where MLX has it; the
+    squarings (matrix products only) on a GPU, whose stream has no triangular inverse."""
+    if mx.default_device() == mx.cpu:
+        return _lapack_inverse(a)
+    return _unit_lower_inverse(a)
 
 
 def _chunk(q: mx.array, k: mx.array, v: mx.array, lg: mx.array, beta: mx.array, s0: mx.array,
@@ -92,16 +120,16 @@ def _chunk(q: mx.array, k: mx.array, v: mx.array, lg: mx.array, beta: mx.array, 
     else:
         lg_run, beta_run = lg, beta
     gamma = mx.cumsum(lg_run, axis=2)  # log Gamma_t
-    decay = _pair_decay(lg_run, vectorized)
+    decay = gate_decay.decay(lg_run, vectorized)
     scale = mx.exp(gamma) if vectorized else mx.exp(gamma)[..., None]
-    strict = mx.tril(mx.ones(decay.shape[2:4], dtype=mx.bool_), k=-1)
-    a = mx.where(strict, beta_run[..., None] * _pairs(k, k, decay, vectorized), 0.0)
+    strict = gate_decay.masks(lg.shape[2])[0]  # s < t
+    a = mx.where(strict, beta_run[..., None] * gate_decay.pairs(k, k, decay, vectorized), 0.0)
     s0_t = s0.swapaxes(-1, -2)  # (B, H, Dk, Dv)
     rhs = beta_run[..., None] * (v - (k * scale) @ s0_t)
-    delta = _unit_lower_inverse(a) @ rhs  # (B, H, C, Dv): each step's write d_t
+    delta = _inverse(a) @ rhs  # (B, H, C, Dv): each step's write d_t
 
     def read(x: mx.array) -> mx.array:  # S_t x_t for every t of the chunk
-        return (x * scale) @ s0_t + _pairs(x, k, decay, vectorized) @ delta
+        return (x * scale) @ s0_t + gate_decay.pairs(x, k, decay, vectorized) @ delta
 
     if keep is None:
         y = read(q)
@@ -121,15 +149,65 @@ def _chunk(q: mx.array, k: mx.array, v: mx.array, lg: mx.array, beta: mx.array, 
     return y, s1
 
 
+def _chunk_terms(q: mx.array, k: mx.array, v: mx.array, lg: mx.array,
+                 beta: mx.array) -> tuple[mx.array, ...]:
+    """What the chunks of a scalar gate compute without the state, all chunks at once: q, k
+    (B, H, N, C, Dk), v (B, H, N, C, Dv), lg, beta (B, H, N, C). Returns the WY form's
+    W = (I + A)^-1 (beta * Gamma * K) and U = (I + A)^-1 (beta * V) (each write is
+    U - W S0^T), the reads' parts (Gamma * Q and the pairs (q_t . k_s) Gamma_t / Gamma_s,
+    s <= t), K scaled by each step's decay to the chunk's end, and the chunk's whole decay."""
+    gamma = mx.cumsum(lg, axis=-1)  # log Gamma_t
+    decay = gate_decay.decay(lg, False)
+    scale = mx.exp(gamma)[..., None]
+    strict = gate_decay.masks(lg.shape[-1])[0]  # s < t
+    a = mx.where(strict, beta[..., None] * gate_decay.pairs(k, k, decay, False), 0.0)
+    inverse = _inverse(a)
+    w = inverse @ (beta[..., None] * k * scale)
+    u = inverse @ (beta[..., None] * v)
+    # Gamma_C / Gamma_t: the gate's terms after t, summed as they are (not gamma_C - gamma_t)
+    to_end = mx.exp(mx.cumsum(lg, axis=-1, reverse=True, inclusive=False))[..., None]
+    whole = mx.exp(gamma[..., -1:])[..., None]  # (B, H, N, 1, 1)
+    return q * scale, gate_decay.pairs(q, k, decay, False), w, u, k * to_end, whole
+
+
+def _chunks(q: mx.array, k: mx.array, v: mx.array, lg: mx.array, beta: mx.array, s0: mx.array,
+            size: int) -> tuple[mx.array, mx.array]:
+    """_chunk for a scalar gate and no mask over any length, its chunks of `size` batched:
+    everything that does not need the state is computed for all of them at once
+    (_chunk_terms), and only the recurrence, two products a chunk, walks them:
+    D_n = U_n - W_n S_n^T, S_(n+1) = S_n Gamma_C + D_n^T (K Gamma_C / Gamma)_n. The reads of
+    every chunk, Q Gamma S_n^T + pairs D_n, are two batched products after it."""
+    b, h, length = q.shape[:3]
+    count = -(-length // size)
+    # whole chunks: a padded step has gate 1 and beta 0 (no decay, no write) and its output is
+    # dropped, so the state and every real output and gradient are the unpadded ones. Padded
+    # here, in the span, not before the rule: the rule's inputs stay alive until its backward
+    extra = count * size - length
+
+    def split(x: mx.array) -> mx.array:  # (B, H, T, ...) -> (B, H, N, C, ...)
+        x = mx.pad(x, [(0, 0), (0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 3)) if extra else x
+        return x.reshape(b, h, count, size, *x.shape[3:])
+
+    q_scaled, pairs, w, u, k_to_end, whole = _chunk_terms(*map(split, (q, k, v, lg, beta)))
+    deltas, states, state = [], [], s0
+    for n in range(count):
+        states.append(state.swapaxes(-1, -2))  # S_n^T (B, H, Dk, Dv)
+        delta = mx.addmm(u[:, :, n], w[:, :, n], states[-1], alpha=-1.0)
+        deltas.append(delta)
+        state = mx.addmm(state * whole[:, :, n], delta.swapaxes(-1, -2), k_to_end[:, :, n])
+    y = q_scaled @ mx.stack(states, axis=2) + pairs @ mx.stack(deltas, axis=2)
+    return y.reshape(b, h, count * size, -1)[:, :, :length], state
+
+
 def _spans(length: int, size: int) -> list[tuple[int, int]]:
     return [(i, min(i + size, length)) for i in range(0, length, size)]
 
 
 def _cut(arrays: list[mx.array], span: tuple[int, int],
          after: mx.array | list[mx.array]) -> list[mx.array]:
-    """The chunk `span` of each array, computed only once `after` is: a chunk's gate ratios and
-    key products do not depend on the state, and MLX would otherwise compute many chunks' at
-    once (for a per-channel gate, a (C, C, Dk) tensor per chunk and head alive together)."""
+    """The span `span` of each array, computed only once `after` is: a span's gate ratios and
+    key products do not depend on the state, and MLX would otherwise compute many spans' at
+    once (all their intermediates alive together)."""
     return mx.depends([x[:, :, span[0]:span[1]] for x in arrays], after) if arrays else []
 
 
@@ -140,17 +218,32 @@ def _chunk_of(masked: bool):
     return lambda q, k, v, lg, beta, s0: _chunk(q, k, v, lg, beta, s0, None)
 
 
+def _group_chunks(batch: int, heads: int) -> int:
+    """How many chunks a span of the batched rule holds (GROUP_MATRICES); 0: one at a time, in
+    the per-chunk form (_chunk)."""
+    count = GROUP_MATRICES // (batch * heads)
+    return count if count > 1 else 0
+
+
 @cache
-def _rule(chunk_size: int, masked: bool):
+def _rule(chunk_size: int, masked: bool, batched: int):
     """The chunked rule over head-major float32 arrays, (y, final state), as an
-    mx.custom_function whose backward keeps only the chunk boundaries' states."""
-    step = _chunk_of(masked)
+    mx.custom_function whose backward keeps only the states between spans. A span is one chunk
+    (_chunk), or with `batched` (a scalar gate, no mask) that many chunks at once (_chunks):
+    the backward holds one span's intermediates."""
+    if batched:
+        span_size = chunk_size * batched
+
+        def step(*arrays: mx.array) -> tuple[mx.array, mx.array]:
+            return _chunks(*arrays, chunk_size)
+    else:
+        span_size, step = chunk_size, _chunk_of(masked)
 
     @mx.custom_function
     def rule(*arrays: mx.array) -> tuple[mx.array, mx.array]:
         seq, s0, keep = list(arrays[:5]), arrays[5], list(arrays[6:])
         outputs, state = [], s0
-        for span in _spans(seq[0].shape[2], chunk_size):
+        for span in _spans(seq[0].shape[2], span_size):
             y, state = step(*_cut(seq, span, state), state, *_cut(keep, span, state))
             outputs.append(y)
         return mx.concatenate(outputs, axis=2), state
@@ -159,13 +252,13 @@ def _rule(chunk_size: int, masked: bool):
     def rule_vjp(primals: tuple, cotangents: tuple, outputs: tuple) -> tuple:
         seq, s0, keep = list(primals[:5]), primals[5], list(primals[6:])
         dy, d_state = cotangents
-        spans = _spans(seq[0].shape[2], chunk_size)
-        states = [s0]  # the state entering each chunk, recomputed
+        spans = _spans(seq[0].shape[2], span_size)
+        states = [s0]  # the state entering each span, recomputed
         for span in spans[:-1]:
             state = states[-1]
             states.append(step(*_cut(seq, span, state), state, *_cut(keep, span, state))[1])
         grads: list[list[mx.array]] = [[] for _ in seq]
-        done = [d_state]  # what a chunk's backward waits for: all of the later chunk's
+        done = [d_state]  # what a span's backward waits for: all of the later span's
         for span, state in zip(reversed(spans), reversed(states)):
             kept = _cut(keep, span, done)
             _, back = mx.vjp(lambda *xs, kept=kept: step(*xs, *kept),
@@ -207,7 +300,8 @@ def chunked_rule(q: mx.array, k: mx.array, v: mx.array, log_g: mx.array, beta: m
     arrays = [heads(q), heads(k), heads(v), heads(log_g), heads(beta), state.astype(mx.float32)]
     if mask is not None:
         arrays.append(mask.astype(mx.float32)[:, None, :])
-    y, final = _rule(chunk_size, mask is not None)(*arrays)
+    batched = _group_chunks(batch, hv) if mask is None and log_g.ndim == 3 else 0
+    y, final = _rule(chunk_size, mask is not None, batched)(*arrays)
     return mx.moveaxis(y, 1, 2).astype(q.dtype), final
 
 
