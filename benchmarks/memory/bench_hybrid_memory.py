@@ -61,7 +61,7 @@ from mlxlab import kernels  # noqa: E402
 from mlxlab.models.decoders.gated_delta_swap import ORIGINALS  # noqa: E402
 from mlxlab.models.decoders.mlx_lm_decoder import MLXLMDecoder  # noqa: E402
 from mlxlab.models.layers.grad_checkpoint import checkpoint_blocks  # noqa: E402
-from mlxlab.objectives.losses import token_cross_entropy  # noqa: E402
+from mlxlab.objectives.losses import task_loss  # noqa: E402
 
 MB = 1 << 20
 WIDTH = {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8,
@@ -191,22 +191,20 @@ def vocabulary(config: dict) -> int:
 
 
 def model_step(config: dict, length: int, checkpoint: bool = False,
-               targets: list[str] = LORA_TARGETS) -> tuple[Callable[[], object], float]:
+               targets: list[str] = LORA_TARGETS, head_chunk: int = 0
+               ) -> tuple[Callable[[], object], float]:
     """mlxlab's mlx-lm decoder built from `config` with LoRA on `targets` (its blocks recomputed
     in the backward with `checkpoint`): one loss + gradient at `length`, and the MB its weights
-    (base and adapters) hold. The loss is a run's (the fused cross-entropy on the CPU)."""
+    (base and adapters) hold. The loss is a run's (objective.head_chunk=`head_chunk`)."""
     vocab = vocabulary(config)
     model = MLXLMDecoder(vocab_size=vocab, hf_config=config, lora={**LORA, "targets": targets})
     if checkpoint:
         checkpoint_blocks(model)
-    model.train()
-    mx.eval(model.parameters())
-    ids = mx.random.randint(0, vocab, (1, length + 1))
-
-    def loss(m: nn.Module) -> mx.array:
-        return token_cross_entropy(m(ids[:, :-1]), ids[:, 1:]).mean()
-
-    value_grad = nn.value_and_grad(model, loss)
+    mx.eval(model.train().parameters())
+    ids = mx.random.randint(0, vocab, (1, length + 1))  # head_chunk where the model splits it
+    loss = task_loss("lm", head_chunk=head_chunk if model.head_split() else 0)
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+    value_grad = nn.value_and_grad(model, lambda m: loss(m, batch)[0])
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters())) / MB
     return (lambda: value_grad(model)), weights
 
@@ -310,8 +308,7 @@ def step_times(lengths: list[int], repeats: int, steps: int, smoke: bool) -> Non
 
 def table(rows: dict, columns: list[str]) -> dict:
     def cell(row: dict, column: str) -> str:
-        value = row.get(column, "-")
-        if isinstance(value, str):
+        if isinstance(value := row.get(column, "-"), str):
             return value
         return f"{value:,.2f}" if column.endswith(" / plain") else f"{value:,.0f}"
 
@@ -337,7 +334,8 @@ def main() -> None:
                   families=(None, f"the model sweep's families (separated by ;; the small shape's: "
                                   f"{'; '.join(FAMILIES)}); default all the shape's"),
                   step_time=(False, "time the plain and hybrid steps at --model-lengths instead"),
-                  repeats=(3, "--step-time's rounds"), steps=(3, "--step-time's timed steps"))
+                  repeats=(3, "--step-time's rounds"), steps=(3, "--step-time's timed steps"),
+                  head_chunk=(0, "objective.head_chunk (MLX's memory limit then --guard-mb)"))
     parser.add_argument("--step-worker", help=argparse.SUPPRESS)
     opts = parser.parse_args()
     kernels.flush_denormals(True)  # as the training loop does (trainer.flush_denormals)
@@ -364,10 +362,12 @@ def main() -> None:
     guard = opts.guard_mb
     hybrid, targets = catalog["hybrid, chunked"], shape["lora_targets"]
     layer = layer_peaks(lengths(opts.layer_lengths), opts.sequential_max, hybrid)
-    model = guarded_sweep(families, lengths(opts.model_lengths), guard, "model", targets=targets)
+    build = {"targets": targets, "head_chunk": opts.head_chunk}
+    mx.set_memory_limit(int(guard * MB) if opts.head_chunk else mx.get_memory_limit())
+    model = guarded_sweep(families, lengths(opts.model_lengths), guard, "model", **build)
     kept = guarded_sweep({n: catalog[n] for n in (REFERENCE, "hybrid, chunked")},
                          lengths(opts.checkpoint_lengths), guard, "grad_checkpoint",
-                         checkpoint=True, targets=targets)
+                         checkpoint=True, **build)
     mlx_lm = mlx_lm_peaks(lengths(opts.mlx_lm_lengths), guard, hybrid)
     pair = [REFERENCE, "hybrid, chunked", "hybrid, chunked / plain"]
     tables = {"layer": table(layer, ["sequential (mlx-lm)", "chunked"]),
@@ -387,11 +387,11 @@ def main() -> None:
     longest = max(n for n, row in rows.items() if isinstance(row.get(pair[2]), float))
     # one summary row per shape and sweep (the page shows each name's newest record)
     name = ("hybrid-memory" + ("" if opts.shape == "small" else f"-{opts.shape}")
-            + ("-grad-checkpoint" if sweep else ""))
+            + ("-grad-checkpoint" if sweep else "") + ("-head-chunk" if opts.head_chunk else ""))
     h.write_record(name, {"tables": tables, "layer_mb": layer, "model_mb": model,
                           "grad_checkpoint_mb": kept, "mlx_lm_mb": mlx_lm, "shape": opts.shape,
                           "families": families, "lora": LORA, "lora_targets": targets,
-                          "guard_mb": guard},
+                          "guard_mb": guard, "head_chunk": opts.head_chunk},
                    question="memory", reference="a plain qwen3 of the same width and depth",
                    ratio=round(rows[longest][pair[2]], 3), smoke=opts.smoke,
                    summary=f"MLX peak of a LoRA step, {shape['label']} hybrid (chunked gated "

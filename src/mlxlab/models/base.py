@@ -9,14 +9,28 @@ overrides what it has: a pretrained one its `checkpoint_init` and `hf_config`, a
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import mlx.core as mx
 import mlx.nn as nn
 
 from mlxlab.errors import ConfigError
 from mlxlab.models.qat_settings import check_qat
+
+
+@dataclass(frozen=True)
+class HeadSplit:
+    """A language model's logits in two parts: `hidden(input_ids, segment_ids)` its last hidden
+    states (B, T, D), and `apply(head, h)` the output head, `head` the module holding its
+    weights (its trainable parameters are the head's gradient's): model(ids) equals
+    apply(head, hidden(ids, None))."""
+
+    hidden: Callable[[mx.array, mx.array | None], mx.array]
+    head: nn.Module
+    apply: Callable[[nn.Module, mx.array], mx.array]
 
 
 class Model(nn.Module):
@@ -100,6 +114,12 @@ class Model(nn.Module):
         """The repeated decoder blocks (what trainer.grad_checkpoint recomputes); [] for a model
         without them."""
         return []
+
+    def head_split(self) -> HeadSplit | None:
+        """This model's logits as its output head over its last hidden states (what
+        objective.head_chunk applies a chunk of rows at a time); None where they are not split
+        so (the default)."""
+        return None
 
     def save_native(self, run_dir: Path) -> Path | None:
         """The model written in its own library's format into the run folder (a

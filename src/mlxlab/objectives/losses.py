@@ -14,6 +14,7 @@ import mlx.nn as nn
 
 from mlxlab import kernels
 from mlxlab.errors import ConfigError
+from mlxlab.objectives.head_chunks import chunked_head_cross_entropy
 
 Batch = dict[str, mx.array]
 LossFn = Callable[[nn.Module, Batch], tuple[mx.array, dict[str, mx.array]]]
@@ -83,15 +84,26 @@ def masked_mean(values: mx.array, batch: Batch) -> tuple[mx.array, mx.array]:
     return total / mx.maximum(count, 1.0), count
 
 
-def task_loss(task: str, label_smoothing: float = 0.0, per_example: bool = False) -> LossFn:
+def task_loss(task: str, label_smoothing: float = 0.0, per_example: bool = False,
+              head_chunk: int | None = None) -> LossFn:
     """Cross-entropy against batch["labels"]: per example (classification) or per scored token
     (lm). `aux["ntokens"]` is the count the mean is over; per_example=True adds
-    `aux["example_loss"]`, each example's loss, from the values the mean is taken over."""
+    `aux["example_loss"]`, each example's loss, from the values the mean is taken over.
+    `head_chunk` (lm): the output head's logits that many tokens at a time (head_chunks.py; the
+    model's `head_split`, which the caller checked)."""
     if task not in ("classification", "lm"):
         raise ConfigError(f"unknown data task {task!r}: expected 'classification' or 'lm'")
 
+    def cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
+        return token_cross_entropy(logits, targets, label_smoothing)
+
     def loss_fn(model: nn.Module, batch: Batch) -> tuple[mx.array, dict[str, mx.array]]:
-        ce = token_cross_entropy(forward(model, batch), batch["labels"], label_smoothing)
+        if head_chunk:
+            ce = chunked_head_cross_entropy(model.head_split(), batch["input_ids"],
+                                            batch.get("segment_ids"), batch["labels"],
+                                            head_chunk, cross_entropy)
+        else:
+            ce = cross_entropy(forward(model, batch), batch["labels"])
         loss, count = masked_mean(ce, batch)
         if per_example:
             return loss, {"ntokens": count, "example_loss": per_example_mean(mx.stop_gradient(ce), batch)}

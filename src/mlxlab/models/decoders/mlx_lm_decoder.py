@@ -31,7 +31,7 @@ from mlx.utils import tree_flatten
 from mlxlab.errors import ConfigError, MissingFileError
 from mlxlab.models.adapters.lora import check_lora, check_reach, maybe_apply_lora, targeted_linears
 from mlxlab.models.adapters.routed_experts import is_experts
-from mlxlab.models.base import PretrainedModel
+from mlxlab.models.base import HeadSplit, PretrainedModel
 from mlxlab.models.decoders.draft_layers import (
     check_freeze_embeddings,
     check_keep_layers,
@@ -384,6 +384,28 @@ class MLXLMDecoder(PretrainedModel):
             with attention_segments(segment_ids, len(self.lm.layers), model_type):
                 return self._forward(input_ids, cache)
         return self._forward(input_ids, cache)
+
+    def head_split(self) -> HeadSplit | None:
+        """mlx-lm's decoder stack and final norm (`model`, under `language_model` for a
+        multimodal checkpoint's text) and its `lm_head`, or the embeddings' `as_linear` where
+        they are tied; None for a score head or a model without that layout. Whether its call
+        is exactly that (no logit scaling or capping) is checked by the caller."""
+        text = self.lm.get("language_model", self.lm)
+        if self.head != "lm" or "model" not in text or "embed_tokens" not in text["model"]:
+            return None
+
+        def hidden(input_ids: mx.array, segment_ids: mx.array | None) -> mx.array:
+            if segment_ids is None:
+                return text["model"](input_ids)
+            check_packable(self.lm, str(self._hf_config.get("model_type")))
+            with attention_segments(segment_ids, len(self.lm.layers),
+                                    str(self._hf_config.get("model_type"))):
+                return text["model"](input_ids)
+
+        if "lm_head" in text:
+            return HeadSplit(hidden, text["lm_head"], lambda head, h: head(h))
+        return HeadSplit(hidden, text["model"]["embed_tokens"],
+                         lambda head, h: head.as_linear(h))
 
     def _forward(self, input_ids: mx.array, cache: list | None) -> mx.array:
         if self.head == "score":  # (B, T, 1): a score at every position

@@ -61,16 +61,37 @@ def check_kind(kind: str | None, objective: str, data: str) -> None:
                            f"data, not {kind!r} data: pick the objective for it")
 
 
+def check_head_split(model: nn.Module, task: str, chunk: int) -> None:
+    """objective.head_chunk needs a language model whose logits are its output head over its
+    hidden states (Model.head_split), exactly: checked on a few tokens, or one line."""
+    split = model.head_split() if task == "lm" else None
+    if split is None:
+        raise ConfigError(f"objective.head_chunk={chunk}: {type(model).__name__} on {task} data "
+                          "does not split its logits from its hidden states (an mlx-lm "
+                          "decoder's language-model head does); leave it null")
+    ids = mx.array([[1, 2, 3, 4]])
+    whole, parts = model(ids), split.apply(split.head, split.hidden(ids, None))
+    if whole.shape != parts.shape or not mx.allclose(whole, parts, rtol=1e-4, atol=1e-4).item():
+        raise ConfigError(f"objective.head_chunk={chunk}: this model's logits are not its output "
+                          "head over its hidden states (it scales or caps them); leave it null")
+
+
 class Supervised(Objective):
     """Cross-entropy against batch["labels"] (objectives/losses.py task_loss)."""
 
-    def __init__(self, label_smoothing: float = 0.0) -> None:
+    def __init__(self, label_smoothing: float = 0.0, head_chunk: int | None = None) -> None:
         self.label_smoothing = check_smoothing(label_smoothing)
+        if head_chunk is not None:
+            check_number("objective.head_chunk", head_chunk, int, 1)
+        self.head_chunk = head_chunk
         self._loss: losses.LossFn | None = None
 
     def setup(self, setup: ObjectiveSetup) -> None:
         check_kind(data_kind(setup.data), type(self).__name__, type(setup.data).__name__)
-        self._loss = losses.task_loss(setup.data.task, self.label_smoothing, setup.per_example)
+        if self.head_chunk:
+            check_head_split(setup.model, setup.data.task, self.head_chunk)
+        self._loss = losses.task_loss(setup.data.task, self.label_smoothing, setup.per_example,
+                                      self.head_chunk)
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[mx.array, dict[str, mx.array]]:
         if self._loss is None:
@@ -89,4 +110,8 @@ class Supervised(Objective):
     @classmethod
     def check_config(cls, cfg: Any, kind: str | None) -> None:
         check_kind(kind, cls.__name__, str(cfg.data._target_).rsplit(".", 1)[-1])
+        chunk = (cfg.get("objective") or {}).get("head_chunk")
+        if chunk and kind != "lm":
+            raise ConfigError(f"objective.head_chunk={chunk} chunks a language model's output "
+                              f"head; this run's data is {kind}: leave it null")
         super().check_config(cfg, kind)
