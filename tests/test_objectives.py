@@ -101,7 +101,7 @@ class Repeating(Objective):
 
 
 OBJECTIVE = ["objective._target_=test_objectives.Repeating", "~objective.label_smoothing",
-             "+objective.passes=2"]
+             "~objective.head_chunk", "+objective.passes=2"]
 ARGS = [*FAST, *OBJECTIVE, "tracking=csv", "trainer.max_steps=12", "trainer.eval_every_steps=6",
         "trainer.log_every_steps=3", "checkpoint.save_every_steps=3",
         "checkpoint.save_every_minutes=null", "checkpoint.keep_last_n=5"]

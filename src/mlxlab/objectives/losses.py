@@ -85,7 +85,7 @@ def masked_mean(values: mx.array, batch: Batch) -> tuple[mx.array, mx.array]:
 
 
 def task_loss(task: str, label_smoothing: float = 0.0, per_example: bool = False,
-              head_chunk: int | None = None) -> LossFn:
+              head_chunk: int = 0) -> LossFn:
     """Cross-entropy against batch["labels"]: per example (classification) or per scored token
     (lm). `aux["ntokens"]` is the count the mean is over; per_example=True adds
     `aux["example_loss"]`, each example's loss, from the values the mean is taken over.

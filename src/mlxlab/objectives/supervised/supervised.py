@@ -68,22 +68,21 @@ def check_head_split(model: nn.Module, task: str, chunk: int) -> None:
     if split is None:
         raise ConfigError(f"objective.head_chunk={chunk}: {type(model).__name__} on {task} data "
                           "does not split its logits from its hidden states (an mlx-lm "
-                          "decoder's language-model head does); leave it null")
+                          "decoder's language-model head does); leave it 0")
     ids = mx.array([[1, 2, 3, 4]])
     whole, parts = model(ids), split.apply(split.head, split.hidden(ids, None))
     if whole.shape != parts.shape or not mx.allclose(whole, parts, rtol=1e-4, atol=1e-4).item():
         raise ConfigError(f"objective.head_chunk={chunk}: this model's logits are not its output "
-                          "head over its hidden states (it scales or caps them); leave it null")
+                          "head over its hidden states (it scales or caps them); leave it 0")
 
 
 class Supervised(Objective):
     """Cross-entropy against batch["labels"] (objectives/losses.py task_loss)."""
 
-    def __init__(self, label_smoothing: float = 0.0, head_chunk: int | None = None) -> None:
+    def __init__(self, label_smoothing: float = 0.0, head_chunk: int = 0) -> None:
         self.label_smoothing = check_smoothing(label_smoothing)
-        if head_chunk is not None:
-            check_number("objective.head_chunk", head_chunk, int, 1)
-        self.head_chunk = head_chunk
+        check_number("objective.head_chunk", head_chunk, int, 0)
+        self.head_chunk = int(head_chunk)
         self._loss: losses.LossFn | None = None
 
     def setup(self, setup: ObjectiveSetup) -> None:
@@ -113,5 +112,5 @@ class Supervised(Objective):
         chunk = (cfg.get("objective") or {}).get("head_chunk")
         if chunk and kind != "lm":
             raise ConfigError(f"objective.head_chunk={chunk} chunks a language model's output "
-                              f"head; this run's data is {kind}: leave it null")
+                              f"head; this run's data is {kind}: leave it 0")
         super().check_config(cfg, kind)
