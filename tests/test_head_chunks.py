@@ -131,3 +131,13 @@ def test_a_finetune_run_with_head_chunks_trains_as_the_whole_head(tmp_path):
     assert whole.keys() == chunked.keys() and whole
     for key, value in whole.items():
         assert chunked[key] == pytest.approx(value, rel=1e-4), key
+
+
+def test_head_chunks_on_a_model_that_cannot_split_them_is_refused_before_a_run_folder(tmp_path):
+    """mlxlab's own nano decoder has no head_split: one line from the config checks, nothing
+    under outputs/."""
+    from conftest import config_refusal
+
+    line = config_refusal(tmp_path, ["experiment=tinystories_nano", "objective.head_chunk=64"])
+    assert line and "does not split its logits from its hidden states" in line, line
+    assert not (tmp_path / "outputs").exists()

@@ -8,10 +8,12 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from hydra.utils import get_class
 
 from mlxlab.config.records import check_number
 from mlxlab.data.batching import Batch, Batching
 from mlxlab.errors import ConfigError, DataMismatch
+from mlxlab.models.base import Model
 from mlxlab.objectives import losses
 from mlxlab.objectives.base import (
     Evaluation,
@@ -113,4 +115,8 @@ class Supervised(Objective):
         if chunk and kind != "lm":
             raise ConfigError(f"objective.head_chunk={chunk} chunks a language model's output "
                               f"head; this run's data is {kind}: leave it 0")
+        if chunk and get_class(str(cfg.model._target_)).head_split is Model.head_split:
+            raise ConfigError(f"objective.head_chunk={chunk}: {cfg.model._target_} does not "
+                              "split its logits from its hidden states (an mlx-lm decoder's "
+                              "language-model head does); leave it 0")
         super().check_config(cfg, kind)
