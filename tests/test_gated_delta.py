@@ -1,13 +1,17 @@
-"""The chunked gated delta rule (models/layers/gated_delta.py) equals mlx-lm's sequential recurrence
-(`gated_delta_ops`, the reference): outputs, final state and every gradient (q, k, v, the gate,
-beta, the initial state) to 1e-5 relative (the norm of the difference over the reference's) in
-float32, over lengths that are and are not chunk multiples, with a left-padding mask and a hole,
-a per-head and a per-key-channel (KDA) gate, grouped heads. mlx-lm's models trained through the
-swap (models/decoders/gated_delta_swap.py) give the sequential path's loss and gradients, and their
-training step never runs the token loop; the backward's peak memory stays a fraction of the
-loop's."""
+"""The gated delta rule a gated-delta layer trains through (models/layers/gated_delta.py), on both
+of its paths: the fused token-by-token kernel (kernels.gated_delta, csrc/gated_delta.cpp, the
+CPU's) and the chunked form (a GPU's; here with the kernel skipped). Each equals mlx-lm's
+sequential recurrence (`gated_delta_ops`, the reference): outputs, final state and every gradient
+(q, k, v, the gate, beta, the initial state) to 1e-5 relative (the norm of the difference over
+the reference's) in float32, over lengths that are and are not chunk (span) multiples, with a
+left-padding mask and a hole, a per-head and a per-key-channel (KDA) gate, grouped heads.
+mlx-lm's models trained through the swap (models/decoders/gated_delta_swap.py) give the
+sequential path's loss and gradients, and their training step never runs the token loop; the
+backward's peak memory stays a fraction of the loop's."""
 
 from __future__ import annotations
+
+import io
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -15,6 +19,7 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.models import gated_delta, kimi_linear, qwen3_5, qwen3_next
 
+from mlxlab import kernels
 from mlxlab.models.decoders.gated_delta_swap import ORIGINALS, use_chunked_gated_delta
 from mlxlab.models.decoders.mlx_lm_decoder import MLXLMDecoder
 from mlxlab.models.layers import gate_decay
@@ -23,6 +28,23 @@ from mlxlab.models.layers.gated_delta import chunked_gated_delta_update, gated_d
 
 TOL = 1e-5
 B, HK, HV, DK, DV = 2, 2, 4, 16, 8
+
+
+@pytest.fixture
+def chunked_path():
+    """The chunked form on the CPU: the kernel's op skipped."""
+    kernels.set_skip(["gated_delta"])
+    try:
+        yield
+    finally:
+        kernels.set_skip(None)
+
+
+@pytest.fixture(params=["kernel", "chunks"])
+def rule_path(request) -> str:
+    """Each of the rule's paths: the fused kernel (the kernels on), then the chunked form."""
+    request.getfixturevalue("fused_kernels_on" if request.param == "kernel" else "chunked_path")
+    return request.param
 
 
 def rel(a: mx.array, b: mx.array) -> float:
@@ -80,7 +102,7 @@ NAMES = ["y", "state", "dq", "dk", "dv", "dg", "dbeta", "dstate0"]
 @pytest.mark.parametrize("vectorized", [False, True], ids=["scalar-gate", "kda-gate"])
 @pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "mask"])
 @pytest.mark.parametrize("length", [1, 37, 64, 130])
-def test_chunked_rule_equals_the_sequential_recurrence(length, masked, vectorized):
+def test_the_rule_equals_the_sequential_recurrence(length, masked, vectorized, rule_path):
     inputs = rule_inputs(length, vectorized, seed=length)
     mask = padding_mask(length) if masked else None
     reference = values_and_grads(gated_delta.gated_delta_ops, inputs, mask, seed=length)
@@ -89,7 +111,7 @@ def test_chunked_rule_equals_the_sequential_recurrence(length, masked, vectorize
     assert max(errors.values()) < TOL, errors
 
 
-def test_an_unused_final_state_and_small_chunks():
+def test_an_unused_final_state_and_small_chunks(rule_path):
     """Only y reaches the loss (the state's cotangent is MLX's zeros), chunks of 16 over 50."""
     inputs = rule_inputs(50, False, seed=3)
 
@@ -104,7 +126,8 @@ def test_an_unused_final_state_and_small_chunks():
 
 @pytest.mark.parametrize(("batch", "heads", "length"), [(1, 1, 75), (1, 2, 64), (1, 4, 61)],
                          ids=["8-chunk-groups", "whole-groups", "2-chunk-groups"])
-def test_the_batched_scalar_gate_over_groups_of_chunks(batch, heads, length, monkeypatch):
+def test_the_batched_scalar_gate_over_groups_of_chunks(batch, heads, length, monkeypatch,
+                                                       chunked_path):
     """A scalar gate without a mask over few heads batches its chunks in groups (8 over one
     head, 2 over four): chunks of 4 over 75 tokens are two groups of 8 and a padded group of 3
     (the padded steps must neither decay nor write the state), over 61 a padded last chunk,
@@ -157,7 +180,7 @@ def test_blocked_gate_ratios_equal_one_exp_each(vectorized):
     assert max(rel(b, p) for b, p in zip(blocked[1], plain[1])) < TOL
 
 
-def test_the_squarings_inverse_off_the_cpu(monkeypatch):
+def test_the_squarings_inverse_off_the_cpu(monkeypatch, chunked_path):
     """Off the CPU (no triangular inverse there) (I + A)^-1 is log2(C) squarings: the rule
     through them equals the loop too."""
     monkeypatch.setattr(chunked_module, "_inverse", chunked_module._unit_lower_inverse)
@@ -170,7 +193,7 @@ def test_the_squarings_inverse_off_the_cpu(monkeypatch):
 
 @pytest.mark.parametrize("options", [{}, {"lower_bound": -5.0}, {"allow_neg_eigval": True}],
                          ids=["softplus-gate", "lower-bound-gate", "neg-eigval"])
-def test_update_equals_mlx_lms_in_training(options):
+def test_update_equals_mlx_lms_in_training(options, rule_path):
     """chunked_gated_delta_update against mlx-lm's gated_delta_update(use_kernel=False): the
     gate's and beta's parameters get the same gradients (a, b, A_log, dt_bias)."""
     mx.random.seed(7)
@@ -238,7 +261,7 @@ def loss_and_grads(model: nn.Module, ids: mx.array) -> tuple[mx.array, dict]:
                                                (tiny_qwen3_next, qwen3_next),
                                                (tiny_kimi_linear, kimi_linear)],
                          ids=["qwen3_5", "qwen3_next", "kimi_linear"])
-def test_a_hybrid_trains_through_the_chunked_rule(build, module, monkeypatch):
+def test_a_hybrid_trains_through_the_rule(build, module, monkeypatch, rule_path):
     """A tiny model from mlx-lm's ModelArgs (random weights), training mode: its loss and every
     gradient through the swap equal mlx-lm's sequential path, and the swapped step never runs
     the token loop (gated_delta_ops would raise)."""
@@ -309,19 +332,94 @@ def backward_peak(rule, length: int) -> int:
     return mx.get_peak_memory()
 
 
-def test_the_backward_keeps_chunk_boundaries_not_tokens():
+def test_the_backward_keeps_chunk_boundaries_not_tokens(rule_path):
     """MLX's peak memory of one forward + backward at 512 tokens: the loop keeps a state per
-    token, the chunked rule one per chunk boundary."""
+    token, the chunked rule one per chunk boundary (the kernel none: it recomputes its states in
+    its own buffers)."""
     sequential = backward_peak(gated_delta.gated_delta_ops, 512)
     chunked = backward_peak(gated_delta_chunked, 512)
     assert chunked * 4 < sequential, (chunked, sequential)
 
 
 @pytest.mark.parametrize("vectorized", [False, True], ids=["scalar-gate", "kda-gate"])
-def test_the_rule_compiles_as_the_training_step_does(vectorized):
-    """mlxlab compiles its step (mx.compile): the chunked rule's gradients under it are the
-    same."""
+def test_the_rule_compiles_as_the_training_step_does(vectorized, rule_path):
+    """mlxlab compiles its step (mx.compile): the rule's gradients under it are the same."""
     inputs = rule_inputs(70, vectorized, seed=2)
     grad = mx.grad(lambda *xs: gated_delta_chunked(*xs)[0].square().sum(), argnums=list(range(6)))
     compiled = mx.compile(grad)(*inputs)
     assert max(rel(c, g) for c, g in zip(compiled, grad(*inputs))) < TOL
+
+
+def graph(out: mx.array) -> str:
+    dot = io.StringIO()
+    mx.export_to_dot(dot, out)
+    return dot.getvalue()
+
+
+@pytest.mark.usefixtures("fused_kernels_on")
+def test_the_kernel_runs_where_dispatch_takes_the_call():
+    """Float32 on the CPU with the kernels on: the kernel's primitive, forward and backward;
+    the op skipped or the kernels off: the chunked form's ops, and the same values."""
+    q, k, v, g, beta, state = rule_inputs(40, False, seed=8)
+
+    def rule(*xs):
+        return gated_delta_chunked(*xs)
+
+    fused = rule(q, k, v, g, beta, state)
+    backward = mx.grad(lambda *xs: rule(*xs)[0].sum())(q, k, v, g, beta, state)
+    assert "MlxlabGatedDelta" in graph(fused[0])
+    assert "MlxlabGatedDeltaGrad" in graph(backward)
+    kernels.set_skip(["gated_delta"])
+    try:
+        skipped = rule(q, k, v, g, beta, state)
+    finally:
+        kernels.set_skip(None)
+    kernels.set_mode("off")
+    off = rule(q, k, v, g, beta, state)
+    kernels.set_mode("on")
+    for other in (skipped, off):
+        assert "MlxlabGatedDelta" not in graph(other[0])
+        assert rel(other[0], fused[0]) < TOL and rel(other[1], fused[1]) < TOL
+
+
+@pytest.mark.usefixtures("fused_kernels_on")
+@pytest.mark.parametrize("vectorized", [False, True], ids=["scalar-gate", "kda-gate"])
+@pytest.mark.parametrize(("span", "dv"), [(1, 8), (5, 8), (16, 37), (64, 130)],
+                         ids=["span-1", "span-5", "span-16-odd-rows", "span-64-two-blocks"])
+def test_the_kernels_backward_from_states_kept_a_span_apart(span, dv, vectorized):
+    """The kernel's backward recomputes the states from ones kept `span` tokens apart: over 70
+    masked tokens, spans that do and do not divide it, a state of rows that are not a multiple
+    of 4 (the padded last group) and more than one block of 32 rows, the loop's gradients."""
+    inputs = rule_inputs(70, vectorized, seed=span, dv=dv)
+    mask = padding_mask(70)
+    module = kernels.extension()
+    mx.random.seed(span + 1)
+    dy, ds = mx.random.normal((B, 70, HV, dv)), mx.random.normal((B, HV, dv, DK))
+
+    def loss(rule):
+        def f(*xs):
+            y, state = rule(*xs)
+            return (y * dy).sum() + (state * ds).sum()
+        return f
+
+    def kernel(q, k, v, g, beta, state):
+        return module.gated_delta(q, k, v, mx.log(g), beta, state, mask.astype(mx.float32), span)
+
+    def loop(*xs):
+        return gated_delta.gated_delta_ops(*xs, mask=mask)
+
+    ref = [*loop(*inputs), *mx.grad(loss(loop), argnums=list(range(6)))(*inputs)]
+    got = [*kernel(*inputs), *mx.grad(loss(kernel), argnums=list(range(6)))(*inputs)]
+    errors = {n: rel(c, r) for n, c, r in zip(NAMES, got, ref)}
+    assert max(errors.values()) < TOL, errors
+
+
+@pytest.mark.usefixtures("fused_kernels_on")
+def test_the_kernel_refuses_shapes_it_does_not_read():
+    """A beta or a state that does not match q, k and v: one line naming the expected shapes."""
+    q, k, v, g, beta, state = rule_inputs(9, False, seed=9)
+    module = kernels.extension()
+    with pytest.raises(ValueError, match="expected q, k"):
+        module.gated_delta(q, k, v, mx.log(g), beta[:, :, :2], state)
+    with pytest.raises(ValueError, match="expected q, k"):
+        module.gated_delta(q, k, v, mx.log(g), beta, state[:, :, :3])

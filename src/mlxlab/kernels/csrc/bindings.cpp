@@ -84,6 +84,25 @@ NB_MODULE(_mlxlab_kernels, m) {
       "The causal depthwise convolution of float32 x (B, T + K - 1, C) by weight (C, K[, 1]) "
       "(+ bias (C,)) -> (B, T, C), then silu when asked.");
   m.def(
+      "gated_delta",
+      [](const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& log_g,
+         const mx::array& beta, const mx::array& state, const std::optional<mx::array>& keep,
+         int span) {
+        auto out = mlxlab::gated_delta(q, k, v, log_g, beta, state, keep, span);
+        return nb::make_tuple(out[0], out[1]);
+      },
+      "q"_a,
+      "k"_a,
+      "v"_a,
+      "log_g"_a,
+      "beta"_a,
+      "state"_a,
+      "keep"_a = nb::none(),
+      "span"_a = 0,
+      "The gated delta rule token by token over float32 q, k (B, T, Hk, Dk), v (B, T, Hv, Dv), "
+      "log_g (B, T, Hv[, Dk]), beta (B, T, Hv), state (B, Hv, Dv, Dk), keep (B, T) -> (y, state); "
+      "the backward keeps states `span` tokens apart (0: the kernel's own).");
+  m.def(
       "layer_norm",
       [](const mx::array& x, const mx::array& weight, const mx::array& bias, float eps) {
         return mlxlab::layer_norm(x, weight, bias, eps);

@@ -53,6 +53,18 @@ void set_blas_local_threads(uintptr_t address);
 mx::array depthwise_conv1d(const mx::array& x, const mx::array& w,
                            const std::optional<mx::array>& bias, bool silu);
 
+// The gated delta rule token by token (mlx-lm's gated_delta_ops; gated_delta.cpp): q, k
+// (B, T, Hk, Dk), v (B, T, Hv, Dv) with Hk dividing Hv (value head h reads key head
+// h / (Hv / Hk)), log_g the gate's logarithm (B, T, Hv) or per key channel (B, T, Hv, Dk), beta
+// (B, T, Hv), state (B, Hv, Dv, Dk), keep an optional (B, T) 1/0 (a 0 step leaves the state as it
+// was, its output still read from the step's update), all float32 -> (y (B, T, Hv, Dv), the final
+// state). Differentiable in all but keep; the backward recomputes states from the initial one,
+// keeping them `span` tokens apart (0: gated_delta.cpp's kSpan).
+std::vector<mx::array> gated_delta(const mx::array& q, const mx::array& k, const mx::array& v,
+                                   const mx::array& log_g, const mx::array& beta,
+                                   const mx::array& state, const std::optional<mx::array>& keep,
+                                   int span = 0);
+
 // The exact GELU, x * (1 + erf(x / sqrt(2))) / 2, element-wise on float32 (BERT's, GPT-2's MLP).
 mx::array gelu(const mx::array& x);
 
@@ -440,6 +452,40 @@ class DepthwiseConv1dGrad : public CpuPrimitive {
  private:
   bool silu_;
   bool params_; // the weight's and bias's gradients too
+};
+
+// Inputs: q, k, v, log_g, beta, state (, keep) -> (y, final state).
+class GatedDelta : public CpuPrimitive {
+ public:
+  GatedDelta(mx::Stream stream, int span) : CpuPrimitive(stream), span_(span) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  const char* name() const override {
+    return "MlxlabGatedDelta";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return span_ == static_cast<const GatedDelta&>(other).span_;
+  }
+  MLXLAB_VJP
+
+ private:
+  int span_;
+};
+
+// Inputs: GatedDelta's, then the cotangents of y and of the final state -> the gradients of q
+// and k per value head (B, T, Hv, Dk), of v, log_g, beta and the initial state.
+class GatedDeltaGrad : public CpuPrimitive {
+ public:
+  GatedDeltaGrad(mx::Stream stream, int span) : CpuPrimitive(stream), span_(span) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  const char* name() const override {
+    return "MlxlabGatedDeltaGrad";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return span_ == static_cast<const GatedDeltaGrad&>(other).span_;
+  }
+
+ private:
+  int span_;
 };
 
 #undef MLXLAB_PRIMITIVE_BODY

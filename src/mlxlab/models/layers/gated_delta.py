@@ -53,6 +53,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from mlxlab import kernels
 from mlxlab.models.layers import gate_decay
 
 CHUNK_SIZE = 64  # flash-linear-attention's chunk; the triangular solve is C x C per head
@@ -290,6 +291,11 @@ def chunked_rule(q: mx.array, k: mx.array, v: mx.array, log_g: mx.array, beta: m
     hv, dv = v.shape[-2:]
     if state is None:
         state = mx.zeros((batch, hv, dv, dk), dtype=mx.float32)
+    keep = None if mask is None else mask.astype(mx.float32)
+    fused = kernels.gated_delta(*(x.astype(mx.float32) for x in (q, k, v, log_g, beta, state)),
+                                keep)
+    if fused is not None:  # the CPU: token by token, a row block of each head's state in L1
+        return fused[0].astype(q.dtype), fused[1]
     if (repeat := hv // hk) > 1:
         q = mx.repeat(q, repeat, -2)
         k = mx.repeat(k, repeat, -2)

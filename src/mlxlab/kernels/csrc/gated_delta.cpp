@@ -1,0 +1,521 @@
+// The gated delta rule token by token (mlx-lm's gated_delta_ops), forward and backward, on the
+// CPU: what a gated-delta layer (Qwen3.5 / Qwen3-Next, Kimi-Linear's KDA, OLMo-Hybrid) trains
+// through there. Per head, on a (Dv, Dk) state S, each token t:
+//
+//     A = S * g_t            (g_t a scalar, or one per key channel: KDA)
+//     u = A k_t,   d = beta_t (v_t - u),   S' = A + d k_t^T,   y_t = S' q_t
+//     S <- S' (a masked step keeps S)
+//
+// Every row of S is a recurrence of its own: row i reads v_t[i] and the token's shared q, k, g,
+// beta, and nothing of the other rows. So a head's rows are walked in blocks of kRowBlock
+// (16 KB of state, in L1 across all T tokens), each token one fused pass over the block's rows
+// for u and one for S' and y. The chunked form (models/layers/gated_delta.py) does the same work
+// as batched matrix products, whose CPU dispatches and C x C triangular solves cost more than
+// these passes at the heads' sizes (Dk = Dv = 128).
+//
+// The backward, by row block too (each row's cotangent dS_i is again a recurrence of its own,
+// backwards): the states entering every span of tokens are recomputed from the initial state,
+// then for each span from the last, the span's states are recomputed and kept, and the
+// tokens walked backwards. Per token and row, with G = dS' (dS_i + dy_i q, or dy_i q where the
+// step is masked and dS_i passes through):
+//
+//     dq += dy_i S'_i,   dd_i = G . k,   dk += d_i G,   dv_i = beta dd_i,
+//     dbeta += (v_i - u_i) dd_i,   du_i = -beta dd_i,   dA = G + du_i k,   dk += du_i A_i,
+//     dg += dA * S_i (per channel),   dS_i <- dA * g (+ dS_i where masked)
+//
+// The gate arrives as its logarithm (what the layers compute); its gradient is dg * g. The
+// memory the backward takes beyond its outputs: a row block's states at each span's start
+// and one span's states per thread. q and k are read at their own heads (value head h reads
+// key head h / (Hv / Hk)); their gradients come per value head and the VJP sums each group.
+#include "common.h"
+#include "kernels.h"
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <vector>
+
+#include "mlx/backend/cpu/encoder.h"
+
+namespace mlxlab {
+
+using namespace detail;
+
+namespace {
+
+constexpr int64_t kRowBlock = 32; // rows of a head's state walked together (32 x 128 floats)
+// The backward keeps a row block's state at the start of every span of kSpan tokens, and all of
+// one span's while it walks that span backwards: 32 states of 32 x 128 rows are 512 KB, in L2.
+// Keeping every state instead (one recompute fewer) took twice as long at 2,048 tokens: the
+// states went to memory and back.
+constexpr int64_t kSpan = 32;
+
+struct RuleDims {
+  int64_t b, t, hk, hv, dk, dv;
+  bool vec;    // the gate per key channel (B, T, Hv, Dk), else (B, T, Hv)
+  bool masked; // a keep (B, T) input
+};
+
+RuleDims rule_dims(const std::vector<mx::array>& in) {
+  const auto &q = in[0], &v = in[2], &lg = in[3];
+  return {q.shape(0), q.shape(1), q.shape(2), v.shape(2), q.shape(3), v.shape(3),
+          lg.ndim() == 4, in.size() > 6 && in[6].ndim() == 2};
+}
+
+struct RuleInputs {
+  const float *q, *k, *v, *lg, *beta, *s0, *keep;
+};
+
+RuleInputs rule_inputs(const std::vector<mx::array>& in, const RuleDims& d) {
+  return {in[0].data<float>(), in[1].data<float>(), in[2].data<float>(), in[3].data<float>(),
+          in[4].data<float>(), in[5].data<float>(), d.masked ? in[6].data<float>() : nullptr};
+}
+
+// One token of one head, as its rows read it: g holds the gate per key channel (a scalar gate
+// copied to all), v the head's value row.
+struct Token {
+  const float *q, *k, *v;
+  float beta, qk; // qk = q . k
+  bool keep;
+  std::vector<float> g, gk, gq; // gk = g * k, gq = g * q
+
+  explicit Token(int64_t dk) : g(dk), gk(dk), gq(dk) {}
+
+  void load(const RuleDims& d, const RuleInputs& a, int64_t b, int64_t h, int64_t t) {
+    const int64_t bt = b * d.t + t, kh = h / (d.hv / d.hk);
+    q = a.q + (bt * d.hk + kh) * d.dk;
+    k = a.k + (bt * d.hk + kh) * d.dk;
+    v = a.v + (bt * d.hv + h) * d.dv;
+    beta = a.beta[bt * d.hv + h];
+    keep = !a.keep || a.keep[bt] != 0.0f;
+    if (d.vec) {
+      const float* lg = a.lg + (bt * d.hv + h) * d.dk;
+      for (int64_t j = 0; j < d.dk; ++j) {
+        g[j] = std::exp(lg[j]);
+      }
+    } else {
+      std::fill(g.begin(), g.end(), std::exp(a.lg[bt * d.hv + h]));
+    }
+    float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t j = 0; j < d.dk; ++j) {
+      gk[j] = g[j] * k[j];
+      gq[j] = g[j] * q[j];
+      dot = std::fma(q[j], k[j], dot);
+    }
+    qk = dot;
+  }
+};
+
+// Rows are stepped four at a time: a row's dot products are chains of dependent adds, and four
+// rows give the core four independent chains (and read q, k, g once for all of them). Four
+// scalar accumulators, not an array (GCC vectorizes an omp simd reduction over an array section
+// element by element), written out through MLXLAB_ROWS4. Fewer than four rows are padded with
+// zero rows, which add exactly zero to every sum. Products and sums are explicit fused
+// multiply-adds (the build turns contraction off): every x86-64-v3 and arm64 CPU has them.
+#define MLXLAB_ROWS4(X) X(0) X(1) X(2) X(3)
+
+// Four rows of a head's state as one step reads them: s[r] the row (Dk floats), v[r] its value
+// (0 for a padding row), e[r] its cotangent and dy[r] its output's (the backward).
+struct Four {
+  float* s[4];
+  float* e[4];
+  float v[4], dy[4];
+};
+
+// The token's step over four rows (updated in place unless the step is masked); y[r] their
+// outputs. y_r = S'_r . q = (g * s_r) . q + d_r (k . q): both dot products read the state
+// before the update, so one pass takes them (eight independent chains) and the second is the
+// update alone (no chain; none at all for a masked step).
+template <bool KEEP>
+void step_four(const Token& tok, const Four& f, float* y, int64_t dk) {
+  const float* __restrict k = tok.k;
+  const float* __restrict g = tok.g.data();
+  const float* __restrict gk = tok.gk.data();
+  const float* __restrict gq = tok.gq.data();
+  float* __restrict s0 = f.s[0];
+  float* __restrict s1 = f.s[1];
+  float* __restrict s2 = f.s[2];
+  float* __restrict s3 = f.s[3];
+  float u0 = 0.0f, u1 = 0.0f, u2 = 0.0f, u3 = 0.0f;
+  float w0 = 0.0f, w1 = 0.0f, w2 = 0.0f, w3 = 0.0f;
+#pragma omp simd reduction(+ : u0, u1, u2, u3, w0, w1, w2, w3)
+  for (int64_t j = 0; j < dk; ++j) {
+    const float gkj = gk[j], gqj = gq[j];
+#define MLXLAB_DOTS(r)                   \
+  u##r = std::fma(s##r[j], gkj, u##r);   \
+  w##r = std::fma(s##r[j], gqj, w##r);
+    MLXLAB_ROWS4(MLXLAB_DOTS)
+#undef MLXLAB_DOTS
+  }
+#define MLXLAB_DELTA(r)                                  \
+  const float d##r = (f.v[r] - u##r) * tok.beta;         \
+  y[r] = std::fma(d##r, tok.qk, w##r);
+  MLXLAB_ROWS4(MLXLAB_DELTA)
+#undef MLXLAB_DELTA
+  if (!KEEP) {
+    return;
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < dk; ++j) {
+    const float gj = g[j], kj = k[j];
+#define MLXLAB_NEXT(r) s##r[j] = std::fma(kj, d##r, s##r[j] * gj);
+    MLXLAB_ROWS4(MLXLAB_NEXT)
+#undef MLXLAB_NEXT
+  }
+}
+
+// Where one token's gradients go: the head's rows of dq, dk (Dk, summed into), dv (Dv), the log
+// gate's (Dk or 1, summed into) and beta's (summed into).
+struct TokenGrads {
+  float *dq, *dk, *dv, *dlg, *dbeta;
+};
+
+// The token's backward over four rows: f.s the rows' state entering the token, f.e their
+// cotangent of the state after it (replaced by the one before it), f.dy their outputs'; dv[r]
+// gets their values' gradients, dq, dk and gsum (sum_i dA_i * S_i per channel) are summed into,
+// and the return is their part of beta's gradient. With G = dS' (e + dy q; dy q where the step is
+// masked and e passes through), G . k = e . k + dy (q . k): the first pass takes the dot
+// products, the second everything else.
+template <bool KEEP>
+float grad_four(const Token& tok, const Four& f, float* dv, const TokenGrads& out,
+                float* __restrict gsum, int64_t dk) {
+  const float* __restrict k = tok.k;
+  const float* __restrict q = tok.q;
+  const float* __restrict g = tok.g.data();
+  const float* __restrict gk = tok.gk.data();
+  float* __restrict dq = out.dq;
+  float* __restrict dkv = out.dk;
+  const float* __restrict s0 = f.s[0];
+  const float* __restrict s1 = f.s[1];
+  const float* __restrict s2 = f.s[2];
+  const float* __restrict s3 = f.s[3];
+  float* __restrict e0 = f.e[0];
+  float* __restrict e1 = f.e[1];
+  float* __restrict e2 = f.e[2];
+  float* __restrict e3 = f.e[3];
+  float u0 = 0.0f, u1 = 0.0f, u2 = 0.0f, u3 = 0.0f;
+  float c0 = 0.0f, c1 = 0.0f, c2 = 0.0f, c3 = 0.0f; // e . k
+#pragma omp simd reduction(+ : u0, u1, u2, u3, c0, c1, c2, c3)
+  for (int64_t j = 0; j < dk; ++j) {
+    const float gkj = gk[j], kj = k[j];
+#define MLXLAB_DOTS(r)                      \
+  u##r = std::fma(s##r[j], gkj, u##r);      \
+  if (KEEP) {                               \
+    c##r = std::fma(e##r[j], kj, c##r);     \
+  }
+    MLXLAB_ROWS4(MLXLAB_DOTS)
+#undef MLXLAB_DOTS
+  }
+  const float beta = tok.beta;
+  float dbeta = 0.0f;
+#define MLXLAB_ROW(r)                                          \
+  const float res##r = f.v[r] - u##r, d##r = res##r * beta;    \
+  const float y##r = f.dy[r];                                  \
+  const float dd##r = std::fma(y##r, tok.qk, c##r);            \
+  const float du##r = -beta * dd##r;                           \
+  dv[r] = beta * dd##r;                                        \
+  dbeta = std::fma(res##r, dd##r, dbeta);
+  MLXLAB_ROWS4(MLXLAB_ROW)
+#undef MLXLAB_ROW
+#pragma omp simd
+  for (int64_t j = 0; j < dk; ++j) {
+    const float gj = g[j], kj = k[j], qj = q[j];
+    float dqj = dq[j], dkj = dkv[j], gs = gsum[j];
+#define MLXLAB_GRAD(r)                                                \
+  {                                                                   \
+    const float sj = s##r[j], sg = sj * gj, ej = e##r[j];             \
+    dqj = std::fma(y##r, std::fma(kj, d##r, sg), dqj);                \
+    const float grad = KEEP ? std::fma(y##r, qj, ej) : y##r * qj;     \
+    dkj = std::fma(d##r, grad, dkj);                                  \
+    const float da = std::fma(du##r, kj, grad);                       \
+    dkj = std::fma(du##r, sg, dkj);                                   \
+    gs = std::fma(da, sj, gs);                                        \
+    e##r[j] = KEEP ? da * gj : std::fma(da, gj, ej);                  \
+  }
+    MLXLAB_ROWS4(MLXLAB_GRAD)
+#undef MLXLAB_GRAD
+    dq[j] = dqj;
+    dkv[j] = dkj;
+    gsum[j] = gs;
+  }
+  return dbeta;
+}
+
+// Rows [r0, r0 + rows) of a head's state, walked four at a time: s the first (rows Dk apart),
+// e their cotangents (the backward), pad four zero rows' room (8 x Dk floats) for a last group of
+// fewer than four.
+struct RowBlock {
+  float* s;
+  float* e;
+  int64_t r0, rows, dk;
+  float* pad;
+
+  // Calls fn(four, count) for each group of four rows; a short group's rows are copied into
+  // pad (zeros past them) and back afterwards.
+  template <typename F>
+  void each_four(const Token& tok, const float* dy, F&& fn) const {
+    for (int64_t i = 0; i < rows; i += 4) {
+      const int64_t n = std::min<int64_t>(4, rows - i);
+      Four f{};
+      float* ps = pad;
+      float* pe = pad + 4 * dk;
+      if (n < 4) {
+        std::fill(pad, pad + 8 * dk, 0.0f);
+        std::copy(s + i * dk, s + (i + n) * dk, ps);
+        if (e) {
+          std::copy(e + i * dk, e + (i + n) * dk, pe);
+        }
+      }
+      for (int64_t r = 0; r < 4; ++r) {
+        f.s[r] = n < 4 ? ps + r * dk : s + (i + r) * dk;
+        f.e[r] = e ? (n < 4 ? pe + r * dk : e + (i + r) * dk) : nullptr;
+        f.v[r] = r < n ? tok.v[r0 + i + r] : 0.0f;
+        f.dy[r] = r < n && dy ? dy[r0 + i + r] : 0.0f;
+      }
+      fn(f, i, n);
+      if (n < 4) {
+        std::copy(ps, ps + n * dk, s + i * dk);
+        if (e) {
+          std::copy(pe, pe + n * dk, e + i * dk);
+        }
+      }
+    }
+  }
+};
+
+// The token's step over a row block (updated in place unless masked); y (the head's output row)
+// gets the rows' outputs when not null.
+void step_rows(const Token& tok, const RowBlock& rb, float* y) {
+  rb.each_four(tok, nullptr, [&](const Four& f, int64_t i, int64_t n) {
+    float out[4];
+    if (tok.keep) {
+      step_four<true>(tok, f, out, rb.dk);
+    } else {
+      step_four<false>(tok, f, out, rb.dk);
+    }
+    if (y) {
+      std::copy(out, out + n, y + rb.r0 + i);
+    }
+  });
+}
+
+// The token's backward over a row block: rb.s the state entering the token (read only), rb.e
+// the cotangent of the state after it (replaced by the one before it), dy the head's output
+// cotangent row; gsum (Dk) collects sum_i dA_i * S_i per channel.
+void step_rows_grad(const Token& tok, const RowBlock& rb, const float* dy, const TokenGrads& out,
+                    float* gsum) {
+  float dbeta = 0.0f;
+  rb.each_four(tok, dy, [&](const Four& f, int64_t i, int64_t n) {
+    float dv[4];
+    dbeta += tok.keep ? grad_four<true>(tok, f, dv, out, gsum, rb.dk)
+                      : grad_four<false>(tok, f, dv, out, gsum, rb.dk);
+    std::copy(dv, dv + n, out.dv + rb.r0 + i);
+  });
+  *out.dbeta += dbeta;
+}
+
+// The pointers of one (batch row, head)'s token t in the gradient outputs.
+struct GradOutputs {
+  float *dq, *dk, *dv, *dlg, *dbeta, *ds0;
+
+  TokenGrads at(const RuleDims& d, int64_t b, int64_t h, int64_t t) const {
+    const int64_t bth = (b * d.t + t) * d.hv + h;
+    return {dq + bth * d.dk, dk + bth * d.dk, dv + bth * d.dv,
+            dlg + bth * (d.vec ? d.dk : 1), dbeta + bth};
+  }
+};
+
+// The forward of one (batch row, head): its rows a block at a time over all tokens.
+void forward_head(const RuleDims& d, const RuleInputs& a, int64_t b, int64_t h, float* y,
+                  float* s_out) {
+  Token tok(d.dk);
+  std::vector<float> pad(8 * d.dk);
+  const int64_t state = (b * d.hv + h) * d.dv * d.dk;
+  std::copy(a.s0 + state, a.s0 + state + d.dv * d.dk, s_out + state);
+  for (int64_t r0 = 0; r0 < d.dv; r0 += kRowBlock) {
+    const RowBlock rb{s_out + state + r0 * d.dk, nullptr, r0, std::min(kRowBlock, d.dv - r0),
+                      d.dk, pad.data()};
+    for (int64_t t = 0; t < d.t; ++t) {
+      tok.load(d, a, b, h, t);
+      step_rows(tok, rb, y + ((b * d.t + t) * d.hv + h) * d.dv);
+    }
+  }
+}
+
+// Adds the token's gate sums (sum_i dA_i * S_i per channel) into the log gate's gradient:
+// d log g = dg * g, a scalar gate's dg the channels' total.
+void add_gate_grad(const Token& tok, const float* gsum, float* dlg, bool vec, int64_t dk) {
+  if (vec) {
+    for (int64_t j = 0; j < dk; ++j) {
+      dlg[j] += gsum[j] * tok.g[j];
+    }
+    return;
+  }
+  float total = 0.0f;
+  for (int64_t j = 0; j < dk; ++j) {
+    total += gsum[j];
+  }
+  *dlg += total * tok.g[0];
+}
+
+// The backward of one (batch row, head): ds_in its final state's cotangent (B, Hv, Dv, Dk),
+// dy the outputs' (B, T, Hv, Dv).
+void backward_head(const RuleDims& d, const RuleInputs& a, const float* dy, const float* ds_in,
+                   const GradOutputs& o, int64_t b, int64_t h, int64_t span_tokens) {
+  const int64_t state = (b * d.hv + h) * d.dv * d.dk, lg_width = d.vec ? d.dk : 1;
+  for (int64_t t = 0; t < d.t; ++t) { // the head's rows of the summed-into outputs
+    const TokenGrads g = o.at(d, b, h, t);
+    std::fill(g.dq, g.dq + d.dk, 0.0f);
+    std::fill(g.dk, g.dk + d.dk, 0.0f);
+    std::fill(g.dlg, g.dlg + lg_width, 0.0f);
+    *g.dbeta = 0.0f;
+  }
+  Token tok(d.dk);
+  std::vector<float> kept, span_states, ds, gsum(d.dk), pad(8 * d.dk);
+  for (int64_t r0 = 0; r0 < d.dv; r0 += kRowBlock) {
+    const int64_t rows = std::min(kRowBlock, d.dv - r0), size = rows * d.dk;
+    const int64_t span = std::min(d.t, span_tokens > 0 ? span_tokens : kSpan);
+    const int64_t spans = (d.t + span - 1) / span;
+    auto block = [&](float* s, float* e) { return RowBlock{s, e, r0, rows, d.dk, pad.data()}; };
+    kept.resize(spans * size);
+    span_states.resize(span * size);
+    std::copy(a.s0 + state + r0 * d.dk, a.s0 + state + r0 * d.dk + size, kept.begin());
+    for (int64_t n = 0; n + 1 < spans; ++n) { // kept[n + 1]: the state entering span n + 1
+      float* next = kept.data() + (n + 1) * size;
+      std::copy(next - size, next, next);
+      for (int64_t t = n * span; t < (n + 1) * span; ++t) {
+        tok.load(d, a, b, h, t);
+        step_rows(tok, block(next, nullptr), nullptr);
+      }
+    }
+    ds.assign(ds_in + state + r0 * d.dk, ds_in + state + r0 * d.dk + size);
+    for (int64_t n = spans - 1; n >= 0; --n) {
+      const int64_t t0 = n * span, t1 = std::min(d.t, t0 + span);
+      std::copy(kept.data() + n * size, kept.data() + (n + 1) * size, span_states.begin());
+      for (int64_t t = t0; t + 1 < t1; ++t) { // span_states[t - t0]: the state entering t
+        float* next = span_states.data() + (t - t0 + 1) * size;
+        std::copy(next - size, next, next);
+        tok.load(d, a, b, h, t);
+        step_rows(tok, block(next, nullptr), nullptr);
+      }
+      for (int64_t t = t1 - 1; t >= t0; --t) {
+        tok.load(d, a, b, h, t);
+        const TokenGrads g = o.at(d, b, h, t);
+        std::fill(gsum.begin(), gsum.end(), 0.0f);
+        step_rows_grad(tok, block(span_states.data() + (t - t0) * size, ds.data()),
+                       dy + ((b * d.t + t) * d.hv + h) * d.dv, g, gsum.data());
+        add_gate_grad(tok, gsum.data(), g.dlg, d.vec, d.dk);
+      }
+    }
+    std::copy(ds.begin(), ds.end(), o.ds0 + state + r0 * d.dk);
+  }
+}
+
+void check_rule_inputs(const std::vector<mx::array>& in) {
+  for (const auto& a : in) {
+    check_cpu_float32(a, "gated_delta");
+  }
+  const auto &q = in[0], &k = in[1], &v = in[2], &lg = in[3], &beta = in[4], &s0 = in[5];
+  const bool shaped =
+      q.ndim() == 4 && k.shape() == q.shape() && v.ndim() == 4 && v.shape(0) == q.shape(0) &&
+      v.shape(1) == q.shape(1) && v.shape(2) % q.shape(2) == 0 &&
+      beta.shape() == mx::Shape{v.shape(0), v.shape(1), v.shape(2)} &&
+      (lg.shape() == beta.shape() ||
+       lg.shape() == mx::Shape{v.shape(0), v.shape(1), v.shape(2), q.shape(3)}) &&
+      s0.shape() == mx::Shape{v.shape(0), v.shape(2), v.shape(3), q.shape(3)} &&
+      (in.size() == 6 || in[6].shape() == mx::Shape{q.shape(0), q.shape(1)});
+  if (!shaped) {
+    throw std::invalid_argument(
+        "gated_delta: expected q, k (B, T, Hk, Dk), v (B, T, Hv, Dv) with Hk dividing Hv, "
+        "log_g (B, T, Hv) or (B, T, Hv, Dk), beta (B, T, Hv), state (B, Hv, Dv, Dk), "
+        "keep (B, T)");
+  }
+}
+
+#undef MLXLAB_ROWS4
+
+} // namespace
+
+std::vector<mx::array> gated_delta(const mx::array& q, const mx::array& k, const mx::array& v,
+                                   const mx::array& log_g, const mx::array& beta,
+                                   const mx::array& state, const std::optional<mx::array>& keep,
+                                   int span) {
+  auto s = mx::to_stream(mx::Device::cpu);
+  std::vector<mx::array> inputs;
+  for (const auto* a : {&q, &k, &v, &log_g, &beta, &state}) {
+    inputs.push_back(mx::contiguous(*a, false, s));
+  }
+  if (keep) {
+    inputs.push_back(mx::contiguous(*keep, false, s));
+  }
+  check_rule_inputs(inputs);
+  return mx::array::make_arrays(
+      {v.shape(), state.shape()}, {mx::float32, mx::float32},
+      std::make_shared<GatedDelta>(s, span), std::move(inputs));
+}
+
+void GatedDelta::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  set_arrays(encoder, inputs, outputs);
+  const RuleDims d = rule_dims(inputs);
+  encoder.dispatch([d, a = rule_inputs(inputs, d), y = outputs[0].data<float>(),
+                    s1 = outputs[1].data<float>()]() {
+    parallel_for(d.b * d.hv, d.t * d.dv * d.dk, [&](int64_t begin, int64_t end) {
+      for (int64_t job = begin; job < end; ++job) {
+        forward_head(d, a, job / d.hv, job % d.hv, y, s1);
+      }
+    });
+  });
+}
+
+std::vector<mx::array> GatedDelta::vjp(const std::vector<mx::array>& primals,
+                                       const std::vector<mx::array>& cotangents,
+                                       const std::vector<int>& argnums,
+                                       const std::vector<mx::array>&) {
+  auto s = stream();
+  std::vector<mx::array> inputs = primals;
+  inputs.push_back(mx::contiguous(cotangents[0], false, s));
+  inputs.push_back(mx::contiguous(cotangents[1], false, s));
+  const auto &q = primals[0], &v = primals[2];
+  const mx::Shape per_value_head{q.shape(0), q.shape(1), v.shape(2), q.shape(3)};
+  auto grads = mx::array::make_arrays(
+      {per_value_head, per_value_head, v.shape(), primals[3].shape(), primals[4].shape(),
+       primals[5].shape()},
+      std::vector<mx::Dtype>(6, mx::float32), std::make_shared<GatedDeltaGrad>(s, span_),
+      std::move(inputs));
+  const int group = v.shape(2) / q.shape(2);
+  for (int i : {0, 1}) { // the value heads reading one key head: their gradients summed
+    if (group > 1) {
+      grads[i] = mx::sum(mx::reshape(grads[i], {q.shape(0), q.shape(1), q.shape(2), group,
+                                                q.shape(3)}, s),
+                         3, false, s);
+    }
+  }
+  std::vector<mx::array> out;
+  for (int arg : argnums) {
+    out.push_back(arg < 6 ? grads[arg] : mx::zeros_like(primals[arg], s));
+  }
+  return out;
+}
+
+void GatedDeltaGrad::eval_cpu(const std::vector<mx::array>& inputs,
+                              std::vector<mx::array>& outputs) {
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  set_arrays(encoder, inputs, outputs);
+  const size_t n = inputs.size();
+  const std::vector<mx::array> primals(inputs.begin(), inputs.end() - 2);
+  const RuleDims d = rule_dims(primals);
+  GradOutputs o{outputs[0].data<float>(), outputs[1].data<float>(), outputs[2].data<float>(),
+                outputs[3].data<float>(), outputs[4].data<float>(), outputs[5].data<float>()};
+  encoder.dispatch([d, a = rule_inputs(primals, d), dy = inputs[n - 2].data<float>(),
+                    ds = inputs[n - 1].data<float>(), o, span = span_]() {
+    parallel_for(d.b * d.hv, 5 * d.t * d.dv * d.dk, [&](int64_t begin, int64_t end) {
+      for (int64_t job = begin; job < end; ++job) {
+        backward_head(d, a, dy, ds, o, job / d.hv, job % d.hv, span);
+      }
+    });
+  });
+}
+
+} // namespace mlxlab
