@@ -101,7 +101,7 @@ NB_MODULE(_mlxlab_kernels, m) {
       "span"_a = 0,
       "The gated delta rule token by token over float32 q, k (B, T, Hk, Dk), v (B, T, Hv, Dv), "
       "log_g (B, T, Hv[, Dk]), beta (B, T, Hv), state (B, Hv, Dv, Dk), keep (B, T) -> (y, state); "
-      "the backward keeps states `span` tokens apart (0: the kernel's own).");
+      "the forward keeps a state every `span` tokens for the backward (0: the kernel's own).");
   m.def(
       "layer_norm",
       [](const mx::array& x, const mx::array& weight, const mx::array& bias, float eps) {

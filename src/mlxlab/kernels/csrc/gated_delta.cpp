@@ -7,16 +7,15 @@
 //     S <- S' (a masked step keeps S)
 //
 // Every row of S is a recurrence of its own: row i reads v_t[i] and the token's shared q, k, g,
-// beta, and nothing of the other rows. So a head's rows are walked in blocks of kRowBlock
-// (16 KB of state, in L1 across all T tokens), each token one fused pass over the block's rows
-// for u and one for S' and y. The chunked form (models/layers/gated_delta.py) does the same work
+// beta, and nothing of the other rows. So a head's rows are walked in blocks of kRowBlock, four
+// rows at a time, each token one pass over the rows for their dot products with the gated k
+// and q and one for the update. The chunked form (models/layers/gated_delta.py) does the same work
 // as batched matrix products, whose CPU dispatches and C x C triangular solves cost more than
 // these passes at the heads' sizes (Dk = Dv = 128).
 //
 // The backward, by row block too (each row's cotangent dS_i is again a recurrence of its own,
-// backwards): the states entering every span of tokens are recomputed from the initial state,
-// then for each span from the last, the span's states are recomputed and kept, and the
-// tokens walked backwards. Per token and row, with G = dS' (dS_i + dy_i q, or dy_i q where the
+// backwards): for each span of tokens from the last, the span's states are recomputed from the
+// one the forward kept at its start, and the tokens walked backwards. Per token and row, with G = dS' (dS_i + dy_i q, or dy_i q where the
 // step is masked and dS_i passes through):
 //
 //     dq += dy_i S'_i,   dd_i = G . k,   dk += d_i G,   dv_i = beta dd_i,
@@ -24,8 +23,8 @@
 //     dg += dA * S_i (per channel),   dS_i <- dA * g (+ dS_i where masked)
 //
 // The gate arrives as its logarithm (what the layers compute); its gradient is dg * g. The
-// memory the backward takes beyond its outputs: a row block's states at each span's start
-// and one span's states per thread. q and k are read at their own heads (value head h reads
+// memory the rule keeps for its backward beyond its inputs: a state every kSpan tokens (T / 64
+// of them, a 64th of the token loop's); the backward's own, one span's states a thread. q and k are read at their own heads (value head h reads
 // key head h / (Hv / Hk)); their gradients come per value head and the VJP sums each group.
 #include "common.h"
 #include "kernels.h"
@@ -43,12 +42,17 @@ using namespace detail;
 
 namespace {
 
-constexpr int64_t kRowBlock = 32; // rows of a head's state walked together (32 x 128 floats)
-// The backward keeps a row block's state at the start of every span of kSpan tokens, and all of
-// one span's while it walks that span backwards: 32 states of 32 x 128 rows are 512 KB, in L2.
-// Keeping every state instead (one recompute fewer) took twice as long at 2,048 tokens: the
+// Rows of a head's state the forward walks together over the tokens: a whole 128 x 128 head (64
+// KB, in L2). Blocks of 32 rows (16 KB, in L1) were slower: each block reads the token's q, k
+// and gate again.
+constexpr int64_t kRowBlock = 128;
+// The forward keeps the state entering every span of kSpan tokens (a third output, the
+// backward's input: T / kSpan states a head), and the backward recomputes one span's states
+// from it, kGradRowBlock rows at a time (64 states of 32 x 128 rows are 1 MB, in L2), while it
+// walks the span backwards. Keeping every state instead took twice as long at 2,048 tokens: the
 // states went to memory and back.
-constexpr int64_t kSpan = 32;
+constexpr int64_t kSpan = 64;
+constexpr int64_t kGradRowBlock = 32;
 
 struct RuleDims {
   int64_t b, t, hk, hv, dk, dv;
@@ -115,10 +119,12 @@ struct Token {
 // multiply-adds (the build turns contraction off): every x86-64-v3 and arm64 CPU has them.
 #define MLXLAB_ROWS4(X) X(0) X(1) X(2) X(3)
 
-// Four rows of a head's state as one step reads them: s[r] the row (Dk floats), v[r] its value
-// (0 for a padding row), e[r] its cotangent and dy[r] its output's (the backward).
+// Four rows of a head's state as one step reads them: s[r] the row (Dk floats), o[r] where its
+// update goes (s[r] itself, or the next state's row), v[r] its value (0 for a padding row), e[r]
+// its cotangent and dy[r] its output's (the backward).
 struct Four {
   float* s[4];
+  float* o[4];
   float* e[4];
   float v[4], dy[4];
 };
@@ -128,15 +134,21 @@ struct Four {
 // before the update, so one pass takes them (eight independent chains) and the second is the
 // update alone (no chain; none at all for a masked step).
 template <bool KEEP>
-void step_four(const Token& tok, const Four& f, float* y, int64_t dk) {
+inline __attribute__((always_inline)) void step_four(const Token& tok, const Four& f, float* y,
+                                                     int64_t dk) {
   const float* __restrict k = tok.k;
   const float* __restrict g = tok.g.data();
   const float* __restrict gk = tok.gk.data();
   const float* __restrict gq = tok.gq.data();
-  float* __restrict s0 = f.s[0];
-  float* __restrict s1 = f.s[1];
-  float* __restrict s2 = f.s[2];
-  float* __restrict s3 = f.s[3];
+  // o[r] may be s[r]: each j reads s[r][j] before it writes o[r][j], which omp simd allows
+  const float* s0 = f.s[0];
+  const float* s1 = f.s[1];
+  const float* s2 = f.s[2];
+  const float* s3 = f.s[3];
+  float* o0 = f.o[0];
+  float* o1 = f.o[1];
+  float* o2 = f.o[2];
+  float* o3 = f.o[3];
   float u0 = 0.0f, u1 = 0.0f, u2 = 0.0f, u3 = 0.0f;
   float w0 = 0.0f, w1 = 0.0f, w2 = 0.0f, w3 = 0.0f;
 #pragma omp simd reduction(+ : u0, u1, u2, u3, w0, w1, w2, w3)
@@ -154,12 +166,17 @@ void step_four(const Token& tok, const Four& f, float* y, int64_t dk) {
   MLXLAB_ROWS4(MLXLAB_DELTA)
 #undef MLXLAB_DELTA
   if (!KEEP) {
+    if (s0 != o0) {
+#define MLXLAB_KEEP(r) std::copy(s##r, s##r + dk, o##r);
+      MLXLAB_ROWS4(MLXLAB_KEEP)
+#undef MLXLAB_KEEP
+    }
     return;
   }
 #pragma omp simd
   for (int64_t j = 0; j < dk; ++j) {
     const float gj = g[j], kj = k[j];
-#define MLXLAB_NEXT(r) s##r[j] = std::fma(kj, d##r, s##r[j] * gj);
+#define MLXLAB_NEXT(r) o##r[j] = std::fma(kj, d##r, s##r[j] * gj);
     MLXLAB_ROWS4(MLXLAB_NEXT)
 #undef MLXLAB_NEXT
   }
@@ -178,8 +195,9 @@ struct TokenGrads {
 // masked and e passes through), G . k = e . k + dy (q . k): the first pass takes the dot
 // products, the second everything else.
 template <bool KEEP>
-float grad_four(const Token& tok, const Four& f, float* dv, const TokenGrads& out,
-                float* __restrict gsum, int64_t dk) {
+inline __attribute__((always_inline)) float grad_four(const Token& tok, const Four& f, float* dv,
+                                                      const TokenGrads& out,
+                                                      float* __restrict gsum, int64_t dk) {
   const float* __restrict k = tok.k;
   const float* __restrict q = tok.q;
   const float* __restrict g = tok.g.data();
@@ -242,11 +260,12 @@ float grad_four(const Token& tok, const Four& f, float* dv, const TokenGrads& ou
   return dbeta;
 }
 
-// Rows [r0, r0 + rows) of a head's state, walked four at a time: s the first (rows Dk apart),
-// e their cotangents (the backward), pad four zero rows' room (8 x Dk floats) for a last group of
-// fewer than four.
+// Rows [r0, r0 + rows) of a head's state, walked four at a time: s the first (rows Dk apart), o
+// where their update goes (s itself, or the next state's rows), e their cotangents (the
+// backward), pad four zero rows' room (8 x Dk floats) for a last group of fewer than four.
 struct RowBlock {
   float* s;
+  float* o;
   float* e;
   int64_t r0, rows, dk;
   float* pad;
@@ -269,13 +288,14 @@ struct RowBlock {
       }
       for (int64_t r = 0; r < 4; ++r) {
         f.s[r] = n < 4 ? ps + r * dk : s + (i + r) * dk;
+        f.o[r] = n < 4 ? ps + r * dk : o + (i + r) * dk;
         f.e[r] = e ? (n < 4 ? pe + r * dk : e + (i + r) * dk) : nullptr;
         f.v[r] = r < n ? tok.v[r0 + i + r] : 0.0f;
         f.dy[r] = r < n && dy ? dy[r0 + i + r] : 0.0f;
       }
       fn(f, i, n);
       if (n < 4) {
-        std::copy(ps, ps + n * dk, s + i * dk);
+        std::copy(ps, ps + n * dk, o + i * dk);
         if (e) {
           std::copy(pe, pe + n * dk, e + i * dk);
         }
@@ -326,17 +346,23 @@ struct GradOutputs {
   }
 };
 
-// The forward of one (batch row, head): its rows a block at a time over all tokens.
+// The forward of one (batch row, head): its rows a block at a time over all tokens; kept (B,
+// Hv, N, Dv, Dk) gets the state entering every span of `span` tokens.
 void forward_head(const RuleDims& d, const RuleInputs& a, int64_t b, int64_t h, float* y,
-                  float* s_out) {
+                  float* s_out, float* kept, int64_t span) {
+  const int64_t spans = (d.t + span - 1) / span;
   Token tok(d.dk);
   std::vector<float> pad(8 * d.dk);
   const int64_t state = (b * d.hv + h) * d.dv * d.dk;
   std::copy(a.s0 + state, a.s0 + state + d.dv * d.dk, s_out + state);
   for (int64_t r0 = 0; r0 < d.dv; r0 += kRowBlock) {
-    const RowBlock rb{s_out + state + r0 * d.dk, nullptr, r0, std::min(kRowBlock, d.dv - r0),
-                      d.dk, pad.data()};
+    float* s = s_out + state + r0 * d.dk;
+    const RowBlock rb{s, s, nullptr, r0, std::min(kRowBlock, d.dv - r0), d.dk, pad.data()};
     for (int64_t t = 0; t < d.t; ++t) {
+      if (t % span == 0) {
+        float* to = kept + (((b * d.hv + h) * spans + t / span) * d.dv + r0) * d.dk;
+        std::copy(s, s + rb.rows * d.dk, to);
+      }
       tok.load(d, a, b, h, t);
       step_rows(tok, rb, y + ((b * d.t + t) * d.hv + h) * d.dv);
     }
@@ -359,10 +385,10 @@ void add_gate_grad(const Token& tok, const float* gsum, float* dlg, bool vec, in
   *dlg += total * tok.g[0];
 }
 
-// The backward of one (batch row, head): ds_in its final state's cotangent (B, Hv, Dv, Dk),
-// dy the outputs' (B, T, Hv, Dv).
-void backward_head(const RuleDims& d, const RuleInputs& a, const float* dy, const float* ds_in,
-                   const GradOutputs& o, int64_t b, int64_t h, int64_t span_tokens) {
+// The backward of one (batch row, head): kept the forward's states a span apart (B, Hv, N, Dv,
+// Dk), ds_in its final state's cotangent (B, Hv, Dv, Dk), dy the outputs' (B, T, Hv, Dv).
+void backward_head(const RuleDims& d, const RuleInputs& a, const float* kept, const float* dy,
+                   const float* ds_in, const GradOutputs& o, int64_t b, int64_t h, int64_t span) {
   const int64_t state = (b * d.hv + h) * d.dv * d.dk, lg_width = d.vec ? d.dk : 1;
   for (int64_t t = 0; t < d.t; ++t) { // the head's rows of the summed-into outputs
     const TokenGrads g = o.at(d, b, h, t);
@@ -372,38 +398,30 @@ void backward_head(const RuleDims& d, const RuleInputs& a, const float* dy, cons
     *g.dbeta = 0.0f;
   }
   Token tok(d.dk);
-  std::vector<float> kept, span_states, ds, gsum(d.dk), pad(8 * d.dk);
-  for (int64_t r0 = 0; r0 < d.dv; r0 += kRowBlock) {
-    const int64_t rows = std::min(kRowBlock, d.dv - r0), size = rows * d.dk;
-    const int64_t span = std::min(d.t, span_tokens > 0 ? span_tokens : kSpan);
-    const int64_t spans = (d.t + span - 1) / span;
-    auto block = [&](float* s, float* e) { return RowBlock{s, e, r0, rows, d.dk, pad.data()}; };
-    kept.resize(spans * size);
-    span_states.resize(span * size);
-    std::copy(a.s0 + state + r0 * d.dk, a.s0 + state + r0 * d.dk + size, kept.begin());
-    for (int64_t n = 0; n + 1 < spans; ++n) { // kept[n + 1]: the state entering span n + 1
-      float* next = kept.data() + (n + 1) * size;
-      std::copy(next - size, next, next);
-      for (int64_t t = n * span; t < (n + 1) * span; ++t) {
-        tok.load(d, a, b, h, t);
-        step_rows(tok, block(next, nullptr), nullptr);
-      }
-    }
+  const int64_t spans = (d.t + span - 1) / span;
+  std::vector<float> span_states(std::min(span, d.t) * kGradRowBlock * d.dk), ds;
+  std::vector<float> gsum(d.dk), pad(8 * d.dk);
+  for (int64_t r0 = 0; r0 < d.dv; r0 += kGradRowBlock) {
+    const int64_t rows = std::min(kGradRowBlock, d.dv - r0), size = rows * d.dk;
+    auto block = [&](float* s, float* o, float* e) {
+      return RowBlock{s, o, e, r0, rows, d.dk, pad.data()};
+    };
     ds.assign(ds_in + state + r0 * d.dk, ds_in + state + r0 * d.dk + size);
     for (int64_t n = spans - 1; n >= 0; --n) {
       const int64_t t0 = n * span, t1 = std::min(d.t, t0 + span);
-      std::copy(kept.data() + n * size, kept.data() + (n + 1) * size, span_states.begin());
+      const float* start = kept + (((b * d.hv + h) * spans + n) * d.dv + r0) * d.dk;
+      std::copy(start, start + size, span_states.begin());
       for (int64_t t = t0; t + 1 < t1; ++t) { // span_states[t - t0]: the state entering t
         float* next = span_states.data() + (t - t0 + 1) * size;
-        std::copy(next - size, next, next);
         tok.load(d, a, b, h, t);
-        step_rows(tok, block(next, nullptr), nullptr);
+        step_rows(tok, block(next - size, next, nullptr), nullptr);
       }
       for (int64_t t = t1 - 1; t >= t0; --t) {
         tok.load(d, a, b, h, t);
         const TokenGrads g = o.at(d, b, h, t);
         std::fill(gsum.begin(), gsum.end(), 0.0f);
-        step_rows_grad(tok, block(span_states.data() + (t - t0) * size, ds.data()),
+        float* entering = span_states.data() + (t - t0) * size;
+        step_rows_grad(tok, block(entering, entering, ds.data()),
                        dy + ((b * d.t + t) * d.hv + h) * d.dv, g, gsum.data());
         add_gate_grad(tok, gsum.data(), g.dlg, d.vec, d.dk);
       }
@@ -450,9 +468,11 @@ std::vector<mx::array> gated_delta(const mx::array& q, const mx::array& k, const
     inputs.push_back(mx::contiguous(*keep, false, s));
   }
   check_rule_inputs(inputs);
+  const int every = span > 0 ? span : kSpan, spans = (q.shape(1) + every - 1) / every;
   return mx::array::make_arrays(
-      {v.shape(), state.shape()}, {mx::float32, mx::float32},
-      std::make_shared<GatedDelta>(s, span), std::move(inputs));
+      {v.shape(), state.shape(), {v.shape(0), v.shape(2), spans, v.shape(3), q.shape(3)}},
+      {mx::float32, mx::float32, mx::float32}, std::make_shared<GatedDelta>(s, every),
+      std::move(inputs));
 }
 
 void GatedDelta::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
@@ -460,10 +480,11 @@ void GatedDelta::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::
   set_arrays(encoder, inputs, outputs);
   const RuleDims d = rule_dims(inputs);
   encoder.dispatch([d, a = rule_inputs(inputs, d), y = outputs[0].data<float>(),
-                    s1 = outputs[1].data<float>()]() {
+                    s1 = outputs[1].data<float>(), kept = outputs[2].data<float>(),
+                    span = span_]() {
     parallel_for(d.b * d.hv, d.t * d.dv * d.dk, [&](int64_t begin, int64_t end) {
       for (int64_t job = begin; job < end; ++job) {
-        forward_head(d, a, job / d.hv, job % d.hv, y, s1);
+        forward_head(d, a, job / d.hv, job % d.hv, y, s1, kept, span);
       }
     });
   });
@@ -472,9 +493,10 @@ void GatedDelta::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::
 std::vector<mx::array> GatedDelta::vjp(const std::vector<mx::array>& primals,
                                        const std::vector<mx::array>& cotangents,
                                        const std::vector<int>& argnums,
-                                       const std::vector<mx::array>&) {
+                                       const std::vector<mx::array>& outputs) {
   auto s = stream();
   std::vector<mx::array> inputs = primals;
+  inputs.push_back(outputs[2]); // the states a span apart
   inputs.push_back(mx::contiguous(cotangents[0], false, s));
   inputs.push_back(mx::contiguous(cotangents[1], false, s));
   const auto &q = primals[0], &v = primals[2];
@@ -504,15 +526,16 @@ void GatedDeltaGrad::eval_cpu(const std::vector<mx::array>& inputs,
   auto& encoder = mx::cpu::get_command_encoder(stream());
   set_arrays(encoder, inputs, outputs);
   const size_t n = inputs.size();
-  const std::vector<mx::array> primals(inputs.begin(), inputs.end() - 2);
+  const std::vector<mx::array> primals(inputs.begin(), inputs.end() - 3);
   const RuleDims d = rule_dims(primals);
   GradOutputs o{outputs[0].data<float>(), outputs[1].data<float>(), outputs[2].data<float>(),
                 outputs[3].data<float>(), outputs[4].data<float>(), outputs[5].data<float>()};
-  encoder.dispatch([d, a = rule_inputs(primals, d), dy = inputs[n - 2].data<float>(),
-                    ds = inputs[n - 1].data<float>(), o, span = span_]() {
-    parallel_for(d.b * d.hv, 5 * d.t * d.dv * d.dk, [&](int64_t begin, int64_t end) {
+  encoder.dispatch([d, a = rule_inputs(primals, d), kept = inputs[n - 3].data<float>(),
+                    dy = inputs[n - 2].data<float>(), ds = inputs[n - 1].data<float>(), o,
+                    span = span_]() {
+    parallel_for(d.b * d.hv, 4 * d.t * d.dv * d.dk, [&](int64_t begin, int64_t end) {
       for (int64_t job = begin; job < end; ++job) {
-        backward_head(d, a, dy, ds, o, job / d.hv, job % d.hv, span);
+        backward_head(d, a, kept, dy, ds, o, job / d.hv, job % d.hv, span);
       }
     });
   });

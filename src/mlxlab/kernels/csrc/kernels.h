@@ -58,8 +58,8 @@ mx::array depthwise_conv1d(const mx::array& x, const mx::array& w,
 // h / (Hv / Hk)), log_g the gate's logarithm (B, T, Hv) or per key channel (B, T, Hv, Dk), beta
 // (B, T, Hv), state (B, Hv, Dv, Dk), keep an optional (B, T) 1/0 (a 0 step leaves the state as it
 // was, its output still read from the step's update), all float32 -> (y (B, T, Hv, Dv), the final
-// state). Differentiable in all but keep; the backward recomputes states from the initial one,
-// keeping them `span` tokens apart (0: gated_delta.cpp's kSpan).
+// state). Differentiable in all but keep: the forward keeps the state entering every `span`
+// tokens (0: gated_delta.cpp's kSpan) for the backward, which recomputes the others from them.
 std::vector<mx::array> gated_delta(const mx::array& q, const mx::array& k, const mx::array& v,
                                    const mx::array& log_g, const mx::array& beta,
                                    const mx::array& state, const std::optional<mx::array>& keep,
@@ -454,7 +454,8 @@ class DepthwiseConv1dGrad : public CpuPrimitive {
   bool params_; // the weight's and bias's gradients too
 };
 
-// Inputs: q, k, v, log_g, beta, state (, keep) -> (y, final state).
+// Inputs: q, k, v, log_g, beta, state (, keep) -> (y, final state, the states entering every
+// span_ tokens (B, Hv, N, Dv, Dk)).
 class GatedDelta : public CpuPrimitive {
  public:
   GatedDelta(mx::Stream stream, int span) : CpuPrimitive(stream), span_(span) {}
@@ -471,8 +472,8 @@ class GatedDelta : public CpuPrimitive {
   int span_;
 };
 
-// Inputs: GatedDelta's, then the cotangents of y and of the final state -> the gradients of q
-// and k per value head (B, T, Hv, Dk), of v, log_g, beta and the initial state.
+// Inputs: GatedDelta's, its kept states, then the cotangents of y and of the final state -> the
+// gradients of q and k per value head (B, T, Hv, Dk), of v, log_g, beta and the initial state.
 class GatedDeltaGrad : public CpuPrimitive {
  public:
   GatedDeltaGrad(mx::Stream stream, int span) : CpuPrimitive(stream), span_(span) {}
