@@ -1,15 +1,15 @@
-"""A gated-delta hybrid's training memory: the chunked rule (models/layers/gated_delta.py) beside
+"""A gated-delta hybrid's training memory: mlxlab's rule (models/layers/gated_delta.py) beside
 mlx-lm's token loop (`gated_delta_ops`), and a Qwen3.5-shaped hybrid beside a plain Qwen3 of the
 same width and depth. MLX peak memory (mx.get_peak_memory, the active buffers: independent of the
 box's load), one process, each case after mx.clear_cache and mx.reset_peak_memory.
 
 1. One Qwen3.5 GatedDeltaNet layer (mlx-lm's class), forward + backward of all its weights, at
-   --layer-lengths tokens: mlx-lm's sequential path beside the chunked rule.
+   --layer-lengths tokens: mlx-lm's sequential path beside mlxlab's rule.
 2. An 8-layer, hidden-512 Qwen3.5-shaped hybrid (6 gated-delta + 2 attention layers) beside a plain
    Qwen3 (8 attention layers) and the Mamba-2 families (Nemotron-H, Granite-4.0-H, Falcon-H1: 6
    Mamba-2 + 2 attention mixers, or Falcon-H1's 8 parallel pairs; --families picks among them) of
    the same width, MLP and vocabulary, built as mlxlab builds an mlx-lm model from its config
-   (MLXLMDecoder(hf_config=...): the chunked rule swapped in at load, mlxlab's LoRA on attention,
+   (MLXLMDecoder(hf_config=...): mlxlab's rule swapped in at load, mlxlab's LoRA on attention,
    sequence-mixer projections and MLPs, rank 8), random weights, batch 1: one LoRA loss + gradient
    at --model-lengths tokens; the hybrid and plain model also with grad_checkpoint
    (models/layers/grad_checkpoint.py) at --checkpoint-lengths.
@@ -78,7 +78,7 @@ def hybrid_and_plain(width: dict, gated_delta: dict, rope_theta: float) -> dict[
     """A Qwen3.5 text config (gated delta layers, every `full_attention_interval`-th attention)
     and a plain Qwen3 of the same width, depth, heads, MLP and vocabulary."""
     return {"plain qwen3": {**width, "model_type": "qwen3", "rope_theta": rope_theta},
-            "hybrid, chunked": {"model_type": "qwen3_5", "text_config": {
+            "hybrid": {"model_type": "qwen3_5", "text_config": {
                 **width, **gated_delta, "model_type": "qwen3_5_text"}}}
 
 
@@ -111,7 +111,7 @@ SHAPES = {
 # state 128), 6 of them and 2 attention mixers as the hybrid has; Falcon-H1 runs both in each layer
 MIXERS = ["mamba"] * 3 + ["attention"] + ["mamba"] * 3 + ["attention"]
 FAMILIES = {
-    "plain qwen3": PLAIN, "hybrid, chunked": HYBRID,
+    "plain qwen3": PLAIN, "hybrid": HYBRID,
     "nemotron_h": {**WIDTH, "model_type": "nemotron_h", "attention_bias": False,
                    "hybrid_override_pattern": list("M-M-M-*-M-M-M-*-"), "mamba_num_heads": 16,
                    "mamba_head_dim": 64, "ssm_state_size": 128, "n_groups": 2, "conv_kernel": 4,
@@ -169,7 +169,7 @@ def layer_peaks(lengths: list[int], sequential_max: int, hybrid: dict = HYBRID) 
     mx.eval(layer.parameters())
     own = qwen3_5.gated_delta_update
     original = ORIGINALS.get(own, own)
-    paths = {"sequential (mlx-lm)": original, "chunked": chunked_in_training(original)}
+    paths = {"sequential (mlx-lm)": original, "mlxlab": chunked_in_training(original)}
     rows = {}
     for length in lengths:
         x = mx.random.normal((1, length, args.hidden_size))
@@ -284,7 +284,7 @@ def step_worker(family: str, length: int, steps: int) -> None:
 
 def step_times(lengths: list[int], repeats: int, steps: int, smoke: bool) -> None:
     """--step-time: the plain model's and the hybrid's step, ABBA rounds of one process each."""
-    pair, rounds = (REFERENCE, "hybrid, chunked"), {n: [] for n in lengths}
+    pair, rounds = (REFERENCE, "hybrid"), {n: [] for n in lengths}
     for length, r in ((n, r) for n in lengths for r in range(repeats)):
         rounds[length].append(row := {family: float(subprocess.run(
             [sys.executable, __file__, "--step-worker", family, "--model-lengths", str(length),
@@ -353,24 +353,24 @@ def main() -> None:
     catalog = shape["families"] or FAMILIES
     names = [n for n in (opts.families or ";".join(catalog)).split(";") if n]
     families = {n: catalog[n] for n in names if n in catalog}
-    if len(families) < len(names) or not {REFERENCE, "hybrid, chunked"} <= families.keys():
+    if len(families) < len(names) or not {REFERENCE, "hybrid"} <= families.keys():
         parser.error(f"--families: names from {'; '.join(catalog)}, with {REFERENCE!r} and "
-                     "'hybrid, chunked'")
+                     "'hybrid'")
     if opts.smoke:
         opts.layer_lengths = opts.model_lengths = opts.checkpoint_lengths = "70"
         opts.mlx_lm_lengths = "70"
     guard = opts.guard_mb
-    hybrid, targets = catalog["hybrid, chunked"], shape["lora_targets"]
+    hybrid, targets = catalog["hybrid"], shape["lora_targets"]
     layer = layer_peaks(lengths(opts.layer_lengths), opts.sequential_max, hybrid)
     build = {"targets": targets, "head_chunk": opts.head_chunk}
     mx.set_memory_limit(int(guard * MB) if opts.head_chunk else mx.get_memory_limit())
     model = guarded_sweep(families, lengths(opts.model_lengths), guard, "model", **build)
-    kept = guarded_sweep({n: catalog[n] for n in (REFERENCE, "hybrid, chunked")},
+    kept = guarded_sweep({n: catalog[n] for n in (REFERENCE, "hybrid")},
                          lengths(opts.checkpoint_lengths), guard, "grad_checkpoint",
                          checkpoint=True, **build)
     mlx_lm = mlx_lm_peaks(lengths(opts.mlx_lm_lengths), guard, hybrid)
-    pair = [REFERENCE, "hybrid, chunked", "hybrid, chunked / plain"]
-    tables = {"layer": table(layer, ["sequential (mlx-lm)", "chunked"]),
+    pair = [REFERENCE, "hybrid", "hybrid / plain"]
+    tables = {"layer": table(layer, ["sequential (mlx-lm)", "mlxlab"]),
               "model": table(model, [*families, *(f"{n} / plain" for n in families
                                                   if n != REFERENCE),
                                      *(f"{n} weights" for n in families)]),
@@ -394,7 +394,7 @@ def main() -> None:
                           "guard_mb": guard, "head_chunk": opts.head_chunk},
                    question="memory", reference="a plain qwen3 of the same width and depth",
                    ratio=round(rows[longest][pair[2]], 3), smoke=opts.smoke,
-                   summary=f"MLX peak of a LoRA step, {shape['label']} hybrid (chunked gated "
+                   summary=f"MLX peak of a LoRA step, {shape['label']} hybrid (mlxlab's gated "
                            f"delta) over plain Qwen3, {longest:,} tokens{sweep} (lower is better)")
 
 
