@@ -132,8 +132,9 @@ struct Four {
 // The token's step over four rows (updated in place unless the step is masked); y[r] their
 // outputs. y_r = S'_r . q = (g * s_r) . q + d_r (k . q): both dot products read the state
 // before the update, so one pass takes them (eight independent chains) and the second is the
-// update alone (no chain; none at all for a masked step).
-template <bool KEEP>
+// update alone (no chain; none at all for a masked step). Without READ (a recomputed state)
+// the outputs are not taken.
+template <bool KEEP, bool READ>
 inline __attribute__((always_inline)) void step_four(const Token& tok, const Four& f, float* y,
                                                      int64_t dk) {
   const float* __restrict k = tok.k;
@@ -156,13 +157,17 @@ inline __attribute__((always_inline)) void step_four(const Token& tok, const Fou
     const float gkj = gk[j], gqj = gq[j];
 #define MLXLAB_DOTS(r)                   \
   u##r = std::fma(s##r[j], gkj, u##r);   \
-  w##r = std::fma(s##r[j], gqj, w##r);
+  if (READ) {                            \
+    w##r = std::fma(s##r[j], gqj, w##r); \
+  }
     MLXLAB_ROWS4(MLXLAB_DOTS)
 #undef MLXLAB_DOTS
   }
 #define MLXLAB_DELTA(r)                                  \
   const float d##r = (f.v[r] - u##r) * tok.beta;         \
-  y[r] = std::fma(d##r, tok.qk, w##r);
+  if (READ) {                                            \
+    y[r] = std::fma(d##r, tok.qk, w##r);                 \
+  }
   MLXLAB_ROWS4(MLXLAB_DELTA)
 #undef MLXLAB_DELTA
   if (!KEEP) {
@@ -236,26 +241,30 @@ inline __attribute__((always_inline)) float grad_four(const Token& tok, const Fo
   dbeta = std::fma(res##r, dd##r, dbeta);
   MLXLAB_ROWS4(MLXLAB_ROW)
 #undef MLXLAB_ROW
+  // dq = sum_r dy_r S'_r = g * (sum_r dy_r s_r) + (sum_r dy_r d_r) k, and the key's part through
+  // A, sum_r du_r (g * s_r) = g * (sum_r du_r s_r): per row and channel two multiply-adds
+  // into sums, not S'_r and g * s_r each
+  const float yd = y0 * d0 + y1 * d1 + y2 * d2 + y3 * d3;
 #pragma omp simd
   for (int64_t j = 0; j < dk; ++j) {
     const float gj = g[j], kj = k[j], qj = q[j];
-    float dqj = dq[j], dkj = dkv[j], gs = gsum[j];
+    float dkj = 0.0f, gs = 0.0f, ys = 0.0f, us = 0.0f;
 #define MLXLAB_GRAD(r)                                                \
   {                                                                   \
-    const float sj = s##r[j], sg = sj * gj, ej = e##r[j];             \
-    dqj = std::fma(y##r, std::fma(kj, d##r, sg), dqj);                \
+    const float sj = s##r[j], ej = e##r[j];                           \
     const float grad = KEEP ? std::fma(y##r, qj, ej) : y##r * qj;     \
     dkj = std::fma(d##r, grad, dkj);                                  \
     const float da = std::fma(du##r, kj, grad);                       \
-    dkj = std::fma(du##r, sg, dkj);                                   \
     gs = std::fma(da, sj, gs);                                        \
+    ys = std::fma(y##r, sj, ys);                                      \
+    us = std::fma(du##r, sj, us);                                     \
     e##r[j] = KEEP ? da * gj : std::fma(da, gj, ej);                  \
   }
     MLXLAB_ROWS4(MLXLAB_GRAD)
 #undef MLXLAB_GRAD
-    dq[j] = dqj;
-    dkv[j] = dkj;
-    gsum[j] = gs;
+    dq[j] = std::fma(gj, ys, std::fma(yd, kj, dq[j]));
+    dkv[j] = std::fma(gj, us, dkv[j] + dkj);
+    gsum[j] += gs;
   }
   return dbeta;
 }
@@ -309,10 +318,12 @@ struct RowBlock {
 void step_rows(const Token& tok, const RowBlock& rb, float* y) {
   rb.each_four(tok, nullptr, [&](const Four& f, int64_t i, int64_t n) {
     float out[4];
-    if (tok.keep) {
-      step_four<true>(tok, f, out, rb.dk);
+    if (y) {
+      tok.keep ? step_four<true, true>(tok, f, out, rb.dk)
+               : step_four<false, true>(tok, f, out, rb.dk);
     } else {
-      step_four<false>(tok, f, out, rb.dk);
+      tok.keep ? step_four<true, false>(tok, f, out, rb.dk)
+               : step_four<false, false>(tok, f, out, rb.dk);
     }
     if (y) {
       std::copy(out, out + n, y + rb.r0 + i);
