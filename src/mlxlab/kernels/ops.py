@@ -320,9 +320,9 @@ def gated_delta(q: mx.array, k: mx.array, v: mx.array, log_g: mx.array, beta: mx
     """The gated delta rule token by token (mlx-lm's `gated_delta_ops`, the gate as its
     logarithm): q, k (B, T, Hk, Dk), v (B, T, Hv, Dv), log_g (B, T, Hv) or (B, T, Hv, Dk), beta
     (B, T, Hv), state (B, Hv, Dv, Dk), keep (B, T) 1/0 or None -> (y (B, T, Hv, Dv), the final
-    state), float32. Fused: each row of a head's state is a recurrence of its own, walked in
-    blocks held in L1 (csrc/gated_delta.cpp), with a backward that recomputes the states from
-    ones kept 32 tokens apart. None where the call takes MLX's path (not the CPU, not float32,
+    state), float32. Fused: each row of a head's state is a recurrence of its own, walked four
+    rows at a time (csrc/gated_delta.cpp), with a backward that recomputes the states from the
+    ones the forward kept every 64 tokens. None where the call takes MLX's path (not the CPU, not float32,
     the op skipped): the caller then computes the rule its own way (the chunked form,
     models/layers/gated_delta.py), which has no kernel of its own to fall back to here."""
     arrays = (q, k, v, log_g, beta, state) if keep is None else (q, k, v, log_g, beta, state, keep)

@@ -298,7 +298,7 @@ def chunked_rule(q: mx.array, k: mx.array, v: mx.array, log_g: mx.array, beta: m
     keep = None if mask is None else mask.astype(mx.float32)
     fused = kernels.gated_delta(*(x.astype(mx.float32) for x in (q, k, v, log_g, beta, state)),
                                 keep)
-    if fused is not None:  # the CPU: token by token, a row block of each head's state in L1
+    if fused is not None:  # the CPU: token by token, four rows of a head's state at a time
         return fused[0].astype(q.dtype), fused[1]
     if (repeat := hv // hk) > 1:
         q = mx.repeat(q, repeat, -2)
