@@ -199,12 +199,27 @@ def test_defaults_are_the_start_here_experiment(tmp_path):
     assert cfg.tracking.uri == f"sqlite:///{tmp_path}/mlruns/mlflow.db"
 
 
+def test_rows_are_padded_to_the_backends_multiple_unless_one_is_given(tmp_path):
+    """bucket_multiple null: 128 on a CUDA GPU (MLX fuses attention's backward only at lengths
+    in multiples of 128), 16 on the CPU and Metal; a number given is used as it is."""
+    from mlxlab.config import instantiate
+    from mlxlab.runtime.compute import device
+    from mlxlab.training.settings import bucket_multiple_for
+
+    assert [bucket_multiple_for(b) for b in ("cuda", "cpu", "metal")] == [128, 16, 16]
+    default = instantiate(compose_cfg(tmp_path).trainer).data_batching()
+    assert default.bucket_multiple == bucket_multiple_for(device.backend())
+    given = compose_cfg(tmp_path, ["trainer.batching.bucket_multiple=64"])
+    assert instantiate(given.trainer).data_batching().bucket_multiple == 64
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
         ("optimizer.learning_rate=abc", "optimizer.learning_rate must be a number"),
         ("trainer.batch_size=0", "trainer.batch_size must be >= 1"),
         ("trainer.batching.max_batch_size=0", "trainer.batching.max_batch_size must be >= 1"),
+        ("trainer.batching.bucket_multiple=0", "trainer.batching.bucket_multiple must be >= 1"),
         ("trainer.max_epochs=2.5", "trainer.max_epochs must be an integer"),
         ("data.val_fraction=1.5", "data.val_fraction must be between 0 and 1"),
         ("data=streaming", "optimized_metric='val/accuracy' is not computed for lm data"),

@@ -45,13 +45,11 @@ def dump(folder: Path, overrides: list[str]) -> None:
 
     import mlxlab  # noqa: F401  (the BLAS first)
     from mlxlab.config import compose_config, instantiate
-    from mlxlab.data.batching import Batching
 
     cfg = compose_config(folder, overrides)
     data = instantiate(cfg.data)
     data.setup(folder)
-    batching = Batching(batch_size=cfg.trainer.batch_size,
-                        **OmegaConf.to_container(cfg.trainer.batching, resolve=True))
+    batching = instantiate(cfg.trainer).data_batching()  # what the run's loop asks the data for
     epochs = int(cfg.trainer.max_epochs)
 
     def numpy(batch: dict) -> dict:

@@ -2,7 +2,7 @@
 # A GPU window in the device tool's terms (benchmarks/README.md, "On a GPU machine without
 # network"): the GPU image has CUDA PyTorch, transformers, PEFT, numpy, pytest but not MLX, Hydra
 # or mlflow, and no network; a call carries 64 MiB and runs 10 minutes. So the wheels and the real
-# model travel as one tar stream in 56 MiB parts, MLX's first; the call that completes them starts
+# model travel as one tar stream in 48 MiB parts, MLX's first; the call that completes them starts
 # the window's work as one background pipeline, and later calls bring the rest and then watch.
 #
 #   bash benchmarks/speed/gpu_window.sh prepare [sizes]  # here: .whl/a .. .whl/d
@@ -74,7 +74,7 @@ print(model_folder(str(packaged_model())))") || exit 2
     echo pipeline > .whl/pipeline
   fi
   (cd .whl/stream && for f in $order; do echo "$f $(stat -c %s "$f")"; done) > .whl/manifest.txt
-  (cd .whl/stream && tar cf - $order) | split -b 56M - .whl/part.
+  (cd .whl/stream && tar cf - $order) | split -b 48M - .whl/part.
   for x in a b c d e; do
     [ -f ".whl/part.a$x" ] || continue
     mkdir -p ".whl/$x" && mv ".whl/part.a$x" ".whl/$x/" && cp .whl/manifest.txt .whl/pipeline ".whl/$x/"
@@ -166,17 +166,20 @@ sizes)
               --steps 12 --skip 4 "$@" || status=$?; }
   all=mlx-lm,mlxlab,mlxlab-packed,torch-peft
   mlx=mlx-lm,mlxlab,mlxlab-packed
-  # bf16 LoRA first (its kernels compile once for every size), then QLoRA's 4-bit kernels
+  # the rows not measured yet first: unpacked rows padded to 128 (MLX's CUDA attention backward
+  # is fused only at multiples of 128) beside mlx_lm.lora, and the 3B QLoRA row again
+  step "Llama-3.2-1B bf16 LoRA, rows padded to 128"
+  bench --sizes llama-1b --modes lora --tools mlx-lm,mlxlab-b128
+  step "Llama-3.2-3B QLoRA"; bench --sizes llama-3b --modes qlora --tools $mlx
+  step "Llama-3.2-3B and 8B bf16 LoRA, rows padded to 128"
+  bench --sizes llama-3b,llama-8b --modes lora --tools mlx-lm,mlxlab-b128
   step "Llama-3.2-1B bf16 LoRA"; bench --sizes llama-1b --modes lora --tools $all
-  # unpacked rows padded to 128: MLX's CUDA attention backward is fused only at multiples of 128
-  step "Llama-3.2-1B and 8B bf16 LoRA, rows padded to 128"
-  bench --sizes llama-1b,llama-8b --modes lora --tools mlx-lm,mlxlab-b128
   step "Llama-3.2-3B bf16 LoRA"; bench --sizes llama-3b --modes lora --tools $all
   step "Llama-3.1-8B bf16 LoRA"; bench --sizes llama-8b --modes lora --tools $all
   step "Llama-3.1-8B QLoRA"; bench --sizes llama-8b --modes qlora --tools $mlx
   step "Llama-3.2-1B bf16 LoRA, a second round in the other order"
   bench --sizes llama-1b --modes lora --tools $all --rounds 2
-  step "Llama-3.2-1B and 3B QLoRA"; bench --sizes llama-1b,llama-3b --modes qlora --tools $mlx
+  step "Llama-3.2-1B QLoRA"; bench --sizes llama-1b --modes qlora --tools $mlx
   step "the table"
   bench --sizes llama-1b,llama-3b,llama-8b --modes lora,qlora --tools $all,mlxlab-b128 --rounds 2 \
     --table-only
