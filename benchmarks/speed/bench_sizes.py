@@ -6,8 +6,8 @@ of mlxlab (unpacked, packed) beside mlx_lm.lora and PyTorch + PEFT, SmolLM2-135M
 
 Models: the packaged SmolLM2 GGUF and random weights in the published configs (CONFIGS; float32
 on the CPU, bfloat16 on a GPU; 4-bit group 64 for QLoRA), with SmolLM2's tokenizer. The shipped
-one-reply chats, LoRA rank 8 (alpha 16) on q/k/v/o, Adam at 1e-4; unpacked batch 4 (mlxlab-b128:
-padded to multiples of 128, where MLX's CUDA attention backward is fused), packed 1 x 256; each
+one-reply chats, LoRA rank 8 (alpha 16) on q/k/v/o, Adam at 1e-4; unpacked batch 4 (padded as
+mlxlab pads by default; mlxlab-b128: to multiples of 128 anywhere), packed 1 x 256; each
 tool in its own process at equal BLAS. results.json under --work keeps every stage; the equal-
 count table gives every run at mlxlab's count of trained tokens.
 """
@@ -154,13 +154,14 @@ def data_folder(work: Path, n_val: int = 8) -> Path:
 
 
 def run_mlxlab(model: Path, data: Path, steps: int, out: Path, packed: bool,
-               bucket_multiple: int = 16) -> dict:
+               bucket_multiple: int | None = None) -> dict:
     return bench_lora.run_mlxlab(out, [
         "experiment=finetune_chat",
         *bench_lora.lora_overrides(model, data, steps, batch=1 if packed else BATCH, lr=LR),
         f"data.max_length={SEQ}", f"data.pack={'true' if packed else 'false'}",
         f"data.pack_length={SEQ}", f"trainer.eval_every_steps={10 * steps}", "eval.tasks=[]",
-        f"trainer.batching.bucket_multiple={bucket_multiple}"], env())
+        *([f"trainer.batching.bucket_multiple={bucket_multiple}"] if bucket_multiple else [])],
+        env())
 
 
 def run_mlx_lm(model: Path, data: Path, steps: int, out: Path) -> dict:
@@ -452,7 +453,7 @@ def main(argv: list[str] | None = None) -> dict:
                 run = (run_mlx_lm(folder, data, args.steps, out) if tool == "mlx-lm"
                        else run_torch_peft(folder, data, args.steps, out) if tool == "torch-peft"
                        else run_mlxlab(folder, data, args.steps, out, tool == "mlxlab-packed",
-                                       128 if tool == "mlxlab-b128" else 16))
+                                       128 if tool == "mlxlab-b128" else None))
             except RuntimeError as error:  # the other tools' rows still come out
                 print(f"{key} failed: {str(error)[-2000:]}", flush=True)
                 failed = True

@@ -166,20 +166,12 @@ sizes)
               --steps 12 --skip 4 "$@" || status=$?; }
   all=mlx-lm,mlxlab,mlxlab-packed,torch-peft
   mlx=mlx-lm,mlxlab,mlxlab-packed
-  # the rows not measured yet first: unpacked rows padded to 128 (MLX's CUDA attention backward
-  # is fused only at multiples of 128) beside mlx_lm.lora, and the 3B QLoRA row again
-  step "Llama-3.2-1B bf16 LoRA, rows padded to 128"
-  bench --sizes llama-1b --modes lora --tools mlx-lm,mlxlab-b128
-  step "Llama-3.2-3B QLoRA"; bench --sizes llama-3b --modes qlora --tools $mlx
-  step "Llama-3.2-3B and 8B bf16 LoRA, rows padded to 128"
-  bench --sizes llama-3b,llama-8b --modes lora --tools mlx-lm,mlxlab-b128
-  step "Llama-3.2-1B bf16 LoRA"; bench --sizes llama-1b --modes lora --tools $all
-  step "Llama-3.2-3B bf16 LoRA"; bench --sizes llama-3b --modes lora --tools $all
+  # the rows not measured yet first (mlxlab's unpacked rows: padded to 128 on a GPU by default)
   step "Llama-3.1-8B bf16 LoRA"; bench --sizes llama-8b --modes lora --tools $all
   step "Llama-3.1-8B QLoRA"; bench --sizes llama-8b --modes qlora --tools $mlx
-  step "Llama-3.2-1B bf16 LoRA, a second round in the other order"
-  bench --sizes llama-1b --modes lora --tools $all --rounds 2
-  step "Llama-3.2-1B QLoRA"; bench --sizes llama-1b --modes qlora --tools $mlx
+  step "Llama-3.2-1B and 3B bf16 LoRA"; bench --sizes llama-1b,llama-3b --modes lora --tools $all
+  step "Llama-3.2-1B and 3B, a second round in the other order"
+  bench --sizes llama-1b,llama-3b --modes lora,qlora --tools $all --rounds 2
   step "the table"
   bench --sizes llama-1b,llama-3b,llama-8b --modes lora,qlora --tools $all,mlxlab-b128 --rounds 2 \
     --table-only
