@@ -60,6 +60,36 @@ CASES: dict[str, tuple[str, dict]] = {
     "phi3_80_layers": ("phi3", _eighty_layers(2)),
 }
 
+_NEMOTRON_12 = ["mamba", "mlp", "mamba", "attention", "mamba", "mlp", "attention", "mlp", "mamba",
+                "mlp", "attention", "mamba"]
+_WIDE_HYBRID = {"hidden_size": 256, "intermediate_size": 512, "head_dim": 64}
+_WIDE_GATED = {**_WIDE_HYBRID, "linear_key_head_dim": 64, "linear_value_head_dim": 64}
+
+# the hybrids (tests/hybrid_families.py, saved by transformers): each family's tiny folder,
+# 64 wide, where every matrix falls back (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0: each rule
+# still shows) and the mixer's own tensors (A, D, conv kernels, group norms) stay as they are;
+# 12 Nemotron-H layers whose attn_v and ffn_down places differ from their layer numbers
+# (attention in blocks 3, 6, 10; MLPs in 1, 5, 7, 9); a Granite hybrid of 8 experts (llama.cpp
+# raises attn_v and attn_k to Q8_0 then); and rows of 256 (K-quant tensors themselves, the
+# experts' 3-D stacks too)
+HYBRID_CASES: dict[str, tuple[str, dict]] = {
+    **{kind: (kind, {}) for kind in (
+        "mamba2", "granitemoehybrid", "granitemoehybrid_dense", "nemotron_h_dense",
+        "nemotron_h_moe", "falcon_h1", "qwen3_5", "qwen3_next", "kimi_linear",
+        "kimi_linear_mla")},
+    "nemotron_h_12_layers": ("nemotron_h_dense", {"num_hidden_layers": 12,
+                                                  "layers_block_type": _NEMOTRON_12}),
+    "granitemoehybrid_8_experts": ("granitemoehybrid", {
+        "num_hidden_layers": 4, "layer_types": ["mamba", "attention"] * 2,
+        "num_local_experts": 8}),
+    "mamba2_wide": ("mamba2", {"hidden_size": 256, "num_hidden_layers": 4, "head_dim": 64}),
+    "qwen3_5_wide": ("qwen3_5", {**_WIDE_GATED, "num_hidden_layers": 4, "layer_types": [
+        "linear_attention"] * 3 + ["full_attention"]}),
+    "qwen3_next_wide": ("qwen3_next", {**_WIDE_GATED, "moe_intermediate_size": 256,
+                                       "shared_expert_intermediate_size": 256}),
+}
+CASES.update(HYBRID_CASES)
+
 
 class _QuantizeParams(ctypes.Structure):
     """llama.h's llama_model_quantize_params as b11739 lays it out."""
@@ -117,13 +147,21 @@ def file_types(path: Path, gguf=None) -> dict[str, str]:
     return {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
 
 
-def tiny_f32_gguf(name: str, root: Path) -> Path:
-    """CASES[name] as an F32 GGUF written by mlxlab, its folder beside it."""
+def tiny_folder(name: str, root: Path) -> Path:
+    """CASES[name]'s tiny folder under `root`."""
     from hf_helpers import save_tiny_model
-    from mlxlab.export.gguf import write_gguf
+    from hybrid_families import save_tiny_hybrid
 
     kind, overrides = CASES[name]
-    folder = save_tiny_model(kind, root / name, **overrides)
+    save = save_tiny_hybrid if name in HYBRID_CASES else save_tiny_model
+    return save(kind, root / name, **overrides)
+
+
+def tiny_f32_gguf(name: str, root: Path) -> Path:
+    """CASES[name] as an F32 GGUF written by mlxlab, its folder beside it."""
+    from mlxlab.export.gguf import write_gguf
+
+    folder = tiny_folder(name, root)
     write_gguf(folder, root / f"{name}.f32.gguf", "f32", name=name)
     return folder
 

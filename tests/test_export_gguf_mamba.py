@@ -302,12 +302,16 @@ def test_a_config_that_does_not_say_what_its_layers_are_is_refused_by_key(
     assert expect in line and "--format hf or mlx-lm" in line, line
 
 
-def test_a_k_quant_of_a_mixer_family_names_what_it_lays_out_otherwise(folders, tmp_path):
+def test_a_k_quant_of_a_family_without_a_checked_mixture_is_refused(tmp_path):
+    """LFM2 (short convolutions) regroups its tensors and has no K-quant mixture checked against
+    llama-quantize's: refused, naming the families that have one, nothing left behind."""
     from mlxlab.export.gguf import GGUFExportError
 
-    with pytest.raises(GGUFExportError, match="mamba2 lays out its mixer tensors otherwise"):
-        write_gguf(folders("mamba2"), tmp_path / "k.gguf", "q4_k_m")
-    assert not list(tmp_path.iterdir())
+    folder = save_tiny_hybrid("lfm2", tmp_path / "lfm2")
+    with pytest.raises(GGUFExportError, match="lfm2 regroups its tensors.*use q8_0") as refused:
+        write_gguf(folder, tmp_path / "out" / "k.gguf", "q4_k_m")
+    assert "mamba2" in str(refused.value) and "qwen3_5_text" in str(refused.value)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("name, shape, expect", [

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import ctypes
 import re
+from collections.abc import Iterable
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -103,6 +105,20 @@ def _category(name: str) -> str:
     return next((kind for part, kind in _CATEGORIES if part in name), "other")
 
 
+def _layer_of(name: str) -> int:
+    """The N of a tensor's `blk.N.`; -1 for one outside the blocks."""
+    found = _LAYER.match(name)
+    return -1 if found is None else int(found[1])
+
+
+def _ranks(names: Iterable[str], category: str) -> dict[str, int]:
+    """Each `category` weight's place among the file's weights of that category, in the order
+    llama.cpp visits them (its loader's: by layer, then by name; a file written in the
+    safetensors' order has blk.10 before blk.2): the count llama-quantize keeps as it goes."""
+    chosen = [n for n in names if n.endswith("weight") and _category(n) == category]
+    return {n: i for i, n in enumerate(sorted(chosen, key=lambda n: (_layer_of(n), n)))}
+
+
 def is_70b(gguf_arch: str, config: dict) -> bool:
     """What llama.cpp's hyperparameter loader calls LLM_TYPE_70B among the architectures
     written here: 80 layers of a Llama with grouped key-value heads (a Llama of 80 layers
@@ -114,43 +130,68 @@ def is_70b(gguf_arch: str, config: dict) -> bool:
             or gguf_arch == "LLAMA" and config.get("num_key_value_heads", heads) != heads)
 
 
+@dataclass(frozen=True)
+class FileLayout:
+    """What llama-quantize reads from a file before it picks a type: every tensor's name, the
+    block count, the expert count (0 without experts), whether the output matrix is the
+    embedding's (no output.weight), and is_70b."""
+
+    names: tuple[str, ...]
+    layers: int
+    experts: int = 0
+    seventy_b: bool = False
+
+    @property
+    def tied(self) -> bool:
+        return "output.weight" not in self.names
+
+
 class Mixture:
     """The type of each matrix of one file, as llama-quantize picks it for `quant` (module
-    docstring). `seventy_b`: is_70b."""
+    docstring), from the file's `layout`."""
 
-    def __init__(self, quant: str, layers: int, tied: bool, seventy_b: bool = False) -> None:
+    def __init__(self, quant: str, layout: FileLayout) -> None:
         import gguf
 
         self.T = gguf.GGMLQuantizationType
         self.quant, self.default = quant, self.T[MIXTURES[quant][0]]
-        self.layers, self.tied, self.seventy_b = layers, tied, seventy_b
+        self.layout = layout
         self.more_bits = quant in ("q4_k_m", "q5_k_m")
-        self.seen: set[tuple[str, int]] = set()
+        # attn_v by its place among the file's attn_v tensors (on a hybrid, the attention
+        # layers'); ffn_down by its place among the ffn_down ones where the file has no
+        # experts, by its layer where it has (llama.cpp's layer_info)
+        self.attn_v = _ranks(layout.names, "attn_v")
+        self.ffn_down = _ranks(layout.names, "ffn_down")
 
     def type_of(self, name: str, columns: int):
-        """The GGML type of 2-D weight `name` (a GGUF tensor name) with `columns` per row."""
-        category, kind = _category(name), self.default
-        if category == "output" or (self.tied and category == "token_embd"):
-            kind = self.T.Q8_0 if columns % self._block(kind) else self.T.Q6_K
+        """The GGML type of weight `name` (a GGUF tensor name; 2-D, or 3-D stacked experts)
+        with `columns` per row."""
+        T, layout, category, kind = self.T, self.layout, _category(name), self.default
+        if category == "output" or (layout.tied and category == "token_embd"):
+            kind = T.Q8_0 if columns % self._block(kind) else T.Q6_K
         elif category == "attn_v":
-            if self.more_bits and _use_more_bits(self._layer(name, category), self.layers):
-                kind = self.T.Q6_K
-            if self.seventy_b and kind in (self.T.Q3_K, self.T.Q4_K):
-                kind = self.T.Q5_K
-        elif category == "ffn_down" and self.more_bits \
-                and _use_more_bits(self._layer(name, category), self.layers):
-            kind = self.T.Q6_K
+            if self.more_bits and _use_more_bits(self._place(self.attn_v, name),
+                                                 len(self.attn_v)):
+                kind = T.Q6_K
+            if layout.seventy_b and kind in (T.Q3_K, T.Q4_K):
+                kind = T.Q5_K
+            if layout.experts == 8:  # llama.cpp's rule for Mixtral-like files
+                kind = T.Q8_0
+        elif category == "attn_k" and layout.experts == 8:
+            kind = T.Q8_0
+        elif category == "attn_output" and layout.experts == 8 and self.quant == "q4_k_m":
+            kind = T.Q5_K
+        elif category == "ffn_down" and self.more_bits:
+            layer = _layer_of(name) if layout.experts > 1 else self._place(self.ffn_down, name)
+            if _use_more_bits(layer, layout.layers):
+                kind = T.Q6_K
         return self._fallback(kind, columns)
 
-    def _layer(self, name: str, category: str) -> int:
-        """The layer of `name`: its place among its category's tensors in llama.cpp's order
-        (by layer, then name), where every layer holds one."""
-        found = _LAYER.search(name)
-        if found is None or (category, int(found[1])) in self.seen:
-            raise ConfigError(f"{name}: K-quant mixtures are written here for one {category} "
-                              "matrix a layer; export --quant q8_0, q4_0 or q4_1")
-        self.seen.add((category, int(found[1])))
-        return int(found[1])
+    @staticmethod
+    def _place(ranks: dict[str, int], name: str) -> int:
+        if name not in ranks:
+            raise ValueError(f"{name} is not among the file's tensors the mixture was made for")
+        return ranks[name]
 
     def _block(self, kind) -> int:
         import gguf
