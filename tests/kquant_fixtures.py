@@ -1,10 +1,15 @@
 """llama.cpp's own choice of tensor types for K-quant files (kquant_reference.json), so the
 default run checks mlxlab's mixture against llama-quantize without a llama.cpp that has it: the
 xllamacpp wheel links no `llama_model_quantize`. The reference was made by writing each tiny
-model of CASES as an F32 GGUF (mlxlab's writer) and quantizing it with `llama_model_quantize`
-(llama.cpp b11739, the libllama of the llama-cpp-py-sync 0.11739 wheel); the file's tensor types
-are what it holds. `LLAMA_QUANTIZE_LIB=<folder with libllama.so> python tests/kquant_fixtures.py`
-rewrites it; the slow test recomputes it where that library loads."""
+model of CASES as an F32 GGUF (mlxlab's writer) and quantizing it with `llama_model_quantize`;
+the file's tensor types are what it holds. Its "written_by" says which llama.cpp wrote which
+cases: b11739 (the libllama of the llama-cpp-py-sync 0.11739 wheel, which needs glibc 2.38) the
+dense decoders; the hybrids a libllama built from the llama.cpp sources xllamacpp
+2026.10.11549's sdist vendors (b11549; cmake -DGGML_NATIVE=OFF -DBUILD_SHARED_LIBS=ON, target
+llama), which writes b11739's types for every dense case too.
+`LLAMA_QUANTIZE_LIB=<folder with libllama.so> LLAMA_CPP_BUILD=bNNNN python
+tests/kquant_fixtures.py [case ...]` rewrites the named cases (all without names); the slow test
+recomputes some where that library loads."""
 
 from __future__ import annotations
 
@@ -192,7 +197,20 @@ def stored_reference() -> dict[str, dict[str, dict[str, str]]]:
     return json.loads(REFERENCE.read_text())["types"]
 
 
-if __name__ == "__main__":  # rewrite kquant_reference.json with the library at hand
+def rewrite_reference(lib: ctypes.CDLL, build: str, names: list[str], root: Path) -> None:
+    """kquant_reference.json with `names` written by `lib` (llama.cpp `build`), the other cases
+    as they were."""
+    stored = json.loads(REFERENCE.read_text()) if REFERENCE.exists() else {}
+    types, written_by = stored.get("types", {}), stored.get("written_by", {})
+    types.update(live_reference(lib, root, names))
+    label = f"llama.cpp {build} llama_model_quantize"
+    written_by = {who: [n for n in cases if n not in names] for who, cases in written_by.items()}
+    written_by[label] = sorted(set(written_by.get(label, [])) | set(names))
+    REFERENCE.write_text(json.dumps({"written_by": {w: c for w, c in written_by.items() if c},
+                                     "types": types}, indent=1, sort_keys=True) + "\n")
+
+
+if __name__ == "__main__":  # rewrite kquant_reference.json's cases with the library at hand
     import tempfile
 
     sys.path.insert(0, str(Path(__file__).parent))
@@ -200,6 +218,5 @@ if __name__ == "__main__":  # rewrite kquant_reference.json with the library at 
     if library is None:
         sys.exit("no libllama with llama_model_quantize loads: set LLAMA_QUANTIZE_LIB")
     with tempfile.TemporaryDirectory() as tmp:
-        types = live_reference(library, Path(tmp))
-    REFERENCE.write_text(json.dumps({"written_by": f"llama.cpp {LLAMA_CPP} llama_model_quantize",
-                                     "types": types}, indent=1, sort_keys=True) + "\n")
+        rewrite_reference(library, os.environ.get("LLAMA_CPP_BUILD", LLAMA_CPP),
+                          sys.argv[1:] or list(CASES), Path(tmp))

@@ -12,12 +12,12 @@ import pytest
 
 from hf_helpers import save_tiny_model
 from kquant_fixtures import (
-    CASES,
     file_types,
     live_reference,
     llama_quantize_library,
     quantized,
     stored_reference,
+    tiny_folder,
 )
 from mlxlab.export.gguf import write_gguf
 
@@ -116,9 +116,13 @@ def test_a_hybrids_counts_are_llama_cpps():
         "blk.3.attn_output.weight", 512) == T.Q5_K  # the file type's own
 
 
-# (case, quant) of kquant_reference.json written in the default run: Phi-3's fused attn_qkv and
-# a Llama of 12 layers (blk.10 and blk.11 come before blk.2 in its safetensors)
-FAST = {("phi3", "q4_k_m"), ("llama", "q5_k_m")}
+# (case, quant) of kquant_reference.json written in the default run: Phi-3's fused attn_qkv, a
+# Llama of 12 layers (blk.10 and blk.11 come before blk.2 in its safetensors), Nemotron-H's
+# attn_v and ffn_down counted among its attention and MLP layers, a Granite hybrid of 8 experts,
+# Kimi-Linear's latent attention beside its delta layers, Qwen3-Next's experts as Q4_K stacks
+FAST = {("phi3", "q4_k_m"), ("llama", "q5_k_m"), ("nemotron_h_12_layers", "q4_k_m"),
+        ("granitemoehybrid_8_experts", "q4_k_m"), ("kimi_linear_mla", "q5_k_m"),
+        ("qwen3_next_wide", "q4_k_m")}
 REFERENCE_CASES = [pytest.param(case, quant, marks=() if (case, quant) in FAST
                                 else pytest.mark.slow, id=f"{case}-{quant}")
                    for case, quants in stored_reference().items() for quant in quants]
@@ -131,8 +135,7 @@ def tiny_folders(tmp_path_factory) -> dict:
 
     def folder(case: str) -> Path:
         if case not in folders:
-            kind, overrides = CASES[case]
-            folders[case] = save_tiny_model(kind, root / case, **overrides)
+            folders[case] = tiny_folder(case, root)
         return folders[case]
 
     return folder
@@ -142,8 +145,10 @@ def tiny_folders(tmp_path_factory) -> dict:
 def test_every_tensor_gets_the_type_llama_quantize_gives_it(case, quant, tiny_folders, tmp_path):
     """The file mlxlab writes holds, tensor for tensor, the types llama.cpp's
     llama_model_quantize gave the same model's F32 file (kquant_reference.json): for every
-    architecture the GGUF writer takes, at Q4_K_M, Q5_K_M and Q6_K, with rows that are not
-    whole blocks, tied embeddings, and what llama.cpp calls a 70B."""
+    dense architecture the GGUF writer takes and every hybrid family, at Q4_K_M, Q5_K_M and
+    Q6_K, with rows that are not whole blocks, tied embeddings, what llama.cpp calls a 70B,
+    experts, and the tensors it leaves in F32 (the mixers' A, D, convolution kernels and
+    norms, routers, single rows: absent from the reference, F32 in both)."""
     out = tmp_path / f"{case}.gguf"
     report = write_gguf(tiny_folders(case), out, quant, name=case)
     written = quantized(file_types(out))
@@ -162,7 +167,9 @@ def test_the_reference_is_what_llama_quantize_writes_now(tmp_path):
     library = llama_quantize_library()
     if library is None:
         pytest.skip("no libllama with llama_model_quantize loads here (LLAMA_QUANTIZE_LIB)")
-    names = ("phi3", "llama", "llama3_tied", "llama_rows_320", "llama_80_layers")
+    names = ("phi3", "llama", "llama3_tied", "llama_rows_320", "llama_80_layers",
+             "nemotron_h_12_layers", "granitemoehybrid_8_experts", "kimi_linear_mla",
+             "qwen3_next", "qwen3_5_wide")
     live = live_reference(library, tmp_path, names)
     assert live == {name: stored_reference()[name] for name in names}
 
