@@ -431,3 +431,36 @@ def test_a_trained_run_exports_to_f16_and_q8_0_that_llama_cpp_scores_as_mlxlab(k
         folder = _unclamped(folder, tmp_path / "unclamped")
     _, run = train_chat(folder, tmp_path)
     exported_runs_score_as_mlxlab(run, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["mamba2", "qwen3_next"])
+def test_a_trained_run_exports_to_q4_k_m_that_llama_cpp_runs(kind, folders, tmp_path):
+    """`mlxlab export RUN --format gguf --quant q4_k_m` of a hybrid run (weighted by the run's
+    importance matrix, judged from its read-back): every matrix of the file has the type the
+    mixture gives it in that file, and llama.cpp runs it."""
+    import subprocess
+    import sys
+
+    import gguf
+
+    from kquant_fixtures import file_types, quantized
+    from mlxlab.export.gguf_kquants import FileLayout, Mixture
+    from test_mlx_lm_decoders import train_chat
+
+    _, run = train_chat(folders(kind), tmp_path)
+    out = tmp_path / "q4.gguf"
+    done = subprocess.run([sys.executable, "-m", "mlxlab.cli.main", "export", str(run),
+                           "--format", "gguf", "--quant", "q4_k_m", "--out", str(out)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    reader = gguf.GGUFReader(str(out))
+    arch = reader.fields["general.architecture"].contents()
+    experts = reader.fields.get(f"{arch}.expert_count")
+    mixture = Mixture("q4_k_m", FileLayout(
+        tuple(t.name for t in reader.tensors), int(reader.fields[f"{arch}.block_count"].contents()),
+        int(experts.contents()) if experts else 0))
+    written = quantized(file_types(out))
+    assert written == {t.name: mixture.type_of(t.name, int(t.shape[0])).name
+                       for t in reader.tensors if t.name in written}
+    assert len(llama_cpp_steps(out, IDS)) >= len(IDS) // 2
