@@ -272,7 +272,7 @@ def _kept_in_f32(full_name: str) -> bool:
 
 
 # the regrouped families a K-quant mixture is written for (its types checked, tensor for tensor,
-# against llama-quantize's: tests/kquant_reference.json); the MoE decoders are not yet
+# against llama-quantize's: tests/kquant_reference.json); the MoE decoders and LFM2 are refused
 K_QUANT_REGROUPED = frozenset({"mamba2", "granitemoehybrid", "nemotron_h", "falcon_h1",
                                "qwen3_5_text", "qwen3_next", "kimi_linear"})
 

@@ -7,20 +7,28 @@ llama.cpp's by construction), optionally weighted by an importance matrix (per i
 mean square of the activations that reach the matrix: what `llama-imatrix` computes, here on the
 run's own training rows: imatrix.py). That build links no `llama_model_quantize`, so which type
 each tensor gets is decided here, as llama-quantize decides it (llama.cpp's src/llama-quant.cpp,
-`llama_tensor_get_type`, as of b11739; tests/kquant_reference.json holds what it wrote for a
-tiny model of every architecture written here), for dense decoders:
+`llama_tensor_get_type`; tests/kquant_reference.json holds what it wrote for a tiny model of
+every architecture written here), from the whole file (`FileLayout`: every tensor's name, the
+block and expert counts), as llama-quantize reads it before it picks a type:
 
 - the output matrix (or, tied, the token embedding): Q6_K, Q8_0 where its rows are not whole
   256-value blocks (F16 where not even 32-value ones);
-- attn_v, and Phi-3's fused attn_qkv with it: Q6_K at Q4_K_M and Q5_K_M on the layers
-  `use_more_bits` picks (the first and last eighth, and every third in between), counted by
-  layer number, the order llama.cpp visits tensors in (a file written in the safetensors' order
-  has blk.10 before blk.2); on what llama.cpp calls a 70B (80 layers of a Llama with grouped
-  heads, or a Qwen2), a Q4_K one is raised to Q5_K;
-- ffn_down: Q6_K at Q4_K_M and Q5_K_M on the layers `use_more_bits` picks;
-- every other matrix the file type's own (Q4_K, Q5_K, Q6_K), and where its rows are not whole
+- attn_v, and the fused attn_qkv (Phi-3's, Qwen3.5's and Qwen3-Next's delta layers') with it:
+  Q6_K at Q4_K_M and Q5_K_M where `use_more_bits` picks its place among the file's attn_v
+  tensors (the first and last eighth, and every third in between), in the order llama.cpp
+  visits tensors (by layer, then name; a file written in the safetensors' order has blk.10
+  before blk.2): on a dense decoder its layer number, on a hybrid its rank among the attention
+  layers; on what llama.cpp calls a 70B (80 layers of a Llama with grouped heads, or a Qwen2), a
+  Q4_K one is raised to Q5_K; in a file of 8 experts, Q8_0;
+- ffn_down (ffn_down_exps, ffn_down_shexp too): Q6_K at Q4_K_M and Q5_K_M where
+  `use_more_bits` picks it, of the block count: by its place among the file's ffn_down tensors
+  where the file has no experts, by its layer number where it has;
+- in a file of 8 experts, attn_k Q8_0 and, at Q4_K_M, attn_output Q5_K;
+- every other matrix (the mixers' ssm_in / ssm_out, the experts' 3-D stacks, latent
+  projections) the file type's own (Q4_K, Q5_K, Q6_K), and where its rows are not whole
   256-value blocks, llama.cpp's fallback (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0; F16 when
-  even 32 does not divide them).
+  even 32 does not divide them). What llama-quantize never quantizes (vectors, single rows,
+  norms, routers, convolution kernels) the writer keeps in F32 (gguf.py).
 """
 
 from __future__ import annotations
