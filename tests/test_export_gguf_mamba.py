@@ -19,6 +19,8 @@ layout (A_log not negated and exponentiated, the norm not split per group, gate 
 Qwen3.5's value heads left grouped or its rotary pairs not all rotating, Qwen3-Next's v and z
 swapped, Kimi-Linear's latent k_b untransposed or its gates swapped: tested below) changes the
 picks. What llama.cpp's graphs do not compute is one line, exit 2, naming the setting or tensor.
+A Q4_K_M file (llama-quantize's types: test_export_gguf_kquants.py) runs in llama.cpp within its
+own K-quant arithmetic of mlxlab's reading of the file.
 """
 
 from __future__ import annotations

@@ -565,10 +565,7 @@ def _k_quant(mixture: Mixture, gguf_name: str, w: np.ndarray,
     kind = mixture.type_of(gguf_name, w.shape[-1])
     if kind.name == "F16":
         return w.astype(np.float16), kind
-    if importance is not None and importance.ndim == 2:  # one row per expert
-        data = np.concatenate([ggml_quantize(m, kind, i) for m, i in zip(w, importance)])
-    else:
-        data = ggml_quantize(w.reshape(-1, w.shape[-1]), kind, importance)
+    data = ggml_quantize(w.reshape(-1, w.shape[-1]), kind, importance)
     return data.reshape(*w.shape[:-1], data.shape[-1]), kind
 
 
