@@ -121,9 +121,10 @@ def tiny_config(kind: str):
     return _configs(t, 512)[kind]()
 
 
-def save_tiny_hybrid(kind: str, path: Path, seed: int = 0) -> Path:
+def save_tiny_hybrid(kind: str, path: Path, seed: int = 0, **overrides) -> Path:
     """The tiny random `kind` saved by transformers at `path`, with a ChatML tokenizer
-    ("qwen3_5_multimodal": Qwen3.5 with its vision tower)."""
+    ("qwen3_5_multimodal": Qwen3.5 with its vision tower); `overrides` change its config's
+    keys (wider rows, more layers)."""
     import torch
     import transformers as t
 
@@ -133,6 +134,8 @@ def save_tiny_hybrid(kind: str, path: Path, seed: int = 0) -> Path:
         model = t.Qwen3_5ForConditionalGeneration(config)
     else:
         config = _configs(t, tok.get_vocab_size())[kind]()
+        if overrides:
+            config = type(config).from_dict({**config.to_dict(), **overrides})
     config.eos_token_id = config.pad_token_id = tok.token_to_id("<|im_end|>")
     config.bos_token_id = None
     torch.manual_seed(seed)

@@ -1,10 +1,15 @@
 """llama.cpp's own choice of tensor types for K-quant files (kquant_reference.json), so the
 default run checks mlxlab's mixture against llama-quantize without a llama.cpp that has it: the
 xllamacpp wheel links no `llama_model_quantize`. The reference was made by writing each tiny
-model of CASES as an F32 GGUF (mlxlab's writer) and quantizing it with `llama_model_quantize`
-(llama.cpp b11739, the libllama of the llama-cpp-py-sync 0.11739 wheel); the file's tensor types
-are what it holds. `LLAMA_QUANTIZE_LIB=<folder with libllama.so> python tests/kquant_fixtures.py`
-rewrites it; the slow test recomputes it where that library loads."""
+model of CASES as an F32 GGUF (mlxlab's writer) and quantizing it with `llama_model_quantize`;
+the file's tensor types are what it holds. Its "written_by" says which llama.cpp wrote which
+cases: b11739 (the libllama of the llama-cpp-py-sync 0.11739 wheel, which needs glibc 2.38) the
+dense decoders; the hybrids a libllama built from the llama.cpp sources xllamacpp
+2026.10.11549's sdist vendors (b11549; cmake -DGGML_NATIVE=OFF -DBUILD_SHARED_LIBS=ON, target
+llama), which writes b11739's types for every dense case too.
+`LLAMA_QUANTIZE_LIB=<folder with libllama.so> LLAMA_CPP_BUILD=bNNNN python
+tests/kquant_fixtures.py [case ...]` rewrites the named cases (all without names); the slow test
+recomputes some where that library loads."""
 
 from __future__ import annotations
 
@@ -59,6 +64,36 @@ CASES: dict[str, tuple[str, dict]] = {
     "qwen2_80_layers": ("qwen2", _eighty_layers(2)),
     "phi3_80_layers": ("phi3", _eighty_layers(2)),
 }
+
+_NEMOTRON_12 = ["mamba", "mlp", "mamba", "attention", "mamba", "mlp", "attention", "mlp", "mamba",
+                "mlp", "attention", "mamba"]
+_WIDE_HYBRID = {"hidden_size": 256, "intermediate_size": 512, "head_dim": 64}
+_WIDE_GATED = {**_WIDE_HYBRID, "linear_key_head_dim": 64, "linear_value_head_dim": 64}
+
+# the hybrids (tests/hybrid_families.py, saved by transformers): each family's tiny folder,
+# 64 wide, where every matrix falls back (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0: each rule
+# still shows) and the mixer's own tensors (A, D, conv kernels, group norms) stay as they are;
+# 12 Nemotron-H layers whose attn_v and ffn_down places differ from their layer numbers
+# (attention in blocks 3, 6, 10; MLPs in 1, 5, 7, 9); a Granite hybrid of 8 experts (llama.cpp
+# raises attn_v and attn_k to Q8_0 then); and rows of 256 (K-quant tensors themselves, the
+# experts' 3-D stacks too)
+HYBRID_CASES: dict[str, tuple[str, dict]] = {
+    **{kind: (kind, {}) for kind in (
+        "mamba2", "granitemoehybrid", "granitemoehybrid_dense", "nemotron_h_dense",
+        "nemotron_h_moe", "falcon_h1", "qwen3_5", "qwen3_next", "kimi_linear",
+        "kimi_linear_mla")},
+    "nemotron_h_12_layers": ("nemotron_h_dense", {"num_hidden_layers": 12,
+                                                  "layers_block_type": _NEMOTRON_12}),
+    "granitemoehybrid_8_experts": ("granitemoehybrid", {
+        "num_hidden_layers": 4, "layer_types": ["mamba", "attention"] * 2,
+        "num_local_experts": 8}),
+    "mamba2_wide": ("mamba2", {"hidden_size": 256, "num_hidden_layers": 4, "head_dim": 64}),
+    "qwen3_5_wide": ("qwen3_5", {**_WIDE_GATED, "num_hidden_layers": 4, "layer_types": [
+        "linear_attention"] * 3 + ["full_attention"]}),
+    "qwen3_next_wide": ("qwen3_next", {**_WIDE_GATED, "moe_intermediate_size": 256,
+                                       "shared_expert_intermediate_size": 256}),
+}
+CASES.update(HYBRID_CASES)
 
 
 class _QuantizeParams(ctypes.Structure):
@@ -117,13 +152,21 @@ def file_types(path: Path, gguf=None) -> dict[str, str]:
     return {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
 
 
-def tiny_f32_gguf(name: str, root: Path) -> Path:
-    """CASES[name] as an F32 GGUF written by mlxlab, its folder beside it."""
+def tiny_folder(name: str, root: Path) -> Path:
+    """CASES[name]'s tiny folder under `root`."""
     from hf_helpers import save_tiny_model
-    from mlxlab.export.gguf import write_gguf
+    from hybrid_families import save_tiny_hybrid
 
     kind, overrides = CASES[name]
-    folder = save_tiny_model(kind, root / name, **overrides)
+    save = save_tiny_hybrid if name in HYBRID_CASES else save_tiny_model
+    return save(kind, root / name, **overrides)
+
+
+def tiny_f32_gguf(name: str, root: Path) -> Path:
+    """CASES[name] as an F32 GGUF written by mlxlab, its folder beside it."""
+    from mlxlab.export.gguf import write_gguf
+
+    folder = tiny_folder(name, root)
     write_gguf(folder, root / f"{name}.f32.gguf", "f32", name=name)
     return folder
 
@@ -154,7 +197,20 @@ def stored_reference() -> dict[str, dict[str, dict[str, str]]]:
     return json.loads(REFERENCE.read_text())["types"]
 
 
-if __name__ == "__main__":  # rewrite kquant_reference.json with the library at hand
+def rewrite_reference(lib: ctypes.CDLL, build: str, names: list[str], root: Path) -> None:
+    """kquant_reference.json with `names` written by `lib` (llama.cpp `build`), the other cases
+    as they were."""
+    stored = json.loads(REFERENCE.read_text()) if REFERENCE.exists() else {}
+    types, written_by = stored.get("types", {}), stored.get("written_by", {})
+    types.update(live_reference(lib, root, names))
+    label = f"llama.cpp {build} llama_model_quantize"
+    written_by = {who: [n for n in cases if n not in names] for who, cases in written_by.items()}
+    written_by[label] = sorted(set(written_by.get(label, [])) | set(names))
+    REFERENCE.write_text(json.dumps({"written_by": {w: c for w, c in written_by.items() if c},
+                                     "types": types}, indent=1, sort_keys=True) + "\n")
+
+
+if __name__ == "__main__":  # rewrite kquant_reference.json's cases with the library at hand
     import tempfile
 
     sys.path.insert(0, str(Path(__file__).parent))
@@ -162,6 +218,5 @@ if __name__ == "__main__":  # rewrite kquant_reference.json with the library at 
     if library is None:
         sys.exit("no libllama with llama_model_quantize loads: set LLAMA_QUANTIZE_LIB")
     with tempfile.TemporaryDirectory() as tmp:
-        types = live_reference(library, Path(tmp))
-    REFERENCE.write_text(json.dumps({"written_by": f"llama.cpp {LLAMA_CPP} llama_model_quantize",
-                                     "types": types}, indent=1, sort_keys=True) + "\n")
+        rewrite_reference(library, os.environ.get("LLAMA_CPP_BUILD", LLAMA_CPP),
+                          sys.argv[1:] or list(CASES), Path(tmp))

@@ -12,12 +12,12 @@ import pytest
 
 from hf_helpers import save_tiny_model
 from kquant_fixtures import (
-    CASES,
     file_types,
     live_reference,
     llama_quantize_library,
     quantized,
     stored_reference,
+    tiny_folder,
 )
 from mlxlab.export.gguf import write_gguf
 
@@ -47,29 +47,39 @@ def test_llama_cpps_quantizer_writes_the_legacy_types_as_gguf_py_does():
     assert (err ** 2 * importance).sum() < (plain ** 2 * importance).sum()
 
 
+def _layout(layers: int, tied: bool, *tensors: str, **more) -> object:
+    """A file of `layers` blocks, each holding `tensors`."""
+    from mlxlab.export.gguf_kquants import FileLayout
+
+    names = [f"blk.{i}.{t}.weight" for i in range(layers) for t in tensors]
+    return FileLayout(("token_embd.weight", *names, *(() if tied else ("output.weight",))),
+                      layers, **more)
+
+
 def test_the_mixture_is_llama_quantizes():
-    """Q4_K_M on 8 layers: attn_v (and Phi-3's attn_qkv) and ffn_down Q6_K on the layers
-    use_more_bits picks (0, 3, 6, 7), by layer number whatever order they come in; the tied
-    embedding Q6_K, the rest Q4_K; rows that are not whole 256-blocks fall back as llama.cpp
-    does (Q4_K -> Q5_0, Q6_K -> Q8_0); what llama.cpp calls a 70B raises the other attn_v to
-    Q5_K; an output whose rows are not whole 32-blocks F16."""
+    """Q4_K_M on 8 layers: attn_v (and Phi-3's fused attn_qkv) and ffn_down Q6_K on the layers
+    use_more_bits picks (0, 3, 6, 7), by their place in llama.cpp's order whatever order they
+    come in; the tied embedding Q6_K, the rest Q4_K; rows that are not whole 256-blocks fall
+    back as llama.cpp does (Q4_K -> Q5_0, Q6_K -> Q8_0); what llama.cpp calls a 70B raises the
+    other attn_v to Q5_K; an output whose rows are not whole 32-blocks F16."""
     from mlxlab.export.gguf_kquants import Mixture, is_70b
 
     picks = ["Q6_K", "Q4_K", "Q4_K", "Q6_K", "Q4_K", "Q4_K", "Q6_K", "Q6_K"]
     for tensor in ("attn_v", "attn_qkv", "ffn_down"):
-        m = Mixture("q4_k_m", 8, tied=True)
+        m = Mixture("q4_k_m", _layout(8, True, tensor))
         order = [7, 0, 3, 1, 6, 2, 5, 4]  # the types follow the layer, not the visit
         got = {i: m.type_of(f"blk.{i}.{tensor}.weight", 512).name for i in order}
         assert [got[i] for i in range(8)] == picks, tensor
-    m = Mixture("q4_k_m", 8, tied=True)
+    m = Mixture("q4_k_m", _layout(8, True, "attn_q"))
     assert m.type_of("token_embd.weight", 512) == T.Q6_K
     assert m.type_of("token_embd.weight", 576) == T.Q8_0  # SmolLM2's 576: not 256-blocks
     assert m.type_of("blk.0.attn_q.weight", 576) == T.Q5_0
     assert m.type_of("blk.0.attn_q.weight", 100) == T.F16
     assert m.type_of("token_embd.weight", 100) == T.F16
-    assert Mixture("q6_k", 8, tied=False).type_of("blk.0.attn_q.weight", 576) == T.Q8_0
-    assert Mixture("q4_k_m", 8, tied=False).type_of("token_embd.weight", 512) == T.Q4_K
-    big = Mixture("q4_k_m", 80, tied=False, seventy_b=True)
+    untied = _layout(8, False, "attn_q")
+    assert Mixture("q6_k", untied).type_of("blk.0.attn_q.weight", 576) == T.Q8_0
+    assert Mixture("q4_k_m", untied).type_of("token_embd.weight", 512) == T.Q4_K
+    big = Mixture("q4_k_m", _layout(80, False, "attn_v", seventy_b=True))
     assert [big.type_of(f"blk.{i}.attn_v.weight", 512).name for i in (0, 10, 12)] == [
         "Q6_K", "Q5_K", "Q6_K"]
     llama = {"num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8}
@@ -78,9 +88,41 @@ def test_the_mixture_is_llama_quantizes():
     assert not is_70b("PHI3", llama) and not is_70b("LLAMA", {**llama, "num_hidden_layers": 40})
 
 
-# (case, quant) of kquant_reference.json written in the default run: Phi-3's fused attn_qkv and
-# a Llama of 12 layers (blk.10 and blk.11 come before blk.2 in its safetensors)
-FAST = {("phi3", "q4_k_m"), ("llama", "q5_k_m")}
+def test_a_hybrids_counts_are_llama_cpps():
+    """On a hybrid, attn_v counts among the attention layers alone (i_attention_wv of
+    n_attention_wv), ffn_down among the layers that hold one (i_ffn_down, of the block count)
+    where the file has no experts, by its layer number where it has; 8 experts raise attn_v and
+    attn_k to Q8_0 and, at Q4_K_M, attn_output to Q5_K."""
+    from mlxlab.export.gguf_kquants import FileLayout, Mixture
+
+    # 16 blocks, attention on every 4th (3, 7, 11, 15): attn_v's places 0-3 of 4, so the last
+    # two get more bits (by layer number of 16, blocks 7 and 15 would)
+    names = ("output.weight", *(f"blk.{i}.attn_v.weight" for i in (3, 7, 11, 15)),
+             *(f"blk.{i}.ffn_down.weight" for i in (1, 5, 9, 13)))
+    m = Mixture("q4_k_m", FileLayout(names, 16))
+    assert [m.type_of(f"blk.{i}.attn_v.weight", 512).name for i in (3, 7, 11, 15)] == [
+        "Q4_K", "Q4_K", "Q6_K", "Q6_K"]
+    # ffn_down in 4 of 16 blocks, places 0-3 of 16: 0, 1 (first eighth), 2 ((2 - 2) % 3 != 2)
+    assert [m.type_of(f"blk.{i}.ffn_down.weight", 512).name for i in (1, 5, 9, 13)] == [
+        "Q6_K", "Q6_K", "Q4_K", "Q4_K"]
+    experts = Mixture("q4_k_m", FileLayout(names, 16, experts=4))  # by layer: 1 and 13
+    assert [experts.type_of(f"blk.{i}.ffn_down.weight", 512).name for i in (1, 5, 9, 13)] == [
+        "Q6_K", "Q4_K", "Q4_K", "Q6_K"]
+    eight = Mixture("q4_k_m", FileLayout(names, 16, experts=8))
+    assert eight.type_of("blk.3.attn_v.weight", 512) == T.Q8_0
+    assert eight.type_of("blk.3.attn_k.weight", 512) == T.Q8_0
+    assert eight.type_of("blk.3.attn_output.weight", 512) == T.Q5_K
+    assert Mixture("q5_k_m", FileLayout(names, 16, experts=8)).type_of(
+        "blk.3.attn_output.weight", 512) == T.Q5_K  # the file type's own
+
+
+# (case, quant) of kquant_reference.json written in the default run: Phi-3's fused attn_qkv, a
+# Llama of 12 layers (blk.10 and blk.11 come before blk.2 in its safetensors), Nemotron-H's
+# attn_v and ffn_down counted among its attention and MLP layers, a Granite hybrid of 8 experts,
+# Kimi-Linear's latent attention beside its delta layers, Qwen3-Next's experts as Q4_K stacks
+FAST = {("phi3", "q4_k_m"), ("llama", "q5_k_m"), ("nemotron_h_12_layers", "q4_k_m"),
+        ("granitemoehybrid_8_experts", "q4_k_m"), ("kimi_linear_mla", "q5_k_m"),
+        ("qwen3_next_wide", "q4_k_m")}
 REFERENCE_CASES = [pytest.param(case, quant, marks=() if (case, quant) in FAST
                                 else pytest.mark.slow, id=f"{case}-{quant}")
                    for case, quants in stored_reference().items() for quant in quants]
@@ -93,8 +135,7 @@ def tiny_folders(tmp_path_factory) -> dict:
 
     def folder(case: str) -> Path:
         if case not in folders:
-            kind, overrides = CASES[case]
-            folders[case] = save_tiny_model(kind, root / case, **overrides)
+            folders[case] = tiny_folder(case, root)
         return folders[case]
 
     return folder
@@ -104,8 +145,10 @@ def tiny_folders(tmp_path_factory) -> dict:
 def test_every_tensor_gets_the_type_llama_quantize_gives_it(case, quant, tiny_folders, tmp_path):
     """The file mlxlab writes holds, tensor for tensor, the types llama.cpp's
     llama_model_quantize gave the same model's F32 file (kquant_reference.json): for every
-    architecture the GGUF writer takes, at Q4_K_M, Q5_K_M and Q6_K, with rows that are not
-    whole blocks, tied embeddings, and what llama.cpp calls a 70B."""
+    dense architecture the GGUF writer takes and every hybrid family, at Q4_K_M, Q5_K_M and
+    Q6_K, with rows that are not whole blocks, tied embeddings, what llama.cpp calls a 70B,
+    experts, and the tensors it leaves in F32 (the mixers' A, D, convolution kernels and
+    norms, routers, single rows: absent from the reference, F32 in both)."""
     out = tmp_path / f"{case}.gguf"
     report = write_gguf(tiny_folders(case), out, quant, name=case)
     written = quantized(file_types(out))
@@ -124,7 +167,9 @@ def test_the_reference_is_what_llama_quantize_writes_now(tmp_path):
     library = llama_quantize_library()
     if library is None:
         pytest.skip("no libllama with llama_model_quantize loads here (LLAMA_QUANTIZE_LIB)")
-    names = ("phi3", "llama", "llama3_tied", "llama_rows_320", "llama_80_layers")
+    names = ("phi3", "llama", "llama3_tied", "llama_rows_320", "llama_80_layers",
+             "nemotron_h_12_layers", "granitemoehybrid_8_experts", "kimi_linear_mla",
+             "qwen3_next", "qwen3_5_wide")
     live = live_reference(library, tmp_path, names)
     assert live == {name: stored_reference()[name] for name in names}
 
@@ -133,13 +178,12 @@ def test_the_reference_is_what_llama_quantize_writes_now(tmp_path):
 def test_the_mixture_matches_a_q4_k_m_file_llama_quantize_wrote():
     """Every tensor of the Gemma 3 270M Q4_K_M GGUF (written by llama-quantize) gets, in the
     file's order, the type Mixture gives it."""
-    from mlxlab.export.gguf_kquants import Mixture
+    from mlxlab.export.gguf_kquants import FileLayout, Mixture
     from real_models import GEMMA3, packaged_model
 
     reader = gguf.GGUFReader(str(packaged_model(GEMMA3)))
     layers = int(reader.fields["gemma3.block_count"].contents())
-    tied = not any(t.name == "output.weight" for t in reader.tensors)
-    mixture = Mixture("q4_k_m", layers, tied)
+    mixture = Mixture("q4_k_m", FileLayout(tuple(t.name for t in reader.tensors), layers))
     matrices = [t for t in reader.tensors if len(t.shape) == 2 and "norm" not in t.name]
     ours = [mixture.type_of(t.name, int(t.shape[0])).name for t in matrices]
     assert ours == [t.tensor_type.name for t in matrices]

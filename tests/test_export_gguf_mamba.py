@@ -19,6 +19,8 @@ layout (A_log not negated and exponentiated, the norm not split per group, gate 
 Qwen3.5's value heads left grouped or its rotary pairs not all rotating, Qwen3-Next's v and z
 swapped, Kimi-Linear's latent k_b untransposed or its gates swapped: tested below) changes the
 picks. What llama.cpp's graphs do not compute is one line, exit 2, naming the setting or tensor.
+A Q4_K_M file (llama-quantize's types: test_export_gguf_kquants.py) runs in llama.cpp within its
+own K-quant arithmetic of mlxlab's reading of the file.
 """
 
 from __future__ import annotations
@@ -302,12 +304,71 @@ def test_a_config_that_does_not_say_what_its_layers_are_is_refused_by_key(
     assert expect in line and "--format hf or mlx-lm" in line, line
 
 
-def test_a_k_quant_of_a_mixer_family_names_what_it_lays_out_otherwise(folders, tmp_path):
+def test_a_k_quant_of_a_family_without_a_checked_mixture_is_refused(tmp_path):
+    """LFM2 (short convolutions) regroups its tensors and has no K-quant mixture checked against
+    llama-quantize's: refused, naming the families that have one, nothing left behind."""
     from mlxlab.export.gguf import GGUFExportError
 
-    with pytest.raises(GGUFExportError, match="mamba2 lays out its mixer tensors otherwise"):
-        write_gguf(folders("mamba2"), tmp_path / "k.gguf", "q4_k_m")
-    assert not list(tmp_path.iterdir())
+    folder = save_tiny_hybrid("lfm2", tmp_path / "lfm2")
+    with pytest.raises(GGUFExportError, match="lfm2 regroups its tensors.*use q8_0") as refused:
+        write_gguf(folder, tmp_path / "out" / "k.gguf", "q4_k_m")
+    assert "mamba2" in str(refused.value) and "qwen3_5_text" in str(refused.value)
+    assert not (tmp_path / "out").exists()
+
+
+def _listed(step: dict) -> dict[int, float]:
+    return {t["id"]: t["logprob"] for t in step["top_logprobs"]}
+
+
+@pytest.mark.parametrize("case", ["mamba2_wide", "qwen3_5_wide", "qwen3_next_wide"])
+def test_llama_cpp_runs_a_q4_k_m_export_as_mlxlab_reads_it(case, tmp_path):
+    """A Q4_K_M file of a hybrid (rows of 256: Q4_K and Q6_K tensors, Qwen3-Next's experts as
+    3-D stacks) holds every tensor within its 4-bit step of the folder's (read back: at most
+    0.1 of the tensor's largest value; measured 0.066, a misplaced row would be off by the
+    whole range) and loads in llama.cpp, and
+    what separates its log-probabilities from mlxlab's reading of the file is llama.cpp's own
+    K-quant arithmetic (its CPU rounds the activations to 8 bits per 256 for every K-quant
+    product), nothing in the file: llama.cpp computing the file's values in F32 agrees with
+    mlxlab to 1e-3 (measured 3.8e-5 Mamba-2, 9.6e-5 Qwen3.5); every listed log-probability of
+    the Q4_K_M run sits as far from mlxlab's as from llama.cpp's own F32 run of the same values
+    (within that 1e-3); a greedy pick differs from mlxlab's only where mlxlab's top two are
+    closer than that arithmetic moves the row; and mlxlab's reading sits far closer than the
+    float model does (measured mean gaps 0.25 and 0.29 against 1.8 and 2.3)."""
+    from safetensors.numpy import load_file
+
+    from kquant_fixtures import tiny_folder
+    from mlxlab.export.gguf_readback import read_written_gguf
+
+    folder = tiny_folder(case, tmp_path)
+    report = write_gguf(folder, tmp_path / "q4.gguf", "q4_k_m", name="tiny")
+    assert {"Q4_K", "Q6_K"} <= set(report["tensor_types"]), report["tensor_types"]
+    ids = np.array([IDS])
+    back = read_written_gguf(tmp_path / "q4.gguf", folder, tmp_path / "back")
+    source, stored = (load_file(str(f / "model.safetensors")) for f in (folder, tmp_path / "back"))
+    assert source.keys() == stored.keys()
+    for name, w in source.items():
+        assert np.abs(stored[name] - w).max() <= 0.1 * np.abs(w).max(), name
+    ours = log_softmax(mlx_logits(back, ids)[0])
+    float_ = log_softmax(mlx_logits(_mlxlab_model(folder), ids)[0])
+    write_gguf(tmp_path / "back", tmp_path / "values.gguf", "f32", name="tiny")
+    exact = dict(llama_cpp_steps(tmp_path / "values.gguf", IDS))
+    assert max(abs(p - ours[end - 1, i]) for end, step in exact.items()
+               for i, p in _listed(step).items()) < 1e-3
+    steps = llama_cpp_steps(tmp_path / "q4.gguf", IDS)
+    assert len(steps) >= len(IDS) // 2, steps
+    to_file, to_float = [], []
+    for end, step in steps:
+        f32 = _listed(exact[end]) if end in exact else {}  # (a pick ending mid-character: none)
+        own = max(abs(p - f32.get(i, ours[end - 1, i]))
+                  for i, p in _listed(step).items())  # llama.cpp: K-quant against F32
+        gaps = [abs(p - ours[end - 1, i]) for i, p in _listed(step).items()]
+        assert max(gaps) <= own + 1e-3, (end, max(gaps), own)
+        top = np.sort(ours[end - 1])
+        if step["id"] != int(ours[end - 1].argmax()):
+            assert top[-1] - top[-2] <= 2 * own, (end, top[-1] - top[-2], own)
+        to_file += gaps
+        to_float += [abs(p - float_[end - 1, i]) for i, p in _listed(step).items()]
+    assert np.mean(to_file) < 0.25 * np.mean(to_float), (np.mean(to_file), np.mean(to_float))
 
 
 @pytest.mark.parametrize("name, shape, expect", [
@@ -372,3 +433,36 @@ def test_a_trained_run_exports_to_f16_and_q8_0_that_llama_cpp_scores_as_mlxlab(k
         folder = _unclamped(folder, tmp_path / "unclamped")
     _, run = train_chat(folder, tmp_path)
     exported_runs_score_as_mlxlab(run, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["mamba2", "qwen3_next"])
+def test_a_trained_run_exports_to_q4_k_m_that_llama_cpp_runs(kind, folders, tmp_path):
+    """`mlxlab export RUN --format gguf --quant q4_k_m` of a hybrid run (weighted by the run's
+    importance matrix, judged from its read-back): every matrix of the file has the type the
+    mixture gives it in that file, and llama.cpp runs it."""
+    import subprocess
+    import sys
+
+    import gguf
+
+    from kquant_fixtures import file_types, quantized
+    from mlxlab.export.gguf_kquants import FileLayout, Mixture
+    from test_mlx_lm_decoders import train_chat
+
+    _, run = train_chat(folders(kind), tmp_path)
+    out = tmp_path / "q4.gguf"
+    done = subprocess.run([sys.executable, "-m", "mlxlab.cli.main", "export", str(run),
+                           "--format", "gguf", "--quant", "q4_k_m", "--out", str(out)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    reader = gguf.GGUFReader(str(out))
+    arch = reader.fields["general.architecture"].contents()
+    experts = reader.fields.get(f"{arch}.expert_count")
+    mixture = Mixture("q4_k_m", FileLayout(
+        tuple(t.name for t in reader.tensors), int(reader.fields[f"{arch}.block_count"].contents()),
+        int(experts.contents()) if experts else 0))
+    written = quantized(file_types(out))
+    assert written == {t.name: mixture.type_of(t.name, int(t.shape[0])).name
+                       for t in reader.tensors if t.name in written}
+    assert len(llama_cpp_steps(out, IDS)) >= len(IDS) // 2

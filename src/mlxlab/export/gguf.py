@@ -49,7 +49,7 @@ from mlxlab.export.gguf_gated_delta import (
     zero_centred_norms,
 )
 from mlxlab.export.gguf_kimi import kimi_linear_config, kimi_linear_hparams, kimi_linear_tensors
-from mlxlab.export.gguf_kquants import MIXTURES, Mixture, is_70b
+from mlxlab.export.gguf_kquants import MIXTURES, FileLayout, Mixture, is_70b
 from mlxlab.export.gguf_kquants import quantize as ggml_quantize
 from mlxlab.export.gguf_mamba import (
     FALCON_H1_VALUES,
@@ -270,6 +270,11 @@ def _kept_in_f32(full_name: str) -> bool:
     base, _, leaf = full_name.rpartition(".")
     return leaf != "weight" or base.endswith(_F32_TENSORS)
 
+
+# the regrouped families a K-quant mixture is written for (its types checked, tensor for tensor,
+# against llama-quantize's: tests/kquant_reference.json); the MoE decoders and LFM2 are refused
+K_QUANT_REGROUPED = frozenset({"mamba2", "granitemoehybrid", "nemotron_h", "falcon_h1",
+                               "qwen3_5_text", "qwen3_next", "kimi_linear"})
 
 # model types llama.cpp itself has no architecture for (its `gguf` package lists none)
 _NOT_IN_LLAMA_CPP = {"olmo_hybrid": "OLMo-Hybrid"}
@@ -552,11 +557,16 @@ def _float_tensors(tensors) -> Tensors:
 
 def _k_quant(mixture: Mixture, gguf_name: str, w: np.ndarray,
              importance: np.ndarray | None) -> tuple[np.ndarray, object]:
-    """A matrix of a K-quant file: the mixture's type for it, quantized by llama.cpp."""
+    """A weight of a K-quant file: a matrix (or a stack of experts' matrices, quantized row by
+    row as llama-quantize does) as the mixture's type, quantized by llama.cpp; what
+    llama-quantize leaves as it is (a vector, a single row) in F32."""
+    if _ggml_dims(w.shape) < 2:
+        return encode_tensor(w, gguf_package().GGMLQuantizationType.F32)
     kind = mixture.type_of(gguf_name, w.shape[-1])
     if kind.name == "F16":
         return w.astype(np.float16), kind
-    return ggml_quantize(w, kind, importance), kind
+    data = ggml_quantize(w.reshape(-1, w.shape[-1]), kind, importance)
+    return data.reshape(*w.shape[:-1], data.shape[-1]), kind
 
 
 def tensor_names(arch: Architecture, config: dict) -> Callable[[str], str | None]:
@@ -591,14 +601,11 @@ class TensorTypes:
     importance: dict[str, np.ndarray] | None = None
 
 
-def _write_tensors(writer, folder: Path, config: dict, arch: Architecture,
-                   types: TensorTypes) -> dict:
-    """Every tensor under llama.cpp's name and layout; returns how many went out as which type
-    ("Q4_1 (direct)": an mlx-lm 4-bit weight repacked without a float round trip)."""
-    qtype, mixture, importance = types.qtype, types.mixture, types.importance
-    g = gguf_package()
+def _named_tensors(folder: Path, config: dict, arch: Architecture
+                   ) -> Iterator[tuple[str, str, np.ndarray | None, tuple | None]]:
+    """(transformers name, llama.cpp name, float32 array or None, mlx-lm's packed weight or
+    None) of every tensor the file holds, regrouped as llama.cpp lays it out."""
     llama_cpp_name = tensor_names(arch, config)
-    counts: dict[str, int] = {}
     tied = config.get("tie_word_embeddings", False)
     tensors = _read_tensors(folder, config.get("quantization"))
     if arch.regroup is not None:
@@ -607,12 +614,52 @@ def _write_tensors(writer, folder: Path, config: dict, arch: Architecture,
         if tied and name == "lm_head.weight":
             continue  # the GGUF reads the embedding as the output (no output.weight)
         full_name = llama_cpp_name(name)
-        gguf_name = full_name and full_name.rsplit(".", 1)[0]
-        if gguf_name is None and ".switch_mlp." in name:
+        if full_name is None and ".switch_mlp." in name:
             raise GGUFExportError(f"{folder} holds mlx-lm's stacked experts ({name}): give the "
                                   "Hugging Face folder, or export the run itself to GGUF")
-        if gguf_name is None:
+        if full_name is None:
             raise GGUFExportError(f"tensor {name} has no llama.cpp name for {arch.gguf_arch}")
+        yield name, full_name, w, packed
+
+
+def _ggml_dims(shape: tuple[int, ...]) -> int:
+    """The dimensions ggml counts (ggml_n_dims): up to the last of its axes (numpy's first) that
+    is longer than 1. llama-quantize quantizes only tensors of 2 or more; a (1, n) matrix,
+    Qwen3-Next's shared expert's gate, stays as it is."""
+    return next((len(shape) - i for i, n in enumerate(shape) if n > 1), 1)
+
+
+def _file_names(folder: Path, config: dict, arch: Architecture) -> tuple[str, ...]:
+    """The llama.cpp name of every tensor the file will hold, before any is written (what
+    llama-quantize reads first): from the safetensors' headers, or, where the architecture
+    regroups its tensors, from a first pass through the regrouping (the arrays dropped as it
+    goes)."""
+    if arch.regroup is not None:
+        return tuple(full for _, full, _, _ in _named_tensors(folder, config, arch))
+    llama_cpp_name = tensor_names(arch, config)
+    names = []
+    for file in sorted(f for f in folder.glob("*.safetensors")
+                       if not f.name.startswith("adapters")):
+        with file.open("rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        stored = set(header) - {"__metadata__"}
+        for name in stored:
+            base = name.rsplit(".", 1)[0]
+            packed_part = name.endswith((".scales", ".biases")) and base + ".weight" in stored
+            tied = config.get("tie_word_embeddings", False) and name == "lm_head.weight"
+            if not packed_part and not tied and llama_cpp_name(name) is not None:
+                names.append(llama_cpp_name(name))
+    return tuple(names)
+
+
+def _write_tensors(writer, folder: Path, config: dict, arch: Architecture,
+                   types: TensorTypes) -> dict:
+    """Every tensor under llama.cpp's name and layout; returns how many went out as which type
+    ("Q4_1 (direct)": an mlx-lm 4-bit weight repacked without a float round trip)."""
+    qtype, mixture, importance = types.qtype, types.mixture, types.importance
+    g = gguf_package()
+    counts: dict[str, int] = {}
+    for name, full_name, w, packed in _named_tensors(folder, config, arch):
         if packed is not None and qtype == g.GGMLQuantizationType.Q4_1 and packed[3:] == (32, 4):
             rows = lambda a, name=name: arch.tensor(name, a, config)  # noqa: E731
             data, kind, label = _as_q4_1(packed, rows), qtype, "Q4_1 (direct)"
@@ -623,8 +670,7 @@ def _write_tensors(writer, folder: Path, config: dict, arch: Architecture,
             if arch.values is not None:
                 w = arch.values.stored(full_name, w, config)
             kept = g.GGMLQuantizationType.F32 if _kept_in_f32(full_name) else qtype
-            if mixture is not None and w.ndim == 2 and full_name.endswith(".weight") \
-                    and kept == qtype:
+            if mixture is not None and kept == qtype:
                 data, kind = _k_quant(mixture, full_name, w, (importance or {}).get(name))
             else:
                 data, kind = encode_tensor(w, kept)
@@ -637,6 +683,19 @@ def _write_tensors(writer, folder: Path, config: dict, arch: Architecture,
                           _llama3_rope_factors(config))
         counts["F32"] = counts.get("F32", 0) + 1
     return counts
+
+
+def _file_layout(writer, folder: Path, config: dict, arch: Architecture) -> FileLayout:
+    """What llama-quantize reads of the file before it picks each tensor's type: its tensors'
+    names, and the block and expert counts as the metadata just written says them."""
+    written = writer.kv_data[0]
+
+    def count(key: str) -> int:
+        value = written.get(f"{writer.arch}.{key}")
+        return 0 if value is None else int(value.value)
+
+    return FileLayout(_file_names(folder, config, arch), count("block_count"),
+                      count("expert_count"), is_70b(arch.gguf_arch, config))
 
 
 def write_gguf(folder: str | Path, out: str | Path, quant: str = "f16",
@@ -654,20 +713,12 @@ def write_gguf(folder: str | Path, out: str | Path, quant: str = "f16",
     config = json.loads((folder / "config.json").read_text())
     _check_quantized(config)
     arch = architecture_of(config)
-    mixture = None
-    if quant in MIXTURES:
-        if arch.regroup is not None:
-            # every family with stored values has a mixer's A and convolution kernels (D and
-            # a grouped norm are the Mamba-2 families' alone)
-            how = ("lays out its mixer tensors otherwise (A = -exp(A_log), the convolution "
-                   "kernels)" if arch.values is not None else
-                   "regroups its tensors (experts, fused or latent projections)")
-            raise GGUFExportError(f"--quant {quant}: K-quant mixtures are written here for dense "
-                                  f"decoders; {config['model_type']} {how}: use q8_0, q4_0 or "
-                                  "q4_1")
-        mixture = Mixture(quant, int(config["num_hidden_layers"]),
-                          bool(config.get("tie_word_embeddings", False)),
-                          is_70b(arch.gguf_arch, config))
+    if quant in MIXTURES and arch.regroup is not None \
+            and config["model_type"] not in K_QUANT_REGROUPED:
+        raise GGUFExportError(f"--quant {quant}: K-quant mixtures are written here for dense "
+                              f"decoders and the hybrids ({', '.join(sorted(K_QUANT_REGROUPED))})"
+                              f"; {config['model_type']} regroups its tensors (experts, fused or "
+                              "latent projections): use q8_0, q4_0 or q4_1")
     qtype, file_type = file_types()[quant]
     with gguf_file(out, g.MODEL_ARCH_NAMES[g.MODEL_ARCH[arch.gguf_arch]]) as writer:
         writer.add_name(name or folder.name)
@@ -676,6 +727,9 @@ def write_gguf(folder: str | Path, out: str | Path, quant: str = "f16",
         _write_hparams(writer, config, arch, file_type)
         vocab = _write_vocab(writer, folder, config["vocab_size"])
         writer.add_quantization_version(g.GGML_QUANT_VERSION)
+        mixture = None
+        if quant in MIXTURES:
+            mixture = Mixture(quant, _file_layout(writer, folder, config, arch))
         tensors = _write_tensors(writer, folder, config, arch,
                                  TensorTypes(qtype, mixture, importance))
     return {"gguf": str(out), "architecture": g.MODEL_ARCH_NAMES[g.MODEL_ARCH[arch.gguf_arch]],

@@ -7,26 +7,36 @@ llama.cpp's by construction), optionally weighted by an importance matrix (per i
 mean square of the activations that reach the matrix: what `llama-imatrix` computes, here on the
 run's own training rows: imatrix.py). That build links no `llama_model_quantize`, so which type
 each tensor gets is decided here, as llama-quantize decides it (llama.cpp's src/llama-quant.cpp,
-`llama_tensor_get_type`, as of b11739; tests/kquant_reference.json holds what it wrote for a
-tiny model of every architecture written here), for dense decoders:
+`llama_tensor_get_type`; tests/kquant_reference.json holds what it wrote for a tiny model of
+every architecture written here), from the whole file (`FileLayout`: every tensor's name, the
+block and expert counts), as llama-quantize reads it before it picks a type:
 
 - the output matrix (or, tied, the token embedding): Q6_K, Q8_0 where its rows are not whole
   256-value blocks (F16 where not even 32-value ones);
-- attn_v, and Phi-3's fused attn_qkv with it: Q6_K at Q4_K_M and Q5_K_M on the layers
-  `use_more_bits` picks (the first and last eighth, and every third in between), counted by
-  layer number, the order llama.cpp visits tensors in (a file written in the safetensors' order
-  has blk.10 before blk.2); on what llama.cpp calls a 70B (80 layers of a Llama with grouped
-  heads, or a Qwen2), a Q4_K one is raised to Q5_K;
-- ffn_down: Q6_K at Q4_K_M and Q5_K_M on the layers `use_more_bits` picks;
-- every other matrix the file type's own (Q4_K, Q5_K, Q6_K), and where its rows are not whole
+- attn_v, and the fused attn_qkv (Phi-3's, Qwen3.5's and Qwen3-Next's delta layers') with it:
+  Q6_K at Q4_K_M and Q5_K_M where `use_more_bits` picks its place among the file's attn_v
+  tensors (the first and last eighth, and every third in between), in the order llama.cpp
+  visits tensors (by layer, then name; a file written in the safetensors' order has blk.10
+  before blk.2): on a dense decoder its layer number, on a hybrid its rank among the attention
+  layers; on what llama.cpp calls a 70B (80 layers of a Llama with grouped heads, or a Qwen2), a
+  Q4_K one is raised to Q5_K; in a file of 8 experts, Q8_0;
+- ffn_down (ffn_down_exps, ffn_down_shexp too): Q6_K at Q4_K_M and Q5_K_M where
+  `use_more_bits` picks it, of the block count: by its place among the file's ffn_down tensors
+  where the file has no experts, by its layer number where it has;
+- in a file of 8 experts, attn_k Q8_0 and, at Q4_K_M, attn_output Q5_K;
+- every other matrix (the mixers' ssm_in / ssm_out, the experts' 3-D stacks, latent
+  projections) the file type's own (Q4_K, Q5_K, Q6_K), and where its rows are not whole
   256-value blocks, llama.cpp's fallback (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0; F16 when
-  even 32 does not divide them).
+  even 32 does not divide them). What llama-quantize never quantizes (vectors, single rows,
+  norms, routers, convolution kernels) the writer keeps in F32 (gguf.py).
 """
 
 from __future__ import annotations
 
 import ctypes
 import re
+from collections.abc import Iterable
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -103,6 +113,20 @@ def _category(name: str) -> str:
     return next((kind for part, kind in _CATEGORIES if part in name), "other")
 
 
+def _layer_of(name: str) -> int:
+    """The N of a tensor's `blk.N.`; -1 for one outside the blocks."""
+    found = _LAYER.match(name)
+    return -1 if found is None else int(found[1])
+
+
+def _ranks(names: Iterable[str], category: str) -> dict[str, int]:
+    """Each `category` weight's place among the file's weights of that category, in the order
+    llama.cpp visits them (its loader's: by layer, then by name; a file written in the
+    safetensors' order has blk.10 before blk.2): the count llama-quantize keeps as it goes."""
+    chosen = [n for n in names if n.endswith("weight") and _category(n) == category]
+    return {n: i for i, n in enumerate(sorted(chosen, key=lambda n: (_layer_of(n), n)))}
+
+
 def is_70b(gguf_arch: str, config: dict) -> bool:
     """What llama.cpp's hyperparameter loader calls LLM_TYPE_70B among the architectures
     written here: 80 layers of a Llama with grouped key-value heads (a Llama of 80 layers
@@ -114,43 +138,68 @@ def is_70b(gguf_arch: str, config: dict) -> bool:
             or gguf_arch == "LLAMA" and config.get("num_key_value_heads", heads) != heads)
 
 
+@dataclass(frozen=True)
+class FileLayout:
+    """What llama-quantize reads from a file before it picks a type: every tensor's name, the
+    block count, the expert count (0 without experts), whether the output matrix is the
+    embedding's (no output.weight), and is_70b."""
+
+    names: tuple[str, ...]
+    layers: int
+    experts: int = 0
+    seventy_b: bool = False
+
+    @property
+    def tied(self) -> bool:
+        return "output.weight" not in self.names
+
+
 class Mixture:
     """The type of each matrix of one file, as llama-quantize picks it for `quant` (module
-    docstring). `seventy_b`: is_70b."""
+    docstring), from the file's `layout`."""
 
-    def __init__(self, quant: str, layers: int, tied: bool, seventy_b: bool = False) -> None:
+    def __init__(self, quant: str, layout: FileLayout) -> None:
         import gguf
 
         self.T = gguf.GGMLQuantizationType
         self.quant, self.default = quant, self.T[MIXTURES[quant][0]]
-        self.layers, self.tied, self.seventy_b = layers, tied, seventy_b
+        self.layout = layout
         self.more_bits = quant in ("q4_k_m", "q5_k_m")
-        self.seen: set[tuple[str, int]] = set()
+        # attn_v by its place among the file's attn_v tensors (on a hybrid, the attention
+        # layers'); ffn_down by its place among the ffn_down ones where the file has no
+        # experts, by its layer where it has (llama.cpp's layer_info)
+        self.attn_v = _ranks(layout.names, "attn_v")
+        self.ffn_down = _ranks(layout.names, "ffn_down")
 
     def type_of(self, name: str, columns: int):
-        """The GGML type of 2-D weight `name` (a GGUF tensor name) with `columns` per row."""
-        category, kind = _category(name), self.default
-        if category == "output" or (self.tied and category == "token_embd"):
-            kind = self.T.Q8_0 if columns % self._block(kind) else self.T.Q6_K
+        """The GGML type of weight `name` (a GGUF tensor name; 2-D, or 3-D stacked experts)
+        with `columns` per row."""
+        T, layout, category, kind = self.T, self.layout, _category(name), self.default
+        if category == "output" or (layout.tied and category == "token_embd"):
+            kind = T.Q8_0 if columns % self._block(kind) else T.Q6_K
         elif category == "attn_v":
-            if self.more_bits and _use_more_bits(self._layer(name, category), self.layers):
-                kind = self.T.Q6_K
-            if self.seventy_b and kind in (self.T.Q3_K, self.T.Q4_K):
-                kind = self.T.Q5_K
-        elif category == "ffn_down" and self.more_bits \
-                and _use_more_bits(self._layer(name, category), self.layers):
-            kind = self.T.Q6_K
+            if self.more_bits and _use_more_bits(self._place(self.attn_v, name),
+                                                 len(self.attn_v)):
+                kind = T.Q6_K
+            if layout.seventy_b and kind in (T.Q3_K, T.Q4_K):
+                kind = T.Q5_K
+            if layout.experts == 8:  # llama.cpp's rule for Mixtral-like files
+                kind = T.Q8_0
+        elif category == "attn_k" and layout.experts == 8:
+            kind = T.Q8_0
+        elif category == "attn_output" and layout.experts == 8 and self.quant == "q4_k_m":
+            kind = T.Q5_K
+        elif category == "ffn_down" and self.more_bits:
+            layer = _layer_of(name) if layout.experts > 1 else self._place(self.ffn_down, name)
+            if _use_more_bits(layer, layout.layers):
+                kind = T.Q6_K
         return self._fallback(kind, columns)
 
-    def _layer(self, name: str, category: str) -> int:
-        """The layer of `name`: its place among its category's tensors in llama.cpp's order
-        (by layer, then name), where every layer holds one."""
-        found = _LAYER.search(name)
-        if found is None or (category, int(found[1])) in self.seen:
-            raise ConfigError(f"{name}: K-quant mixtures are written here for one {category} "
-                              "matrix a layer; export --quant q8_0, q4_0 or q4_1")
-        self.seen.add((category, int(found[1])))
-        return int(found[1])
+    @staticmethod
+    def _place(ranks: dict[str, int], name: str) -> int:
+        if name not in ranks:
+            raise ValueError(f"{name} is not among the file's tensors the mixture was made for")
+        return ranks[name]
 
     def _block(self, kind) -> int:
         import gguf
