@@ -44,6 +44,10 @@ from mlxlab.export.hf import SIDE_FILES
 # stores float32 (Falcon-H1's folded multipliers); a step that is not linear leaves far more
 RESIDUAL = 1e-5
 _OVERSAMPLE = 8  # extra directions of the range finder (exact for a rank <= r + this)
+# architectures whose llama.cpp graph adds an adapter's update only to some tensors (by kind,
+# the name's token after the layer), multiplying by the others without it: Kimi-Linear's
+# feed-forward layers take adapters (its build_ffn), its delta and latent attention do not
+ADAPTED_ONLY = {"KIMI_LINEAR": ("ffn_",)}
 
 
 def transformers_config(config: dict, model_type: str) -> dict:
@@ -102,10 +106,23 @@ def regrouped_pairs(weights: dict, rank: int, scale: float, config: dict,
                 raise GGUFExportError(f"the adapter on {module} lands on llama.cpp's "
                                       f"{gguf_name}, a {change.ndim}-D tensor (not one matrix "
                                       f"a LoRA pair adds to): {FUSED}")
+            _check_applied(arch, module, gguf_name)
             landed[gguf_name] = module
             lora_a, lora_b = _factors(change, rank, scale, f"{module} -> {gguf_name}")
             pairs += [(f"{gguf_name}.lora_a", lora_a), (f"{gguf_name}.lora_b", lora_b)]
     return pairs
+
+
+def _check_applied(arch: Architecture, module: str, gguf_name: str) -> None:
+    """One line where llama.cpp's graph would load the pair on `gguf_name` and not apply it."""
+    kinds = ADAPTED_ONLY.get(arch.gguf_arch)
+    tokens = gguf_name.split(".")
+    kind = tokens[2] if tokens[0] == "blk" else tokens[0]
+    if kinds is not None and not kind.startswith(kinds):
+        raise GGUFExportError(f"the adapter on {module} lands on llama.cpp's {gguf_name}, which "
+                              f"its {arch.gguf_arch.lower()} graph multiplies without adapters "
+                              f"(it applies them to {', '.join(k + '*' for k in kinds)} "
+                              f"only): leave it out of model.lora.targets, or {FUSED}")
 
 
 def _written(name: str, w: np.ndarray, config: dict, arch: Architecture) -> dict:
