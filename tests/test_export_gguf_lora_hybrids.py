@@ -2,7 +2,7 @@
 otherwise than transformers (export/gguf_lora_regroup.py): Qwen3.5's gated delta layers (value
 heads reordered), Mamba-2, Nemotron-H and a dense Granite 4 hybrid (the Mamba-2 mixer's
 layout), Falcon-H1 (its multipliers folded into the weights), Qwen3-Next (its fused in_proj_qkvz
-split in two) and Kimi-Linear's feed-forward layers.
+split in two), Kimi-Linear's feed-forward layers, and a MoE's attention (Qwen3-MoE).
 
 Each tiny family (tests/hybrid_families.py) is fine-tuned with LoRA on its mixer's projections
 and exported with --adapters at f32: llama.cpp itself (the xllamacpp wheel) loads the base with
@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hf_helpers import save_tiny_model
 from hybrid_families import save_tiny_hybrid
 from mlxlab.cli.main import main
 from test_export_gguf_lora import PROMPTS, llama_cpp_greedy, mlxlab_greedy
@@ -56,12 +57,17 @@ FAMILIES = {
                     "shared_experts.up_proj,shared_experts.down_proj", _blocks(
                         (0, "ffn_gate ffn_up ffn_down"),
                         (1, "ffn_gate_shexp ffn_up_shexp ffn_down_shexp"))),
+    # a MoE's attention (its experts stacked beside it)
+    "qwen3_moe": ("q_proj,k_proj,v_proj,o_proj", _blocks(
+        *[(i, "attn_q attn_k attn_v attn_output") for i in (0, 1)])),
 }
 
 
 def _tiny(kind: str, root: Path) -> Path:
     """The tiny folder, as test_export_gguf_mamba.py holds llama.cpp to it (Nemotron-H without
     the time-step clamp llama.cpp does not apply; a dense Granite hybrid's MLP width said)."""
+    if kind == "qwen3_moe":
+        return save_tiny_model(kind, root / kind, chat="chatml")
     return _reference(kind, save_tiny_hybrid(kind, root / kind), root / f"{kind}-reference")
 
 

@@ -9,6 +9,11 @@ adapters stay apart, and llama.cpp adds the float adapters to the quantized base
     exported/ft.Modelfile        FROM ./ft.base.gguf + ADAPTER ./ft.lora.gguf (Ollama)
     exported/ft.llama-server.sh  llama-server -m ft.base.gguf --lora ft.lora.gguf
 
+Where llama.cpp lays the architecture's tensors out otherwise (the hybrids' mixers, fused
+projections split, experts stacked: gguf.py `Architecture.regroup`), the base is written from the
+run's weights in transformers' layout and each adapter's pairs are its update through the base
+export's layout, factored again (gguf_lora_regroup.py); adapters on routed experts are refused.
+
 The base is named .base.gguf so that nobody loads it thinking it is the fine-tune. When the
 run's base (model.pretrained) is itself a GGUF file, that file is the base: it is neither
 copied nor rewritten (the adapters were trained on exactly its weights, and copying gigabytes
