@@ -8,7 +8,8 @@ Each tiny family (tests/hybrid_families.py) is fine-tuned with LoRA on its mixer
 and exported with --adapters at f32: llama.cpp itself (the xllamacpp wheel) loads the base with
 the adapter and decodes greedily the tokens mlxlab's own generation of the run decodes, and
 other tokens than the base alone; base + (alpha / rank) * B @ A is, tensor by tensor, the fused
-export's (--format gguf without --adapters), and no other tensor moves. Without training, the
+export's (--format gguf without --adapters), no other tensor moves, and the pair read back from
+its files (what judges a quantized pair) gives the run's logits. Without training, the
 pairs of random adapters on a folder are the change the base export makes of the folder with
 their update added; a step of the layout that is not linear, adapters where llama.cpp's graph
 does not apply them, and adapters on the routed experts (test_export_gguf_lora.py REFUSALS) are
@@ -87,8 +88,8 @@ def test_llama_cpp_decodes_the_hybrid_fine_tune_from_base_and_adapter(kind, tmp_
     import gguf
 
     targets, expected = FAMILIES[kind]
-    _, run = train_chat(_tiny(kind, tmp_path), tmp_path / "train", *TRAIN,
-                        f"model.lora.targets=[{targets}]")
+    folder = _tiny(kind, tmp_path)
+    _, run = train_chat(folder, tmp_path / "train", *TRAIN, f"model.lora.targets=[{targets}]")
     out = tmp_path / "out" / "ft.gguf"
     assert main(["export", str(run), "--format", "gguf", "--adapters", "--quant", "f32",
                  "--out", str(out)]) == 0
@@ -117,6 +118,24 @@ def test_llama_cpp_decodes_the_hybrid_fine_tune_from_base_and_adapter(kind, tmp_
         assert np.abs(fused[name].data - weights[name].data).max() > 1e-3, name  # trained
     for name in set(weights) - adapted:
         assert np.array_equal(weights[name].data, fused[name].data), name
+    _assert_read_back_is_the_run(base, adapter, folder, run, tmp_path / "read-back")
+
+
+def _assert_read_back_is_the_run(base: Path, adapter: Path, folder: Path, run: Path,
+                                 work: Path) -> None:
+    """The pair read back from its files (gguf_readback.py: what judges a quantized pair) onto
+    the run's base folder gives the run's logits."""
+    import mlx.core as mx
+
+    from mlxlab.export.gguf_readback import read_written_gguf
+    from mlxlab.runs import load_run_model
+
+    pair = read_written_gguf(base, folder, work, lora=adapter)
+    model, _ = load_run_model(run)
+    model.eval()
+    ids = mx.array([[5, 17, 99, 3, 250, 31, 7, 8]])
+    ours, theirs = np.array(model(ids)), np.array(pair(ids))
+    assert np.abs(theirs - ours).max() <= 1e-4 * np.abs(ours).max()
 
 
 # tiny kind -> the mlx-lm names of the weights random adapters go on (their transformers names
