@@ -174,8 +174,9 @@ REFUSALS = {  # case -> (save_tiny_model kind, training overrides, what the one 
              "it fused instead (--format gguf without --adapters)"),
     "no_lora": ("llama", ["model.lora.rank=0"], "--adapters needs a LoRA run"),
     "no_gguf_arch": ("glm4", [], "model_type='glm4' has no GGUF export here"),
-    "regrouped_arch": ("qwen3_moe", [],
-                       "model_type='qwen3_moe': llama.cpp regroups its tensors"),
+    "regrouped_arch": ("qwen3_moe", ["model.lora.targets=[query,experts]"],
+                       "the adapters on model.layers.0.mlp reach the routed experts, which "
+                       "llama.cpp stacks into one 3-D tensor a projection"),
 }
 
 

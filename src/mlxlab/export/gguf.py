@@ -590,6 +590,16 @@ def tensor_names(arch: Architecture, config: dict) -> Callable[[str], str | None
     return llama_cpp_name
 
 
+def stored_tensor(arch: Architecture, config: dict, name: str, full_name: str,
+                  w: np.ndarray) -> np.ndarray:
+    """A float tensor (by its transformers `name`, its llama.cpp `full_name`) as the file holds
+    it: the architecture's per-tensor layout (Llama's rotary interleave, Gemma's 1 + w), then
+    the values llama.cpp stores (Mamba's A = -exp(A_log), Falcon-H1's folded multipliers); the
+    LoRA adapter of a regrouped family (gguf_lora_regroup.py) goes through it too."""
+    w = arch.tensor(name, w, config)
+    return w if arch.values is None else arch.values.stored(full_name, w, config)
+
+
 @dataclass(frozen=True)
 class TensorTypes:
     """What the matrices are written as: `qtype` (the file's type), or a K-quant `mixture`'s
@@ -666,9 +676,7 @@ def _write_tensors(writer, folder: Path, config: dict, arch: Architecture,
         else:
             if packed is not None:
                 w = _dequantize(packed)  # another group size or type: through float
-            w = arch.tensor(name, w, config)
-            if arch.values is not None:
-                w = arch.values.stored(full_name, w, config)
+            w = stored_tensor(arch, config, name, full_name, w)
             kept = g.GGMLQuantizationType.F32 if _kept_in_f32(full_name) else qtype
             if mixture is not None and kept == qtype:
                 data, kind = _k_quant(mixture, full_name, w, (importance or {}).get(name))

@@ -9,6 +9,11 @@ adapters stay apart, and llama.cpp adds the float adapters to the quantized base
     exported/ft.Modelfile        FROM ./ft.base.gguf + ADAPTER ./ft.lora.gguf (Ollama)
     exported/ft.llama-server.sh  llama-server -m ft.base.gguf --lora ft.lora.gguf
 
+Where llama.cpp lays the architecture's tensors out otherwise (the hybrids' mixers, fused
+projections split, experts stacked: gguf.py `Architecture.regroup`), the base is written from the
+run's weights in transformers' layout and each adapter's pairs are its update through the base
+export's layout, factored again (gguf_lora_regroup.py); adapters on routed experts are refused.
+
 The base is named .base.gguf so that nobody loads it thinking it is the fine-tune. When the
 run's base (model.pretrained) is itself a GGUF file, that file is the base: it is neither
 copied nor rewritten (the adapters were trained on exactly its weights, and copying gigabytes
@@ -67,8 +72,9 @@ def _gguf_base(pretrained: str | None) -> tuple[str, Path] | None:
 
 def _refusals(quant: str | None, seen: dict):
     """export_run's `refuse`: what has no GGUF adapter form, on the loaded run, before a file
-    is written; `seen` gets the run's model.pretrained."""
+    is written; `seen` gets the run's model.pretrained and its model_type."""
     from mlxlab.models.adapters.lora import AdapterLayer, has_adapters
+    from mlxlab.models.adapters.routed_experts import expert_blocks
     from mlxlab.models.decoders.mlx_lm_decoder import MLXLMDecoder
 
     def refuse(model, state) -> None:
@@ -79,6 +85,13 @@ def _refusals(quant: str | None, seen: dict):
         config = (model.hf_config or {}) if isinstance(model, MLXLMDecoder) else {
             "model_type": "llama"}  # a from-scratch run exports as a Llama
         check_gguf_lora(config, "dora" if "dora" in kinds else "lora")
+        on_experts = next(iter(expert_blocks(model)), None)
+        if on_experts is not None:
+            raise GGUFExportError(f"the adapters on {on_experts.removeprefix('lm.')} reach the "
+                                  "routed experts, which llama.cpp stacks into one 3-D tensor a "
+                                  "projection (no matrix for a LoRA pair to land on): leave the "
+                                  f"experts out of model.lora.targets, or {FUSED}")
+        seen["model_type"] = config.get("model_type")  # mlx-lm's folder may name it otherwise
         model_cfg = state.config.get("model") or {}
         seen["pretrained"] = model_cfg.get("pretrained")
         given = _gguf_base(model_cfg.get("pretrained"))
@@ -145,12 +158,13 @@ def export_gguf_adapters(run: str | Path, out: str | Path, quant: str | None = N
         report, reference = exported.report, exported.reference
         for key in ("adapter_path", "model_card", "dtype", "quantize"):  # the staging folder's
             report.pop(key, None)
-        config = json.loads((folder / "config.json").read_text())
+        given = _gguf_base(seen["pretrained"])
+        config, source = _base_source(folder, seen["model_type"],
+                                      staging / "hf" if given is None else None)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        given = _gguf_base(seen["pretrained"])
         if given is None:
-            base = write_gguf(folder, tmp / base_path(out).name, quant or "f16", name=run.name)
+            base = write_gguf(source, tmp / base_path(out).name, quant or "f16", name=run.name)
             base.update(gguf=str(base_path(out)), written=True)
             model_from, server_base = f"./{base_path(out).name}", base_path(out).name
         else:
@@ -162,7 +176,7 @@ def export_gguf_adapters(run: str | Path, out: str | Path, quant: str | None = N
         adapter["gguf"] = str(adapter_path(out))
         if reference is not None and given is None:  # refused here: nothing is moved into place
             report["retention"] = _judge_pair((reference, request.accept_loss), tmp, out,
-                                              folder, staging / "read-back")
+                                              source, staging / "read-back")
         elif request is not None and (request.tasks or request.accept_loss):
             raise GGUFExportError("--tasks and --accept-loss judge a base written here; this "
                                   "run's base is its own GGUF file, used as it is: drop them")
@@ -183,6 +197,22 @@ def export_gguf_adapters(run: str | Path, out: str | Path, quant: str | None = N
         why = record(reference.state, out.name, report["retention"])
         report["retention"]["recorded"] = why or "on the run's MLflow run"
     return report
+
+
+def _base_source(folder: Path, model_type: str, hf: Path | None) -> tuple[dict, Path]:
+    """(the config the adapter is written for, the folder the base is written from): the
+    mlx-lm `folder`'s own, or, for a family whose tensors llama.cpp lays out otherwise
+    (gguf.py `Architecture.regroup`, which reads transformers' names), transformers' config and
+    the base in transformers' layout, written at `hf` (gguf_lora_regroup.py; None: no base is
+    written here, the run's GGUF file is the base)."""
+    from mlxlab.export.gguf import architecture_of
+    from mlxlab.export.gguf_lora_regroup import transformers_config, write_hf_base
+
+    config = json.loads((folder / "config.json").read_text())
+    hf_config = transformers_config(config, model_type)
+    if architecture_of(hf_config).regroup is None:
+        return config, folder
+    return hf_config, folder if hf is None else write_hf_base(folder, hf_config, hf)
 
 
 def _request(retention: Retention | None, quant: str | None) -> Retention | None:

@@ -16,10 +16,15 @@ The input is mlx-lm's adapter folder (adapters.safetensors + adapter_config.json
   rows: the update B @ A lands on the weight's permuted rows);
 - F32 tensors (the converter's default --outtype): the adapters as trained, not rounded.
 
+A family whose tensors llama.cpp lays out otherwise (the hybrids' mixers, fused projections
+split, multipliers folded: gguf.py `Architecture.regroup`) gets its pairs from each update pushed
+through the base export's own steps and factored again (gguf_lora_regroup.py); there the config
+is transformers' (the base is written from transformers' layout).
+
 DoRA has no GGUF adapter form (llama.cpp applies W x + s B A x; DoRA rescales each output by a
 learned magnitude over the merged weight's norm): refused, pointing to the fused export. So are
-adapters on tensors llama.cpp regroups (MoE experts stacked, fused attention split), which
-have no one base tensor for a pair to land on.
+adapters on the routed experts, which llama.cpp stacks into one 3-D tensor a projection (no
+matrix for a pair to land on).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mlxlab.export.architectures import layout_of
 from mlxlab.export.gguf import (
     GGUFExportError,
     architecture_of,
@@ -42,21 +48,20 @@ FUSED = "export it fused instead (--format gguf without --adapters)"
 
 def check_gguf_lora(config: dict, fine_tune_type: str) -> None:
     """One GGUFExportError line if adapters of `fine_tune_type` on a base of this config.json
-    have no GGUF adapter form (before anything is written)."""
+    (the model's, as the run export writes it for transformers) have no GGUF adapter form
+    (before anything is written)."""
     if fine_tune_type != "lora":
         raise GGUFExportError(f"a {fine_tune_type.upper()} run has no GGUF adapter form "
                               f"(llama.cpp applies plain LoRA only): {FUSED}")
-    arch = architecture_of(config)  # refuses a model_type with no GGUF export
-    if arch.regroup is not None:
-        raise GGUFExportError(f"model_type={config.get('model_type')!r}: llama.cpp regroups its "
-                              "tensors (stacked experts, split fusions), so a LoRA pair has no "
-                              f"one base tensor to land on: {FUSED}")
+    # refuses a model_type with no GGUF export, or a setting llama.cpp's graph does not compute
+    architecture_of(layout_of(config.get("model_type")).hf_config(config))
 
 
 def write_gguf_lora(adapters: str | Path, config: dict, out: str | Path,
                     name: str | None = None) -> dict:
-    """Write the mlx-lm adapter folder `adapters` (for a base of config.json `config`) as a GGUF
-    LoRA adapter at `out` (under a temporary name, then renamed); returns what was written."""
+    """Write the mlx-lm adapter folder `adapters` (for a base of config.json `config`,
+    transformers' for a regrouped family) as a GGUF LoRA adapter at `out` (under a temporary
+    name, then renamed); returns what was written."""
     import mlx.core as mx
 
     g = gguf_package()
@@ -64,24 +69,17 @@ def write_gguf_lora(adapters: str | Path, config: dict, out: str | Path,
     settings = json.loads((adapters / "adapter_config.json").read_text())
     check_gguf_lora(config, settings.get("fine_tune_type", "lora"))
     arch = architecture_of(config)
-    llama_cpp_name = tensor_names(arch, config)
     rank = int(settings["lora_parameters"]["rank"])
     scale = float(settings["lora_parameters"]["scale"])
     weights = mx.load(str(adapters / "adapters.safetensors"))
     pairs = sorted({key.rsplit(".", 1)[0] for key in weights})
-    tensors: list[tuple[str, np.ndarray]] = []
-    for module in pairs:
-        weight = f"{module}.weight"
-        gguf_name = llama_cpp_name(weight)
-        if gguf_name is None or ".switch_mlp." in module:
-            raise GGUFExportError(f"the adapter on {module} has no llama.cpp tensor for "
-                                  f"{arch.gguf_arch}: {FUSED}")
-        a = np.array(weights[f"{module}.lora_a"].astype(mx.float32)).T  # (rank, in)
-        b = np.array(weights[f"{module}.lora_b"].astype(mx.float32)).T  # (out, rank)
-        # the base export's per-architecture row fix (Llama's rotary interleave) on B's rows
-        b = arch.tensor(weight, b, config)
-        tensors += [(f"{gguf_name}.lora_a", np.ascontiguousarray(a)),
-                    (f"{gguf_name}.lora_b", np.ascontiguousarray(b))]
+    if arch.regroup is None:
+        tensors = _dense_pairs(weights, arch, config)
+    else:
+        from mlxlab.export.gguf_lora_regroup import regrouped_pairs
+
+        tensors = regrouped_pairs({k: np.array(v.astype(mx.float32)) for k, v in weights.items()},
+                                  rank, scale, config, arch)
     arch_name = g.MODEL_ARCH_NAMES[g.MODEL_ARCH[arch.gguf_arch]]
     with gguf_file(out, arch_name) as writer:
         writer.add_type(g.GGUFType.ADAPTER)
@@ -94,3 +92,25 @@ def write_gguf_lora(adapters: str | Path, config: dict, out: str | Path,
             writer.add_tensor(tensor_name, data, raw_dtype=g.GGMLQuantizationType.F32)
     return {"gguf": str(out), "architecture": arch_name, "rank": rank, "alpha": scale * rank,
             "scale": scale, "pairs": len(pairs), "bytes": out.stat().st_size}
+
+
+def _dense_pairs(weights: dict, arch, config: dict) -> list[tuple[str, np.ndarray]]:
+    """The pairs of a family whose weights llama.cpp keeps one for one: mlxlab's lora_a and
+    lora_b transposed, B's rows through the base export's per-architecture row fix."""
+    import mlx.core as mx
+
+    llama_cpp_name = tensor_names(arch, config)
+    tensors: list[tuple[str, np.ndarray]] = []
+    for module in sorted({key.rsplit(".", 1)[0] for key in weights}):
+        weight = f"{module}.weight"
+        gguf_name = llama_cpp_name(weight)
+        if gguf_name is None or ".switch_mlp." in module:
+            raise GGUFExportError(f"the adapter on {module} has no llama.cpp tensor for "
+                                  f"{arch.gguf_arch}: {FUSED}")
+        a = np.array(weights[f"{module}.lora_a"].astype(mx.float32)).T  # (rank, in)
+        b = np.array(weights[f"{module}.lora_b"].astype(mx.float32)).T  # (out, rank)
+        # the base export's per-architecture row fix (Llama's rotary interleave) on B's rows
+        b = arch.tensor(weight, b, config)
+        tensors += [(f"{gguf_name}.lora_a", np.ascontiguousarray(a)),
+                    (f"{gguf_name}.lora_b", np.ascontiguousarray(b))]
+    return tensors

@@ -121,11 +121,12 @@ def _placed(path: Path, folder: Path, config: dict, arch,
         if values.size != positions.size:
             raise GGUFExportError(f"{tensor.name} holds {values.size} values in the written "
                                   f"GGUF, {positions.size} in the folder: not read back")
-        if arch.values is not None:  # the checkpoint's values back (Mamba's A_log from A)
+        if tensor.name in updates:  # a LoRA pair's update, on the tensor as llama.cpp holds it
+            values = values + updates.pop(tensor.name).reshape(values.shape)
+        if arch.values is not None:  # the checkpoint's values back (Mamba's A_log from A, a
+            # Falcon-H1 multiplier taken out of the weight and of its update alike)
             values = arch.values.restored(tensor.name, values, config)
         values = values.astype(np.float32).reshape(positions.shape) - offset
-        if tensor.name in updates:  # a LoRA pair's update, on the tensor as llama.cpp holds it
-            values = values + updates.pop(tensor.name)
         flat[positions.ravel()] = values.ravel()
         filled[positions.ravel()] = True
     if places or updates:
