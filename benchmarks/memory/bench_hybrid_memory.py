@@ -209,13 +209,14 @@ def model_step(config: dict, length: int, checkpoint: bool = False,
     return (lambda: value_grad(model)), weights
 
 
-def expected_mb(seen: dict[int, float], weights: float, length: int, vocab: int = 0) -> float:
+def expected_mb(seen: dict[int, float], weights: float, length: int, vocab: int = 0,
+                head_chunk: int = 0) -> float:
     """A case's peak at `length` from its measured ones: the memory above the weights grown at
     the power its last two lengths show (at least linear; squared after a single length). Before
     any, the float32 logits over `vocab` and their gradient, both alive in the head's backward
-    (the floor that dominates at a real vocabulary)."""
+    (the floor that dominates at a real vocabulary; `head_chunk` positions of them at a time)."""
     if not seen:
-        return weights + 2 * length * vocab * 4 / MB
+        return weights + 2 * min(length, head_chunk or length) * vocab * 4 / MB
     (n1, p1), (n2, p2) = ([(0, 0.0)] + sorted(seen.items()))[-2:]
     power = max(1.0, math.log((p2 - weights) / (p1 - weights)) / math.log(n2 / n1)) if n1 else 2.0
     return weights + (p2 - weights) * (length / n2) ** power
@@ -230,10 +231,12 @@ def guarded_sweep(columns: dict[str, dict], lengths: list[int], guard: float, la
         row = {}
         for name, config in columns.items():
             vocab = vocabulary(config)
-            step, expected = None, expected_mb(seen[name], weights.get(name, 0.0), length, vocab)
+            chunk = int(build.get("head_chunk") or 0)
+            step, expected = None, expected_mb(seen[name], weights.get(name, 0.0), length, vocab,
+                                               chunk)
             if expected <= guard:  # built: its weights counted too
                 step, weights[name] = model_step(config, length, **build)
-                expected = expected_mb(seen[name], weights[name], length, vocab)
+                expected = expected_mb(seen[name], weights[name], length, vocab, chunk)
             if expected > guard:
                 row[name] = f"skipped: {expected:,.0f} expected"
             else:
