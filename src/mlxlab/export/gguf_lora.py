@@ -42,8 +42,7 @@ from mlxlab.export.gguf import (
     gguf_package,
     tensor_names,
 )
-
-FUSED = "export it fused instead (--format gguf without --adapters)"
+from mlxlab.export.gguf_lora_regroup import FUSED, regrouped_pairs
 
 
 def check_gguf_lora(config: dict, fine_tune_type: str) -> None:
@@ -76,7 +75,6 @@ def write_gguf_lora(adapters: str | Path, config: dict, out: str | Path,
     if arch.regroup is None:
         tensors = _dense_pairs(weights, arch, config)
     else:
-        from mlxlab.export.gguf_lora_regroup import regrouped_pairs
 
         tensors = regrouped_pairs({k: np.array(v.astype(mx.float32)) for k, v in weights.items()},
                                   rank, scale, config, arch)

@@ -37,8 +37,9 @@ from mlxlab.export.gguf import (
     stored_tensor,
     tensor_names,
 )
-from mlxlab.export.gguf_lora import FUSED
 from mlxlab.export.hf import SIDE_FILES
+
+FUSED = "export it fused instead (--format gguf without --adapters)"
 
 # |f(dW) - f(0) - scale * B' A'| over |f(dW) - f(0)|: float64 rounding, or float32 where a step
 # stores float32 (Falcon-H1's folded multipliers); a step that is not linear leaves far more
