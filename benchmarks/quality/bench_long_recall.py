@@ -182,15 +182,16 @@ def fine_tune(out: Path, base: Path, env: dict, arm: str, seed: int, a) -> Path:
 
 
 def short_base(out: Path, base: Path, tok, env: dict, a) -> Path:
-    """--short-filler: the base fine-tuned once (seed 0, --short-steps) on the task with the key
-    that many tokens back, within the cut, and exported: where both arms start, so that what
+    """--short-filler: the base fine-tuned once (seed 0, --short-steps, --short-lr) on the task
+    with the key that many tokens back, within the cut, and exported: where both arms start, so that what
     each adds is training at length or at --cut tokens. This small random hybrid learns the
     look-up from nothing only with the key close (150 tokens back in 1,000 steps; at 300 to
     2,200 tokens, and with distances mixed up to 2,200, its fine-tunes stayed at chance)."""
     folder = out / "base_short"
     if not (folder / "config.json").is_file():
         short = argparse.Namespace(**{**vars(a), "filler": a.short_filler, "filler_min": None,
-                                      "steps": a.short_steps, "max_tokens": None})
+                                      "steps": a.short_steps, "lr": a.short_lr,
+                                      "max_tokens": None})
         (out / "short").mkdir(exist_ok=True)
         task = make_task(out / "short", tok, short)
         short.max_length = task["prompt_tokens"][1] + 32
@@ -238,7 +239,8 @@ def main() -> None:
                   train_rows=800, val_rows=16, heldout_rows=96, steps=100, batch=8, lr=2e-3,
                   copy_distance=(0, "tokens between a pretraining paragraph and its copy"),
                   short_filler=(None, "both arms start from the base fine-tuned with the key "
-                                "this many tokens back (short_base)", int), short_steps=1000)
+                                "this many tokens back (short_base)", int), short_steps=1000,
+                  short_lr=2e-3)
     a = parser.parse_args()
     if a.smoke:  # the whole path at a toy size: its figures mean nothing
         a.work, a.seeds, a.filler, a.cut, a.pretrain_steps, a.pretrain_len = None, 1, 80, 48, 4, 64
