@@ -78,9 +78,10 @@ def _tensors(path: Path) -> dict:
     return {t.name: t for t in gguf.GGUFReader(path).tensors}
 
 
-# a training run, two exports and llama.cpp per family (a few seconds each): Qwen3.5 and
-# Mamba-2 in the default run, the others with -m slow
-@pytest.mark.parametrize("kind", [kind if kind in ("qwen3_5", "mamba2") else
+# a training run, two exports and llama.cpp per family (a few seconds each): Mamba-2 in the
+# default run, the others with -m slow (Qwen3.5's value-head order is held in the default run by
+# the pairs' test below)
+@pytest.mark.parametrize("kind", [kind if kind == "mamba2" else
                                   pytest.param(kind, marks=pytest.mark.slow)
                                   for kind in FAMILIES])
 def test_llama_cpp_decodes_the_hybrid_fine_tune_from_base_and_adapter(kind, tmp_path):
