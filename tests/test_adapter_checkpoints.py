@@ -204,22 +204,6 @@ def test_a_changed_or_missing_base_is_refused_in_one_line(runs, tmp_path):
         load_run_model(run)
 
 
-def test_an_unknown_save_base_value_is_one_line(runs, tmp_path):
-    """Through mlxlab-train's main (the app `mlxlab train` supervises) in a process of its own."""
-    import os
-
-    from one_process import each_in_one_process
-
-    run_dir = tmp_path / "bad"
-    ((code, stderr, _),) = each_in_one_process(
-        [["mlxlab-train", *overrides(runs["base"], runs["pairs"], "checkpoint.save_base=maybe"),
-          f"paths.root_dir={tmp_path}", f"hydra.run.dir={run_dir}"]],
-        {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, cwd=tmp_path)
-    assert "checkpoint.save_base='maybe'" in one_line_error(
-        subprocess.CompletedProcess([], code, "", stderr))
-    assert not (run_dir / "checkpoints").exists()
-
-
 def test_dora_on_a_base_quantized_at_load_round_trips_its_trained_parameters(runs, tmp_path):
     """QLoRA with DoRA (model.quantize=4): the checkpoint holds the adapters and the DoRA
     magnitudes, not the packed base; a model built again from the source (other adapter draws)

@@ -68,6 +68,8 @@ def bad_settings(inputs: Path) -> list[tuple[list[str], str]]:
          f"{unknown_type}: model_type='nosuchtype' is not an architecture mlx-lm"),
         ([*chat, "model.quantize=3"], "model.quantize=3: use 4, 8 or null"),
         ([*chat, "model.lora.rank=-1"], "model.lora.rank=-1 must be an integer >= 0"),
+        ([*chat, "checkpoint.save_base=maybe"],
+         "checkpoint.save_base='maybe' is not one of [true, false]"),
         ([*chat, "model.lora.targets=[qkv]"], "lora targets ['qkv'] match no Linear layer; "
          "available: ['down_proj', 'gate_proj', 'k_proj', 'lm_head', 'o_proj', 'q_proj'"),
         ([*chat, "objective=dpo"], "objective Preference does not train on lm data; data=chat"),

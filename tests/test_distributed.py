@@ -127,17 +127,22 @@ def report(name: str, value: float) -> None:
             f.write(f"{name}\t{value:.3g}\n")
 
 
-def test_two_ranks_equal_one_process_with_twice_the_batch_bert(tmp_path, cli_env):
+def test_two_ranks_equal_one_process_with_twice_the_batch_bert(tmp_path, cli_env, make_cfg):
+    """One launch (2 ranks x 8 rows) beside the same run trained in this process on 16 rows."""
+    from mlxlab.train import train
+
     args = BERT
-    run(1, [*args, "trainer.batch_size=16"], tmp_path / "one", cli_env)
-    out = run(2, [*args, "trainer.batch_size=8"], tmp_path / "two", cli_env)
+    train(make_cfg(*args, "trainer.batch_size=16"))
+    one = tmp_path / "outputs" / "run"
+    out = run(2, [*args, "trainer.batch_size=8", f"paths.cache_dir={tmp_path / 'cache'}"],
+              tmp_path / "two", cli_env)
     assert "data parallel: 2 ranks" in out
-    assert committed_steps(tmp_path / "two") == committed_steps(tmp_path / "one")
-    diff = relative_difference(weights(tmp_path / "two"), weights(tmp_path / "one"))
+    assert committed_steps(tmp_path / "two") == committed_steps(one)
+    diff = relative_difference(weights(tmp_path / "two"), weights(one))
     report("bert 2x8 vs 1x16", diff)
     assert diff <= TOL
     # the gathered optimizer state is the unsharded one, under the same names
-    opt_diff = relative_difference(optimizer_state(tmp_path / "two"), optimizer_state(tmp_path / "one"))
+    opt_diff = relative_difference(optimizer_state(tmp_path / "two"), optimizer_state(one))
     assert opt_diff <= 1e-4
     assert out.count("validation (best checkpoint") == 1  # rank 0 alone prints its summary
     assert not (tmp_path / "two" / "checkpoints").with_name("rank1").exists()

@@ -353,27 +353,24 @@ def test_a_rank_without_rows_of_a_pair_batch_weighs_nothing(pref_model, loss):
 
 
 def test_dpo_chat_with_the_quick_preset_is_a_20_step_dpo_run(pref_model, make_cfg):
-    """The axes compose, as a new user expects: `experiment=dpo_chat preset=quick` trains DPO
-    (the run-length preset keeps the objective) for the preset's 20 steps, evaluated at 10 and
-    20, its rewards logged."""
-    from mlflow.tracking import MlflowClient
-
-    from mlxlab.train import train
+    """The axes compose, as a new user expects: `experiment=dpo_chat preset=quick` keeps the
+    experiment's objective and data (the run-length preset sets lengths only) for the preset's
+    20 steps, evaluated at 10 and 20, and passes the checks a run makes before it starts; that
+    objective on that data trains and logs its rewards in
+    test_preference_experiments_train_and_log_the_rewards."""
+    from mlxlab.config import validate
 
     args = [a for a in preference_args(pref_model) if not a.startswith(("trainer.max_steps",
                                                                        "trainer.eval_every"))]
     cfg = make_cfg("experiment=dpo_chat", "preset=quick", *args)
-    metrics = train(cfg)
-    client = MlflowClient(cfg.tracking.uri)
-    (run,) = client.search_runs(
-        [client.get_experiment_by_name(cfg.tracking.experiment_name).experiment_id])
-    tags = run.data.tags
-    assert (tags["choice.objective"], tags["choice.preset"]) == ("dpo", "quick")
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/rewards/accuracy")]
-    assert steps == [10, 20] and "val/rewards/accuracy" in metrics
-    assert len(client.get_metric_history(run.info.run_id, "train/rewards/margin")) == 20
+    validate(cfg)
+    alone = make_cfg("experiment=dpo_chat", *args)
+    assert (cfg.objective, cfg.data, cfg.model) == (alone.objective, alone.data, alone.model)
+    assert cfg.objective._target_.endswith(".Preference") and cfg.objective.loss == "sigmoid"
+    assert (cfg.trainer.max_steps, cfg.trainer.eval_every_steps) == (20, 10)
 
 
+@pytest.mark.slow  # a DPO run; the analysis callback's own tests run in the default run
 def test_the_analysis_callback_scores_a_dpo_probe_with_the_dpo_loss(pref_model, make_cfg):
     """callbacks=analysis on preference data: the probe's gradient norms come from the run's
     own (DPO) loss and its attention and sample from the chosen side; before, every analysis
@@ -405,8 +402,9 @@ def test_the_analysis_callback_scores_a_dpo_probe_with_the_dpo_loss(pref_model, 
 @pytest.mark.parametrize(
     ("loss", "extra"),
     [
-        ("ipo", ()),
-        ("simpo", ()),
+        # the losses themselves: test_a_rank_without_rows_of_a_pair_batch_weighs_nothing
+        pytest.param("ipo", (), marks=pytest.mark.slow),
+        pytest.param("simpo", (), marks=pytest.mark.slow),
         ("sigmoid", ("model.lora.rank=0", "objective.reference=copy")),
     ],
     ids=["ipo", "simpo", "dpo_full_copy"],

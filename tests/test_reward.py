@@ -429,6 +429,7 @@ def test_a_registered_reward_run_is_the_run_it_was_logged_from(reward_run, tmp_p
         LearnedReward("models:/tiny-reward@champion", uri=f"sqlite:///{tmp_path}/nowhere.db")
 
 
+@pytest.mark.slow  # a GRPO run; the default run's GRPO with a learned reward: the test above
 def test_a_policy_with_another_tokenizer_gets_the_rewards_of_its_completions_text(
         reward_run, tmp_path, cli_env):
     """The policy (a Qwen2-style vocabulary) and the reward model (a Llama-style one) tokenize

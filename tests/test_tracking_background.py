@@ -149,7 +149,7 @@ def test_the_training_thread_never_waits_while_a_barrier_waits_on_a_busy_child(u
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc")
-@pytest.mark.parametrize("users", [None, "false"])
+@pytest.mark.parametrize("users", [None, pytest.param("false", marks=pytest.mark.slow)])
 def test_the_tracking_process_sends_no_mlflow_telemetry_unless_the_user_asks(uri, monkeypatch,
                                                                              users):
     """MLflow 3 posts usage telemetry over the network; a training run makes no network call
