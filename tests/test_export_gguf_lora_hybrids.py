@@ -66,7 +66,7 @@ FAMILIES = {
 
 def _tiny(kind: str, root: Path) -> Path:
     """The tiny folder, as test_export_gguf_mamba.py holds llama.cpp to it (Nemotron-H without
-    the time-step clamp llama.cpp does not apply; a dense Granite hybrid's MLP width said)."""
+    the time-step clamp llama.cpp does not apply)."""
     if kind == "qwen3_moe":
         return save_tiny_model(kind, root / kind, chat="chatml")
     return _reference(kind, save_tiny_hybrid(kind, root / kind), root / f"{kind}-reference")
@@ -100,11 +100,8 @@ def test_llama_cpp_decodes_the_hybrid_fine_tune_from_base_and_adapter(kind, tmp_
     assert theirs == ours
     assert llama_cpp_greedy(base, None, prompt_ids) != theirs  # the adapter is applied
 
-    # transformers does not load a dense Granite hybrid's --format hf export (its MLP under
-    # mlx-lm's names), so its fused GGUF is written unchecked
-    unchecked = ["--no-check"] if kind == "granitemoehybrid_dense" else []
     fused_file = tmp_path / "fused.gguf"
-    assert main(["export", str(run), "--format", "gguf", "--quant", "f32", *unchecked,
+    assert main(["export", str(run), "--format", "gguf", "--quant", "f32",
                  "--out", str(fused_file)]) == 0
     pairs, weights, fused = _tensors(adapter), _tensors(base), _tensors(fused_file)
     fields = gguf.GGUFReader(adapter).fields

@@ -76,15 +76,11 @@ def _unclamped(folder: Path, to: Path) -> Path:
 
 def _reference(kind: str, folder: Path, to: Path) -> Path:
     """The folder mlxlab's probabilities are taken from: Nemotron-H's without the time-step
-    clamp (_unclamped); a dense Granite hybrid's with intermediate_size set to its MLP's width
-    (shared_intermediate_size), the one mlx-lm builds its dense MLP with (transformers builds
-    it from shared_intermediate_size and leaves intermediate_size, the experts' width, unused:
-    the tiny folder keeps them apart, 96 and 32, so the file must say 32)."""
+    clamp (_unclamped). (A dense Granite hybrid's tiny folder keeps intermediate_size, the
+    experts' width, and its MLP's shared_intermediate_size apart, 96 and 32: mlxlab reads the
+    folder as transformers does, so the file must say 32.)"""
     if kind.startswith("nemotron"):
         return _unclamped(folder, to)
-    if kind == "granitemoehybrid_dense":
-        shared = json.loads((folder / "config.json").read_text())["shared_intermediate_size"]
-        return _edited_copy(folder, to, {"intermediate_size": shared})
     return folder
 
 

@@ -150,7 +150,21 @@ def _nemotron_h(weights: Mapping[str, mx.array], config: Mapping) -> Weights:
 
 
 def _granitemoehybrid(weights: Mapping[str, mx.array], config: Mapping) -> Weights:
-    return _conv_axes(_granitemoe(weights, config))
+    """Granite MoE's experts; without experts, mlx-lm's dense mlp.{gate,up,down}_proj are the
+    checkpoint's shared_mlp: input_linear (gate rows over up rows) and output_linear. (A lone
+    projection, as an adapter's update goes through alone, keeps its name: GGUF splits the
+    fused one into those names again.)"""
+    out = _granitemoe(weights, config)
+    for name in [n for n in out if n.endswith(".mlp.gate_proj.weight")]:
+        prefix = name.removesuffix(".mlp.gate_proj.weight")
+        if f"{prefix}.mlp.up_proj.weight" not in out:
+            continue
+        gate, up = out.pop(name), out.pop(f"{prefix}.mlp.up_proj.weight")
+        out[f"{prefix}.shared_mlp.input_linear.weight"] = mx.concatenate([gate, up], axis=0)
+        if f"{prefix}.mlp.down_proj.weight" in out:
+            out[f"{prefix}.shared_mlp.output_linear.weight"] = out.pop(
+                f"{prefix}.mlp.down_proj.weight")
+    return _conv_axes(out)
 
 
 def _mamba2(weights: Mapping[str, mx.array], config: Mapping) -> Weights:

@@ -125,12 +125,16 @@ def _olmo_hybrid(config: Mapping) -> dict:
 def _granitemoehybrid(config: Mapping) -> dict:
     """transformers 5 names the layer types linear_attention / full_attention; mlx-lm reads the
     hub's mamba / attention. transformers runs rope only for position_embedding_type "rope"
-    (None: none), mlx-lm for anything but "nope"."""
+    (None: none), mlx-lm for anything but "nope". Without experts (Granite-4.0-H micro, 1B,
+    350M) the layer's MLP is transformers' shared_mlp, shared_intermediate_size wide; mlx-lm
+    builds that dense MLP intermediate_size wide (the experts' width, else unused)."""
     names = {"linear_attention": "mamba", "full_attention": "attention"}
     types = config.get("layer_types") or config.get("layers_block_type")
     _one_group(config, "mamba_n_groups")
     rope = config.get("position_embedding_type") == "rope"
     out = {**_rope(config), "position_embedding_type": "rope" if rope else "nope"}
+    if not config.get("num_local_experts") and config.get("shared_intermediate_size"):
+        out["intermediate_size"] = config["shared_intermediate_size"]
     if types:
         out["layer_types"] = [names.get(t, t) for t in types]
     return out
