@@ -95,6 +95,37 @@ HYBRID_CASES: dict[str, tuple[str, dict]] = {
 }
 CASES.update(HYBRID_CASES)
 
+_LFM2_12 = ["conv", "conv", "full_attention", "conv", "conv", "full_attention", "conv", "conv",
+            "full_attention", "conv", "full_attention", "conv"]
+# the MoE decoders and LFM2 (regrouped: stacked experts, DeepSeek-V3's split latent attention,
+# LFM2's short convolutions): each family's tiny folder (64 wide: every matrix falls back); 8
+# experts, where llama.cpp raises attn_v and attn_k to Q8_0 and, at Q4_K_M, attn_output to
+# Q5_K (Mixtral's and DeepSeek-V3's own count); and 12 layers of 256-wide rows, the experts'
+# too (K-quant stacks, ffn_down_exps / _shexp by layer number, blk.10 and blk.11 before blk.2 in
+# the writer's order), LFM2's attention in 4 of them (attn_v ranked among those: blocks 8 and
+# 10 get more bits, not by their layer number)
+REGROUPED_CASES: dict[str, tuple[str, dict]] = {
+    **{kind: (kind, {}) for kind in ("qwen3_moe", "mixtral", "granitemoe", "lfm2")},
+    "mixtral_8_experts": ("mixtral", {"num_hidden_layers": 4, "num_local_experts": 8}),
+    "deepseek_v3_8_experts": ("deepseek_v3", {"num_hidden_layers": 4, "n_routed_experts": 8,
+                                              "n_group": 2, "topk_group": 1}),
+    "qwen3_moe_wide": ("qwen3_moe", _layers(12, head_dim=64, moe_intermediate_size=256)),
+    "mixtral_wide": ("mixtral", _layers(12, head_dim=64, intermediate_size=256)),
+    "granitemoe_wide": ("granitemoe", _layers(12, intermediate_size=256)),
+    "deepseek_v3_wide": ("deepseek_v3", _layers(
+        12, num_key_value_heads=4, q_lora_rank=256, kv_lora_rank=256, qk_nope_head_dim=64,
+        qk_rope_head_dim=32, v_head_dim=64, moe_intermediate_size=256)),
+    "lfm2_wide": ("lfm2", _layers(12, block_ff_dim=512, layer_types=_LFM2_12)),
+}
+CASES.update(REGROUPED_CASES)
+# the MoE decoders' 256-wide rows in 4 layers, which llama.cpp runs (test_export_gguf_mamba.py):
+# through 12 random layers, llama.cpp's K-quant arithmetic alone moves their log-probabilities by
+# whole units where a routing is near a tie
+RUN_CASES = {f"{kind}_4_layers": (kind, {**REGROUPED_CASES[f"{kind}_wide"][1],
+                                         "num_hidden_layers": 4})
+             for kind in ("qwen3_moe", "mixtral", "granitemoe", "deepseek_v3")}
+CASES.update(RUN_CASES)
+
 
 class _QuantizeParams(ctypes.Structure):
     """llama.h's llama_model_quantize_params as b11739 lays it out."""

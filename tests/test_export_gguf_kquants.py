@@ -119,10 +119,13 @@ def test_a_hybrids_counts_are_llama_cpps():
 # (case, quant) of kquant_reference.json written in the default run: Phi-3's fused attn_qkv, a
 # Llama of 12 layers (blk.10 and blk.11 come before blk.2 in its safetensors), Nemotron-H's
 # attn_v and ffn_down counted among its attention and MLP layers, a Granite hybrid of 8 experts,
-# Kimi-Linear's latent attention beside its delta layers, Qwen3-Next's experts as Q4_K stacks
+# Kimi-Linear's latent attention beside its delta layers, Qwen3-Next's experts as Q4_K stacks,
+# Mixtral of 8 experts (attn_v, attn_k Q8_0, attn_output Q5_K falling back to Q5_1; ffn_down_exps
+# by layer number), DeepSeek-V3's split latent attention (k_b's rows of 16 F16) and shared expert
 FAST = {("phi3", "q4_k_m"), ("llama", "q5_k_m"), ("nemotron_h_12_layers", "q4_k_m"),
         ("granitemoehybrid_8_experts", "q4_k_m"), ("kimi_linear_mla", "q5_k_m"),
-        ("qwen3_next_wide", "q4_k_m")}
+        ("qwen3_next_wide", "q4_k_m"), ("mixtral_8_experts", "q4_k_m"),
+        ("deepseek_v3_8_experts", "q4_k_m")}
 REFERENCE_CASES = [pytest.param(case, quant, marks=() if (case, quant) in FAST
                                 else pytest.mark.slow, id=f"{case}-{quant}")
                    for case, quants in stored_reference().items() for quant in quants]
@@ -145,10 +148,11 @@ def tiny_folders(tmp_path_factory) -> dict:
 def test_every_tensor_gets_the_type_llama_quantize_gives_it(case, quant, tiny_folders, tmp_path):
     """The file mlxlab writes holds, tensor for tensor, the types llama.cpp's
     llama_model_quantize gave the same model's F32 file (kquant_reference.json): for every
-    dense architecture the GGUF writer takes and every hybrid family, at Q4_K_M, Q5_K_M and
-    Q6_K, with rows that are not whole blocks, tied embeddings, what llama.cpp calls a 70B,
-    experts, and the tensors it leaves in F32 (the mixers' A, D, convolution kernels and
-    norms, routers, single rows: absent from the reference, F32 in both)."""
+    dense architecture the GGUF writer takes, every hybrid family, the MoE decoders (Mixtral,
+    Qwen3-MoE, Granite MoE, DeepSeek-V3) and LFM2, at Q4_K_M, Q5_K_M and Q6_K, with rows that
+    are not whole blocks, tied embeddings, what llama.cpp calls a 70B, experts (8 of them too),
+    and the tensors it leaves in F32 (the mixers' A, D, convolution kernels and norms, routers,
+    single rows: absent from the reference, F32 in both)."""
     out = tmp_path / f"{case}.gguf"
     report = write_gguf(tiny_folders(case), out, quant, name=case)
     written = quantized(file_types(out))
@@ -169,7 +173,7 @@ def test_the_reference_is_what_llama_quantize_writes_now(tmp_path):
         pytest.skip("no libllama with llama_model_quantize loads here (LLAMA_QUANTIZE_LIB)")
     names = ("phi3", "llama", "llama3_tied", "llama_rows_320", "llama_80_layers",
              "nemotron_h_12_layers", "granitemoehybrid_8_experts", "kimi_linear_mla",
-             "qwen3_next", "qwen3_5_wide")
+             "qwen3_next", "qwen3_5_wide", "mixtral_8_experts", "deepseek_v3_wide", "lfm2_wide")
     live = live_reference(library, tmp_path, names)
     assert live == {name: stored_reference()[name] for name in names}
 

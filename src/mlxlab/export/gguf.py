@@ -271,11 +271,6 @@ def _kept_in_f32(full_name: str) -> bool:
     return leaf != "weight" or base.endswith(_F32_TENSORS)
 
 
-# the regrouped families a K-quant mixture is written for (its types checked, tensor for tensor,
-# against llama-quantize's: tests/kquant_reference.json); the MoE decoders and LFM2 are refused
-K_QUANT_REGROUPED = frozenset({"mamba2", "granitemoehybrid", "nemotron_h", "falcon_h1",
-                               "qwen3_5_text", "qwen3_next", "kimi_linear"})
-
 # model types llama.cpp itself has no architecture for (its `gguf` package lists none)
 _NOT_IN_LLAMA_CPP = {"olmo_hybrid": "OLMo-Hybrid"}
 
@@ -721,12 +716,6 @@ def write_gguf(folder: str | Path, out: str | Path, quant: str = "f16",
     config = json.loads((folder / "config.json").read_text())
     _check_quantized(config)
     arch = architecture_of(config)
-    if quant in MIXTURES and arch.regroup is not None \
-            and config["model_type"] not in K_QUANT_REGROUPED:
-        raise GGUFExportError(f"--quant {quant}: K-quant mixtures are written here for dense "
-                              f"decoders and the hybrids ({', '.join(sorted(K_QUANT_REGROUPED))})"
-                              f"; {config['model_type']} regroups its tensors (experts, fused or "
-                              "latent projections): use q8_0, q4_0 or q4_1")
     qtype, file_type = file_types()[quant]
     with gguf_file(out, g.MODEL_ARCH_NAMES[g.MODEL_ARCH[arch.gguf_arch]]) as writer:
         writer.add_name(name or folder.name)
