@@ -4,9 +4,10 @@ xllamacpp wheel links no `llama_model_quantize`. The reference was made by writi
 model of CASES as an F32 GGUF (mlxlab's writer) and quantizing it with `llama_model_quantize`;
 the file's tensor types are what it holds. Its "written_by" says which llama.cpp wrote which
 cases: b11739 (the libllama of the llama-cpp-py-sync 0.11739 wheel, which needs glibc 2.38) the
-dense decoders; the hybrids a libllama built from the llama.cpp sources xllamacpp
-2026.10.11549's sdist vendors (b11549; cmake -DGGML_NATIVE=OFF -DBUILD_SHARED_LIBS=ON, target
-llama), which writes b11739's types for every dense case too.
+dense decoders; the hybrids, the MoE decoders and LFM2 a libllama built from the llama.cpp
+sources xllamacpp 2026.10.11549's sdist vendors (b11549; cmake -DGGML_NATIVE=OFF
+-DBUILD_SHARED_LIBS=ON, target llama; it builds on glibc 2.36), which writes b11739's types for
+every dense case too.
 `LLAMA_QUANTIZE_LIB=<folder with libllama.so> LLAMA_CPP_BUILD=bNNNN python
 tests/kquant_fixtures.py [case ...]` rewrites the named cases (all without names); the slow test
 recomputes some where that library loads."""

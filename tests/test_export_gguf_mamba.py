@@ -34,7 +34,14 @@ import pytest
 from hf_helpers import mlx_logits
 from hybrid_families import save_tiny_hybrid
 from mlxlab.export.gguf import write_gguf
-from test_export_gguf_moe import IDS, compare, llama_cpp_steps, log_softmax, rounding_shift
+from test_export_gguf_moe import (
+    IDS,
+    compare,
+    exported_q4_k_m_runs_in_llama_cpp,
+    llama_cpp_steps,
+    log_softmax,
+    rounding_shift,
+)
 
 KINDS = ("mamba2", "granitemoehybrid", "granitemoehybrid_dense", "nemotron_h_dense",
          "nemotron_h_moe", "falcon_h1", "qwen3_5", "qwen3_next", "kimi_linear", "kimi_linear_mla")
@@ -431,28 +438,7 @@ def test_a_trained_run_exports_to_q4_k_m_that_llama_cpp_runs(kind, folders, tmp_
     """`mlxlab export RUN --format gguf --quant q4_k_m` of a hybrid run (weighted by the run's
     importance matrix, judged from its read-back): every matrix of the file has the type the
     mixture gives it in that file, and llama.cpp runs it."""
-    import subprocess
-    import sys
-
-    import gguf
-
-    from kquant_fixtures import file_types, quantized
-    from mlxlab.export.gguf_kquants import FileLayout, Mixture
     from test_mlx_lm_decoders import train_chat
 
     _, run = train_chat(folders(kind), tmp_path)
-    out = tmp_path / "q4.gguf"
-    done = subprocess.run([sys.executable, "-m", "mlxlab.cli.main", "export", str(run),
-                           "--format", "gguf", "--quant", "q4_k_m", "--out", str(out)],
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    reader = gguf.GGUFReader(str(out))
-    arch = reader.fields["general.architecture"].contents()
-    experts = reader.fields.get(f"{arch}.expert_count")
-    mixture = Mixture("q4_k_m", FileLayout(
-        tuple(t.name for t in reader.tensors), int(reader.fields[f"{arch}.block_count"].contents()),
-        int(experts.contents()) if experts else 0))
-    written = quantized(file_types(out))
-    assert written == {t.name: mixture.type_of(t.name, int(t.shape[0])).name
-                       for t in reader.tensors if t.name in written}
-    assert len(llama_cpp_steps(out, IDS)) >= len(IDS) // 2
+    exported_q4_k_m_runs_in_llama_cpp(run, tmp_path)

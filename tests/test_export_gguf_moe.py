@@ -17,7 +17,8 @@ a trained run: largest differences 1.26 / 1.74 for mixtral / deepseek_v3 at q8_0
 against rounding shifts of 5.1e-2 / 9.1e-2; the ratio of means 1.1-2.0 at q8_0, 1.2-1.4 at f16,
 under 0.1 at f32); a wrong layout (experts out of order, gate and up swapped) changes the picks.
 The f32 file from a tiny folder runs in the default suite; f16 and q8_0 files from a trained run,
-through `mlxlab export`, are slow.
+through `mlxlab export`, are slow, and so is its Q4_K_M file (llama-quantize's types:
+test_export_gguf_kquants.py), which llama.cpp runs.
 """
 
 from __future__ import annotations
@@ -193,6 +194,44 @@ def exported_runs_score_as_mlxlab(run: Path, tmp_path: Path) -> None:
         ours, shift = rounding_shift(lambda: load_run_model(run)[0], quant, np.array([IDS]))
         theirs, allowed = compare(llama_cpp_steps(out, IDS), ours, shift)
         assert theirs <= 3 * allowed, (quant, theirs, allowed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_trained_run_exports_to_q4_k_m_that_llama_cpp_runs(kind, folders, tmp_path):
+    """`mlxlab export RUN --format gguf --quant q4_k_m` of an MoE or LFM2 run (weighted by the
+    run's importance matrix where a matrix keeps its name: attention, shared experts, LFM2's
+    convolution projections; judged from its read-back): every matrix has the type the mixture
+    gives it in that file, and llama.cpp runs it."""
+    from test_mlx_lm_decoders import train_chat
+
+    _, run = train_chat(folders(kind), tmp_path)
+    exported_q4_k_m_runs_in_llama_cpp(run, tmp_path)
+
+
+def exported_q4_k_m_runs_in_llama_cpp(run: Path, tmp_path: Path) -> None:
+    """`mlxlab export RUN --format gguf --quant q4_k_m`: every matrix of the file has the type
+    the mixture (gguf_kquants.py) gives it in that file, and llama.cpp runs it."""
+    import gguf
+
+    from kquant_fixtures import file_types, quantized
+    from mlxlab.export.gguf_kquants import FileLayout, Mixture
+
+    out = tmp_path / "q4.gguf"
+    done = subprocess.run([PYTHON, "-m", "mlxlab.cli.main", "export", str(run), "--format",
+                           "gguf", "--quant", "q4_k_m", "--out", str(out)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    reader = gguf.GGUFReader(str(out))
+    arch = reader.fields["general.architecture"].contents()
+    experts = reader.fields.get(f"{arch}.expert_count")
+    mixture = Mixture("q4_k_m", FileLayout(
+        tuple(t.name for t in reader.tensors), int(reader.fields[f"{arch}.block_count"].contents()),
+        int(experts.contents()) if experts else 0))
+    written = quantized(file_types(out))
+    assert written == {t.name: mixture.type_of(t.name, int(t.shape[0])).name
+                       for t in reader.tensors if t.name in written}
+    assert len(llama_cpp_steps(out, IDS)) >= len(IDS) // 2
 
 
 def test_an_mlx_lm_folder_of_stacked_experts_is_one_line_exit_2(folders, tmp_path, capsys):
