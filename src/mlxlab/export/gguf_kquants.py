@@ -24,8 +24,9 @@ block and expert counts), as llama-quantize reads it before it picks a type:
   `use_more_bits` picks it, of the block count: by its place among the file's ffn_down tensors
   where the file has no experts, by its layer number where it has;
 - in a file of 8 experts, attn_k Q8_0 and, at Q4_K_M, attn_output Q5_K;
-- every other matrix (the mixers' ssm_in / ssm_out, the experts' 3-D stacks, latent
-  projections) the file type's own (Q4_K, Q5_K, Q6_K), and where its rows are not whole
+- every other matrix (the mixers' ssm_in / ssm_out, LFM2's shortconv in_proj / out_proj, the
+  experts' 3-D stacks, DeepSeek-V3's latent projections attn_q_a / attn_q_b / attn_kv_a_mqa /
+  attn_k_b / attn_v_b) the file type's own (Q4_K, Q5_K, Q6_K), and where its rows are not whole
   256-value blocks, llama.cpp's fallback (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0; F16 when
   even 32 does not divide them). What llama-quantize never quantizes (vectors, single rows,
   norms, routers, convolution kernels) the writer keeps in F32 (gguf.py).
