@@ -240,8 +240,10 @@ def guarded_sweep(columns: dict[str, dict], lengths: list[int], guard: float, la
             if expected > guard:
                 row[name] = f"skipped: {expected:,.0f} expected"
             else:
+                started = time.perf_counter()
                 row[name] = seen[name][length] = peak_mb(step)
                 row[f"{name} weights"] = weights[name]
+                row[f"{name} s"] = time.perf_counter() - started  # the step, its build apart
             del step
         if isinstance(base := row.get(REFERENCE), float):
             row.update({f"{n} / plain": row[n] / base for n in columns
@@ -356,9 +358,9 @@ def main() -> None:
     catalog = shape["families"] or FAMILIES
     names = [n for n in (opts.families or ";".join(catalog)).split(";") if n]
     families = {n: catalog[n] for n in names if n in catalog}
-    if len(families) < len(names) or not {REFERENCE, "hybrid"} <= families.keys():
-        parser.error(f"--families: names from {'; '.join(catalog)}, with {REFERENCE!r} and "
-                     "'hybrid'")
+    if len(families) < len(names) or "hybrid" not in families:
+        parser.error(f"--families: names from {'; '.join(catalog)}, with 'hybrid' (and "
+                     f"{REFERENCE!r} for the ratios)")
     if opts.smoke:
         opts.layer_lengths = opts.model_lengths = opts.checkpoint_lengths = "70"
         opts.mlx_lm_lengths = "70"
@@ -368,7 +370,7 @@ def main() -> None:
     build = {"targets": targets, "head_chunk": opts.head_chunk}
     mx.set_memory_limit(int(guard * MB) if opts.head_chunk else mx.get_memory_limit())
     model = guarded_sweep(families, lengths(opts.model_lengths), guard, "model", **build)
-    kept = guarded_sweep({n: catalog[n] for n in (REFERENCE, "hybrid")},
+    kept = guarded_sweep({n: catalog[n] for n in (REFERENCE, "hybrid") if n in families},
                          lengths(opts.checkpoint_lengths), guard, "grad_checkpoint",
                          checkpoint=True, **build)
     mlx_lm = mlx_lm_peaks(lengths(opts.mlx_lm_lengths), guard, hybrid)
@@ -384,21 +386,33 @@ def main() -> None:
     # the ratio at the longest length both models ran, with grad_checkpoint if only there
     measured = next(((s, r) for s, r in (("", model), (" with grad_checkpoint", kept))
                      if any(isinstance(row.get(pair[2]), float) for row in r.values())), None)
-    if measured is None:  # the guard stopped both models at every length: no ratio to record
+    if measured is None and REFERENCE in families:  # the guard stopped both at every length
         parser.exit(1, "no length measured under --guard-mb\n")
-    sweep, rows = measured
-    longest = max(n for n, row in rows.items() if isinstance(row.get(pair[2]), float))
+    # the hybrid alone (--families hybrid): its own peak at the longest length it ran
+    sweep, rows = measured or (" with grad_checkpoint" if kept else "", kept or model)
+    column = pair[2] if measured else "hybrid"
+    longest = max((n for n, row in rows.items() if isinstance(row.get(column), float)),
+                  default=None)
+    if longest is None:
+        parser.exit(1, "no length measured under --guard-mb\n")
     # one summary row per shape and sweep (the page shows each name's newest record)
     name = ("hybrid-memory" + ("" if opts.shape == "small" else f"-{opts.shape}")
-            + ("-grad-checkpoint" if sweep else "") + ("-head-chunk" if opts.head_chunk else ""))
-    h.write_record(name, {"tables": tables, "layer_mb": layer, "model_mb": model,
+            + ("-grad-checkpoint" if sweep else "") + ("-head-chunk" if opts.head_chunk else "")
+            + ("" if measured else "-hybrid-alone"))
+    alone = {} if measured else {"table": table(rows, ["hybrid", "hybrid weights", "hybrid s"])}
+    h.write_record(name, {**alone, "tables": tables, "layer_mb": layer, "model_mb": model,
                           "grad_checkpoint_mb": kept, "mlx_lm_mb": mlx_lm, "shape": opts.shape,
                           "families": families, "lora": LORA, "lora_targets": targets,
                           "guard_mb": guard, "head_chunk": opts.head_chunk},
                    question="memory", reference="a plain qwen3 of the same width and depth",
-                   ratio=round(rows[longest][pair[2]], 3), smoke=opts.smoke,
-                   summary=f"MLX peak of a LoRA step, {shape['label']} hybrid (mlxlab's gated "
-                           f"delta) over plain Qwen3, {longest:,} tokens{sweep} (lower is better)")
+                   ratio=round(rows[longest][pair[2]], 3) if measured else None,
+                   smoke=opts.smoke,
+                   summary=(f"MLX peak of a LoRA step, {shape['label']} hybrid (mlxlab's gated "
+                            f"delta) over plain Qwen3, {longest:,} tokens{sweep} (lower is better)"
+                            if measured else
+                            f"MLX peak of a LoRA step, {shape['label']} hybrid (mlxlab's gated "
+                            f"delta), {longest:,} tokens{sweep}: "
+                            f"{rows[longest]['hybrid']:,.0f} MB"))
 
 
 if __name__ == "__main__":
