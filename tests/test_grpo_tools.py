@@ -543,6 +543,7 @@ def agent_args(caller: dict, *extra: str) -> list[str]:
     ]
 
 
+@pytest.mark.slow  # the tool rollouts train in test_rollouts_call_the_tool_and_train_only_...
 def test_experiment_agent_tools_trains_and_logs_the_tool_calls(caller, make_cfg):
     """4 steps through train(): the tools' metrics (TRL's tools/call_frequency, the failures by
     kind, the turns) in MLflow at every generation and at the evaluation, and the logged sample

@@ -407,11 +407,15 @@ def test_half_written_and_corrupt_remote_checkpoints_are_never_used(tmp_path):
         srv.stop()
 
 
-def test_bad_remote_uris_are_one_clear_line(tmp_path):
+def test_bad_remote_uris_are_one_clear_line():
     with pytest.raises(RemoteError, match="not s3://bucket/prefix"):
         RemoteStore("s3://")
     with pytest.raises(RemoteError, match="must not carry credentials"):
         RemoteStore("s3://AKIAXXX:secret@bucket/prefix")
+
+
+@pytest.mark.slow  # a run's process; a remote failing at the start: the test below
+def test_resume_from_a_bucket_that_does_not_exist_is_exit_2(tmp_path):
     env = environment(tmp_path, {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
                                  "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"})
     out = subprocess.run(

@@ -162,6 +162,7 @@ def test_train_refuses_a_bad_row_before_a_run_folder(tiny, tmp_path, cli_env):
     assert "outputs" not in names2, names2
 
 
+@pytest.mark.slow  # a server process; serve's HTTP path: test_serve_embeddings, the scores: above
 def test_serve_answers_rerank_over_http(tiny, tmp_path, cli_env):
     """A running `mlxlab serve` of a cross-encoder folder: /v1/rerank's relevance scores are
     CrossEncoder's, best first, top_n and return_documents honoured; a field it does not read

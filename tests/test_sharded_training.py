@@ -47,6 +47,7 @@ def peaks(out: str) -> list[float]:
     return [float(x) for x in line.split(",")]
 
 
+@pytest.mark.slow  # a 2-rank launch: test_distributed's DDP twin holds one in the default run
 def test_fsdp_with_padded_rows_equals_this_process_at_the_same_global_batch(tmp_path, cli_env,
                                                                              make_cfg):
     """One launch (2 ranks x 4 rows, 4 steps) beside the same run trained in this process on 8

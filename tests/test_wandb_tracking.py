@@ -83,6 +83,7 @@ def test_wandb_joins_in_any_order_after_mlflow_and_csv(make_cfg):
         assert tracker.trackers[-1].run_name == "named" and tracker.run_id is None
 
 
+@pytest.mark.slow  # W&B beside MLflow: the test above
 def test_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
     """tracking=wandb alone: a run stopped at step 10 (its last checkpoint: step 8) and resumed
     into a new folder logs steps 9.. to the killed run's wandb id (resume="allow"), with the
