@@ -122,6 +122,7 @@ def test_sweep_runs_have_distinct_names_params_inputs_and_log_lines(tmp_path, cl
 # --------------------------------------------------------------------------- 2. a dead server
 
 
+@pytest.mark.slow  # two CLI starts; the run's own probe of the store: the test below
 def test_dead_server_fails_fast_with_one_line(tmp_path, cli_env):
     from one_process import each_in_one_process
 

@@ -238,7 +238,9 @@ def preference_args(model: dict, *extra: str) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize(("experiment", "lr"), [("dpo_chat", "3e-3"), ("orpo_chat", "3e-3")])
+# ORPO's loss and NLL term against numpy: tests/test_preference_losses.py; its 40-step run -m slow
+@pytest.mark.parametrize(("experiment", "lr"), [
+    ("dpo_chat", "3e-3"), pytest.param("orpo_chat", "3e-3", marks=pytest.mark.slow)])
 def test_preference_experiments_train_and_log_the_rewards(pref_model, make_cfg, experiment, lr):
     """40 steps of LoRA on 240 generated pairs: every reward metric at every step in MLflow
     (train/ and, at the evaluations, val/), DPO's mean margin over its last 10 logged steps
