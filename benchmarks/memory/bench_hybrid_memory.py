@@ -407,12 +407,10 @@ def main() -> None:
                    question="memory", reference="a plain qwen3 of the same width and depth",
                    ratio=round(rows[longest][pair[2]], 3) if measured else None,
                    smoke=opts.smoke,
-                   summary=(f"MLX peak of a LoRA step, {shape['label']} hybrid (mlxlab's gated "
-                            f"delta) over plain Qwen3, {longest:,} tokens{sweep} (lower is better)"
-                            if measured else
-                            f"MLX peak of a LoRA step, {shape['label']} hybrid (mlxlab's gated "
-                            f"delta), {longest:,} tokens{sweep}: "
-                            f"{rows[longest]['hybrid']:,.0f} MB"))
+                   summary=f"MLX peak of a LoRA step, {shape['label']} hybrid (mlxlab's gated "
+                           f"delta)" + (f" over plain Qwen3, {longest:,} tokens{sweep} (lower is "
+                                        "better)" if measured else f", {longest:,} tokens{sweep}: "
+                                        f"{rows[longest]['hybrid']:,.0f} MB"))
 
 
 if __name__ == "__main__":
