@@ -242,17 +242,20 @@ def kto_args(model: dict, *extra: str) -> list[str]:
             "optimizer.learning_rate=3e-3", *extra]
 
 
-def test_mlxlab_train_objective_kto_trains_and_logs_trls_metrics(kto_model, tmp_path, cli_env):
-    """`mlxlab-train experiment=kto_chat` (objective=kto, data=unpaired) for 24 steps of LoRA:
+def test_experiment_kto_chat_trains_and_logs_trls_metrics(kto_model, make_cfg):
+    """`experiment=kto_chat` (objective=kto, data=unpaired) for 24 steps of LoRA through the one
+    loop (in this process: the command line's own start is tested by the refusals below):
     every KTO metric at every step and both evaluations in MLflow, and the held-out margin
     between desirable and undesirable rewards up and above 0."""
     from mlflow.tracking import MlflowClient
 
-    from run_helpers import run
+    from mlxlab.train import train
 
-    run(["experiment=kto_chat", *kto_args(kto_model)], tmp_path / "run", cli_env)
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
-    (run_,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    cfg = make_cfg("experiment=kto_chat", *kto_args(kto_model))
+    train(cfg)
+    client = MlflowClient(cfg.tracking.uri)
+    (run_,) = client.search_runs([client.get_experiment_by_name(
+        cfg.tracking.experiment_name).experiment_id])
     assert run_.info.status == "FINISHED" and run_.data.tags["choice.objective"] == "kto"
 
     def history(key: str) -> list[float]:
