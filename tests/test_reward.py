@@ -16,7 +16,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from conftest import PYTHON
+from conftest import PYTHON, compose_cfg
 from hf_helpers import save_tiny_model
 from mlxlab.data.batching import Batching
 from mlxlab.errors import ConfigError
@@ -164,16 +164,19 @@ def reward_args(model: dict, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def reward_run(reward_model, tmp_path_factory) -> dict:
-    """experiment=reward_chat through mlxlab-train: 12 steps of LoRA + head on 160 pairs."""
-    import os
+    """experiment=reward_chat through the one loop, in this process (the command line's start:
+    the refusals' one-process run below): 12 steps of LoRA + head on 160 pairs."""
+    from hydra.core.global_hydra import GlobalHydra
 
-    from run_helpers import run
+    from mlxlab.train import train
 
     root = tmp_path_factory.mktemp("reward_run")
-    env = {**os.environ, "MLXLAB_ROOT": str(root), "PYTHONUNBUFFERED": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    run(["experiment=reward_chat", *reward_args(reward_model)], root / "run", env)
-    return {"run": root / "run", "uri": f"sqlite:///{root}/mlruns/mlflow.db"}
+    cfg = compose_cfg(root, ["experiment=reward_chat", *reward_args(reward_model)])
+    try:
+        train(cfg)
+    finally:
+        GlobalHydra.instance().clear()
+    return {"run": Path(cfg.paths.output_dir), "uri": cfg.tracking.uri}
 
 
 def test_mlxlab_train_a_reward_model_learns_to_rank_the_held_out_pairs(reward_run):
