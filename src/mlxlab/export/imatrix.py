@@ -146,13 +146,15 @@ def _real_tokens(batch: Batch) -> mx.array | None:
 
 
 def _switch_blocks(lm: nn.Module) -> list[tuple[str, nn.Module, list[str]]]:
-    """(name, module, names of its SwitchLinear projections) of every MoE expert block."""
-    from mlx_lm.models.switch_layers import SwitchLinear
+    """(name, module, names of its SwitchLinear projections) of every MoE expert block: mlx-lm's
+    SwitchGLU and SwitchMLP, which every family written to GGUF routes its experts through
+    (called with the tokens and the router's picks)."""
+    from mlx_lm.models.switch_layers import SwitchGLU, SwitchLinear, SwitchMLP
 
     blocks = []
     for name, module in lm.named_modules():
-        children = [k for k, v in module.children().items() if isinstance(v, SwitchLinear)]
-        if children:
+        if isinstance(module, (SwitchGLU, SwitchMLP)):
+            children = [k for k, v in module.children().items() if isinstance(v, SwitchLinear)]
             blocks.append((name, module, children))
     return blocks
 
