@@ -28,9 +28,9 @@ gguf = pytest.importorskip("gguf")
 pytest.importorskip("xllamacpp", reason="llama.cpp's prebuilt wheel (dev extra)")
 
 # what a file may leave unweighted: the token embedding (a lookup: llama.cpp never weights it)
-# and the latent attention's k_b / v_b, whose inputs in llama.cpp's absorbed form mlx-lm's
-# forward over a prompt does not compute (gguf_imatrix.py)
-ALLOWED = ("token_embd.weight", ".attn_k_b.weight", ".attn_v_b.weight")
+# and the latent attention's v_b, whose input in llama.cpp's absorbed form (the attention's
+# output in the latent space) mlx-lm's forward over a prompt does not compute (gguf_imatrix.py)
+ALLOWED = ("token_embd.weight", ".attn_v_b.weight")
 FAMILIES = ("mixtral", "qwen3_moe", "granitemoe", "deepseek_v3_8_experts",
             "lfm2", "mamba2", "granitemoehybrid", "granitemoehybrid_dense", "nemotron_h_dense",
             "nemotron_h_moe", "falcon_h1", "qwen3_5", "qwen3_next", "kimi_linear",
@@ -71,8 +71,8 @@ def test_every_matrix_llama_cpp_quantizes_and_multiplies_an_input_by_is_weighted
                                                                                  tmp_path):
     """A Q4_K_M file weighted by the importance matrix of a padded batch: its report counts
     every tensor llama.cpp quantized (read back: each that is not F32 or F16) and names the
-    unweighted ones, which are only the token embedding and the latent attention's k_b / v_b
-    (none of the routed experts, Qwen3.5's, the split or fused projections)."""
+    unweighted ones, which are only the token embedding and the latent attention's v_b (none of
+    the routed experts, Qwen3.5's, the split or fused projections, the latent k_b)."""
     # two dense decoders (Phi-3's fused attn_qkv and gate_up) of two layers, each MoE and hybrid
     # family's tiny folder
     folder = folders(case, num_hidden_layers=2) if case in ("llama", "phi3") else folders(case)
@@ -231,3 +231,42 @@ def test_qwen3_5s_vectors_follow_the_files_column_order(folders, tmp_path):
     data = np.asarray(written.data).ravel()
     assert np.array_equal(data, quantize(stored, written.tensor_type, vector[moved]).ravel())
     assert not np.array_equal(data, quantize(stored, written.tensor_type, vector).ravel())
+
+
+def test_a_latent_attentions_k_b_is_weighted_per_head_by_its_query(folders, tmp_path):
+    """DeepSeek-V3: llama.cpp multiplies each head's k_b (its absorbed attention) by the head's
+    query before the rotary part; its vector per head is that part's mean square over the real
+    tokens (numpy from the query projection's output), and the file's attn_k_b holds each head's
+    rows quantized by ggml_quantize_chunk with its own vector."""
+    from mlxlab.export.gguf_kquants import quantize
+    from mlxlab.objectives.losses import forward
+
+    folder = folders("deepseek_v3", num_hidden_layers=1, qk_nope_head_dim=32)
+    model = read_folder(folder)
+    attention = model.lm.model.layers[0].self_attn
+    name = "q_b_proj" if "q_b_proj" in attention else "q_proj"
+    projection, seen = getattr(attention, name), []
+
+    class Capture(nn.Module):
+        def __call__(self, x):
+            y = projection(x)
+            seen.append(np.array(y))
+            return y
+
+    batch = _batch([30, 12], 30)
+    setattr(attention, name, Capture())
+    mx.eval(forward(model, batch))
+    setattr(attention, name, projection)
+    heads, size, nope = attention.num_heads, attention.q_head_dim, attention.qk_nope_head_dim
+    real = np.array(batch["loss_mask"]) > 0
+    queries = seen[0][real].reshape(-1, heads, size)[..., :nope]
+    recorded = importance(model, [batch])
+    vectors = recorded.vectors["model.layers.0.self_attn.embed_q.weight"]
+    np.testing.assert_allclose(vectors, (queries.astype(np.float64) ** 2).mean(0), rtol=2e-4)
+    write_gguf(folder, tmp_path / "q.gguf", "q4_k_m", name="tiny", importance=recorded.vectors)
+    written = _file(tmp_path / "q.gguf")["blk.0.attn_k_b.weight"]
+    assert written.tensor_type.name not in ("F32", "F16")
+    k_b = _regrouped(folder)["blk.0.attn_k_b.weight"]
+    data = np.asarray(written.data).reshape(heads, -1)
+    for h in range(heads):
+        assert np.array_equal(data[h], quantize(k_b[h], written.tensor_type, vectors[h]).ravel())

@@ -12,11 +12,12 @@ projection named fc1 / fc2 in Nemotron-H are up / down); where the file reorders
 columns (Qwen3.5's value heads tiled: `ssm_out`), its vector is reordered alike
 (`Architecture.columns`).
 
-What llama.cpp itself never weights stays unweighted: the token embedding (a row lookup, never a
-product). So do DeepSeek-V3's and Kimi-Linear's latent `attn_k_b` / `attn_v_b`: llama.cpp
-multiplies them with the per-head query and the attention's output in the latent space (its
+A latent attention's `attn_k_b` (mlx-lm's embed_q) gets its per-head vectors of the query
+(imatrix.py). What llama.cpp itself never weights stays unweighted: the token embedding (a row
+lookup, never a product). So does the latent attention's `attn_v_b` (DeepSeek-V3's,
+Kimi-Linear's): llama.cpp multiplies it by the attention's output in the latent space (its
 absorbed attention), which mlx-lm's forward over a prompt never computes (it runs the
-unabsorbed form, multiplying the latent by them instead).
+unabsorbed form, multiplying the latent by v_b before attending).
 """
 
 from __future__ import annotations
@@ -36,8 +37,6 @@ _EXPERT_TENSORS = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps",
 NEVER_WEIGHTED = {"token_embd": "a row lookup, which llama.cpp never weights"}
 # the tensors whose input in llama.cpp's graph mlx-lm's forward never computes: why
 NOT_RECORDED = {
-    "attn_k_b": "its input is llama.cpp's absorbed latent attention's per-head query, which "
-                "mlx-lm's forward over a prompt (the unabsorbed form) never multiplies it by",
     "attn_v_b": "its input is llama.cpp's absorbed latent attention's output in the latent "
                 "space, which mlx-lm's forward over a prompt (the unabsorbed form) never "
                 "computes",
@@ -48,6 +47,8 @@ def _written_names(name: str, config: dict) -> tuple[str, ...]:
     """The checkpoint names (as the writer's regrouping yields them) that the mlx-lm weight
     `name` is written as: itself, or the parts of a fused projection the writer splits."""
     name = name.removeprefix("language_model.")  # Qwen3.5's text model, as its export names it
+    if name.endswith(".self_attn.embed_q.weight"):  # a latent attention's k_b, by head
+        return (name.replace(".embed_q.", ".k_b_proj."),)
     if name.endswith(".linear_attn.in_proj_qkvz.weight"):  # Qwen3-Next: q, k, v apart from z
         prefix = name.removesuffix("in_proj_qkvz.weight")
         return f"{prefix}in_proj_qkv.weight", f"{prefix}in_proj_z.weight"

@@ -7,8 +7,12 @@ An nn.Linear gets one vector (its columns). A MoE layer's routed experts (mlx-lm
 SwitchMLP, whose SwitchLinear projections hold every expert in one (experts, out, in) stack) get
 one vector per expert, over the tokens the router sent to that expert, as llama-imatrix records
 a `*_exps` tensor; an expert no token reached gets ones, what llama-quantize reads for an expert
-of zero count. The vectors are named by mlx-lm's modules (`model.layers.0.mlp.switch_mlp.
-gate_proj.weight`); gguf_imatrix.py puts them on the GGUF file's tensors."""
+of zero count. A latent attention's k_b (mlx-lm's embed_q, DeepSeek-V3's and Kimi-Linear's) gets
+one vector per head: the mean square of the part of that head's query it multiplies in
+llama.cpp's absorbed attention (the query projection's output, recorded too). The vectors are
+named by mlx-lm's modules (`model.layers.0.mlp.switch_mlp.gate_proj.weight`,
+`model.layers.0.self_attn.embed_q.weight`); gguf_imatrix.py puts them on the GGUF file's
+tensors."""
 
 from __future__ import annotations
 
@@ -26,7 +30,8 @@ from mlxlab.objectives.losses import forward
 
 class _Recorder(nn.Module):
     """A linear layer that adds up the squares of its inputs per column (only the positions
-    `mask` marks) before computing as itself."""
+    `mask` marks) before computing as itself; a latent attention's query projection also adds
+    up each head's query (`heads`: heads, head size, its leading part that multiplies k_b)."""
 
     def __init__(self, inner: nn.Module) -> None:
         super().__init__()
@@ -34,19 +39,45 @@ class _Recorder(nn.Module):
         self.mask: mx.array | None = None
         self.total: mx.array | None = None
         self.count = 0.0
+        self.heads: tuple[int, int, int] | None = None
+        self.queries: mx.array | None = None
 
     def __call__(self, x: mx.array) -> mx.array:
-        squares = (x.astype(mx.float32) ** 2)
-        if self.mask is not None and x.ndim == 3 and x.shape[:2] == self.mask.shape:
-            squares = squares * self.mask[..., None]
-            count = self.mask.sum()
-        else:
-            count = mx.array(float(np.prod(x.shape[:-1])))
-        part = squares.reshape(-1, x.shape[-1]).sum(0)
+        masked = self.mask is not None and x.ndim == 3 and x.shape[:2] == self.mask.shape
+        weight = self.mask[..., None] if masked else 1.0
+        count = self.mask.sum() if masked else mx.array(float(np.prod(x.shape[:-1])))
+        part = ((x.astype(mx.float32) ** 2) * weight).reshape(-1, x.shape[-1]).sum(0)
         self.total = part if self.total is None else self.total + part
+        y = self.inner(x)
+        if self.heads is not None:
+            heads, size, nope = self.heads
+            q = y.astype(mx.float32).reshape(*y.shape[:-1], heads, size)[..., :nope]
+            part = ((q ** 2) * (weight[..., None] if masked else 1.0)).reshape(-1, heads, nope)
+            self.queries = part.sum(0) if self.queries is None else self.queries + part.sum(0)
+            mx.eval(self.queries)
         mx.eval(self.total, count)
         self.count += count.item()
-        return self.inner(x)
+        return y
+
+
+def _latent_queries(lm: nn.Module, recorders: dict[str, _Recorder]) -> dict[str, str]:
+    """{query projection: the attention's embed_q} of every latent attention (DeepSeek-V3's,
+    Kimi-Linear's), whose query projection's recorder is told to add up each head's query:
+    llama.cpp multiplies k_b (embed_q's weight) by that part of it (its absorbed attention)."""
+    from mlx_lm.models.mla import MultiLinear
+
+    found, modules = {}, dict(lm.named_modules())
+    for name, module in modules.items():
+        if not (isinstance(module, MultiLinear) and name.endswith(".embed_q")):
+            continue
+        attention = name.removesuffix(".embed_q")
+        query = next((f"{attention}.{q}" for q in ("q_b_proj", "q_proj")
+                      if f"{attention}.{q}" in recorders), None)
+        if query is not None:
+            a = modules[attention]
+            recorders[query].heads = (a.num_heads, a.q_head_dim, a.qk_nope_head_dim)
+            found[query] = name
+    return found
 
 
 class _ExpertRecorder(nn.Module):
@@ -173,6 +204,7 @@ def importance(model: nn.Module, batches: Iterable[Batch]) -> Importance:
         routed.append((name, block, _RoutedRecorder(block)))
     linears = [(name, m) for name, m in lm.named_modules() if isinstance(m, nn.Linear)]
     recorders = {name: _Recorder(m) for name, m in linears}
+    latent = _latent_queries(lm, recorders)
     lm.update_modules(tree_unflatten(list(recorders.items())))
     lm.update_modules(tree_unflatten([(name, r) for name, _, r in routed]))
     try:
@@ -192,6 +224,9 @@ def importance(model: nn.Module, batches: Iterable[Batch]) -> Importance:
         lm.update_modules(tree_unflatten([(name, r.inner) for name, r in recorders.items()]))
     vectors = {f"{name}.weight": np.array(r.total) / max(r.count, 1.0)
                for name, r in recorders.items() if r.total is not None}
+    vectors.update({f"{embed_q}.weight": np.array(recorders[query].queries)
+                    / max(recorders[query].count, 1.0)
+                    for query, embed_q in latent.items() if recorders[query].queries is not None})
     unreached: dict[str, list[int]] = {}
     for name, r in experts.items():
         total, count = np.array(r.total), np.array(r.count)
