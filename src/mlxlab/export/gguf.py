@@ -4,7 +4,8 @@ them, its metadata keys, the tokenizer as a GGUF vocabulary (tokens, token types
 pre-tokenizer, special tokens, chat template), and the weights in F32 / F16 / BF16 / Q8_0 /
 Q4_0 / Q4_1, quantized by the `gguf` package (llama.cpp's own Python; its Q8_0 is bit-exact with
 the C code), or as llama-quantize's K-quant mixtures Q4_K_M / Q5_K_M / Q6_K, quantized by
-llama.cpp's C code itself (gguf_kquants.py).
+llama.cpp's C code itself (gguf_kquants.py), weighted by a run's importance matrix (imatrix.py;
+on the file's tensors, per expert of a stack: gguf_imatrix.py).
 
     write_gguf(folder, "model.gguf", quant="q8_0", description=None) -> report dict
 
