@@ -433,12 +433,17 @@ def test_a_trained_run_exports_to_f16_and_q8_0_that_llama_cpp_scores_as_mlxlab(k
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["mamba2", "qwen3_next"])
+@pytest.mark.parametrize("kind", ["mamba2", "qwen3_next", "qwen3_5", "granitemoehybrid",
+                                  "nemotron_h_moe", "kimi_linear"])
 def test_a_trained_run_exports_to_q4_k_m_that_llama_cpp_runs(kind, folders, tmp_path):
     """`mlxlab export RUN --format gguf --quant q4_k_m` of a hybrid run (weighted by the run's
-    importance matrix, judged from its read-back): every matrix of the file has the type the
-    mixture gives it in that file, and llama.cpp runs it."""
+    importance matrix: its routed experts, Qwen3.5's modules, the projections the writer splits
+    too; judged from its read-back): every matrix of the file has the type the mixture gives it
+    in that file, and llama.cpp runs it."""
     from test_mlx_lm_decoders import train_chat
 
-    _, run = train_chat(folders(kind), tmp_path)
+    folder = folders(kind)
+    if kind.startswith("nemotron"):  # the model llama.cpp computes: no time-step clamp
+        folder = _unclamped(folder, tmp_path / "unclamped")
+    _, run = train_chat(folder, tmp_path)
     exported_q4_k_m_runs_in_llama_cpp(run, tmp_path)

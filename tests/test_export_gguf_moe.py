@@ -200,9 +200,9 @@ def exported_runs_score_as_mlxlab(run: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_trained_run_exports_to_q4_k_m_that_llama_cpp_runs(kind, folders, tmp_path):
     """`mlxlab export RUN --format gguf --quant q4_k_m` of an MoE or LFM2 run (weighted by the
-    run's importance matrix where a matrix keeps its name: attention, shared experts, LFM2's
-    convolution projections; judged from its read-back): every matrix has the type the mixture
-    gives it in that file, and llama.cpp runs it."""
+    run's importance matrix, the routed experts each by its own vector; judged from its
+    read-back): every matrix has the type the mixture gives it in that file, and llama.cpp
+    runs it."""
     from test_mlx_lm_decoders import train_chat
 
     _, run = train_chat(folders(kind), tmp_path)
@@ -210,8 +210,10 @@ def test_a_trained_run_exports_to_q4_k_m_that_llama_cpp_runs(kind, folders, tmp_
 
 
 def exported_q4_k_m_runs_in_llama_cpp(run: Path, tmp_path: Path) -> None:
-    """`mlxlab export RUN --format gguf --quant q4_k_m`: every matrix of the file has the type
-    the mixture (gguf_kquants.py) gives it in that file, and llama.cpp runs it."""
+    """`mlxlab export RUN --format gguf --quant q4_k_m`: the run's importance matrix weighted
+    every tensor llama.cpp quantized but those it names as never weighted, every matrix of the
+    file has the type the mixture (gguf_kquants.py) gives it in that file, and llama.cpp runs
+    it."""
     import gguf
 
     from kquant_fixtures import file_types, quantized
@@ -222,6 +224,12 @@ def exported_q4_k_m_runs_in_llama_cpp(run: Path, tmp_path: Path) -> None:
                            "gguf", "--quant", "q4_k_m", "--out", str(out)],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+    # the run's importance matrix weighted every tensor llama.cpp quantized but those whose
+    # input it does not record (test_export_gguf_imatrix.py): the routed experts too
+    line = next(x for x in done.stdout.splitlines() if x.startswith("importance matrix on"))
+    unweighted = line.partition("; unweighted: ")[2]
+    assert all(name.endswith(("token_embd.weight", ".attn_v_b.weight"))
+               for name in unweighted.split(", ") if name), line
     reader = gguf.GGUFReader(str(out))
     arch = reader.fields["general.architecture"].contents()
     experts = reader.fields.get(f"{arch}.expert_count")

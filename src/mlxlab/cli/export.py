@@ -254,6 +254,19 @@ def _print_file_check(report: dict) -> None:
               "retention below judges it")
 
 
+def _print_imatrix(report: dict) -> None:
+    """The importance matrix a K-quant was weighted by: its rows, and the tensors llama.cpp
+    quantized that it weighted (the others named)."""
+    im = report.get("imatrix")
+    if not im or "weighted" not in im:
+        return
+    line = (f"importance matrix on {im['rows']} training rows: weighted {im['weighted']} of the "
+            f"{im['quantized']} tensors llama.cpp quantized")
+    if im["unweighted"]:
+        line += f"; unweighted: {', '.join(im['unweighted'])}"
+    print(line)
+
+
 def _gguf(args: argparse.Namespace) -> int:
     """--format gguf: the options the other formats take are refused, not ignored."""
     from mlxlab.export import export_gguf
@@ -291,6 +304,7 @@ def _gguf(args: argparse.Namespace) -> int:
           f"({report['architecture']}, {report['quant']}, {report['bytes'] / 2**20:.1f} MiB)")
     _print_check(report)
     _print_file_check(report)
+    _print_imatrix(report)
     print_retention(report)
     style = report["chat_style"] or "none recognised: the GGUF's own template"
     print(f"Ollama: {report['modelfile']} (chat template: {style}); "

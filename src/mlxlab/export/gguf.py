@@ -4,7 +4,8 @@ them, its metadata keys, the tokenizer as a GGUF vocabulary (tokens, token types
 pre-tokenizer, special tokens, chat template), and the weights in F32 / F16 / BF16 / Q8_0 /
 Q4_0 / Q4_1, quantized by the `gguf` package (llama.cpp's own Python; its Q8_0 is bit-exact with
 the C code), or as llama-quantize's K-quant mixtures Q4_K_M / Q5_K_M / Q6_K, quantized by
-llama.cpp's C code itself (gguf_kquants.py).
+llama.cpp's C code itself (gguf_kquants.py), weighted by a run's importance matrix (imatrix.py;
+on the file's tensors, per expert of a stack: gguf_imatrix.py).
 
     write_gguf(folder, "model.gguf", quant="q8_0", description=None) -> report dict
 
@@ -40,6 +41,7 @@ import numpy as np
 
 from mlxlab.errors import ConfigError
 from mlxlab.export.gguf_gated_delta import (
+    qwen3_5_columns,
     qwen3_5_config,
     qwen3_5_hparams,
     qwen3_5_tensors,
@@ -48,6 +50,7 @@ from mlxlab.export.gguf_gated_delta import (
     qwen3_next_tensors,
     zero_centred_norms,
 )
+from mlxlab.export.gguf_imatrix import file_importance, unweighted_reason
 from mlxlab.export.gguf_kimi import kimi_linear_config, kimi_linear_hparams, kimi_linear_tensors
 from mlxlab.export.gguf_kquants import MIXTURES, FileLayout, Mixture, is_70b
 from mlxlab.export.gguf_kquants import quantize as ggml_quantize
@@ -210,6 +213,9 @@ class Architecture:
     variant: Callable[[dict], str] | None = None
     # values llama.cpp stores in place of the checkpoint's, and their inverse (gguf_regroup.py)
     values: StoredValues | None = None
+    # (GGUF name, per-input-column vector, config): the vector in the order the file holds the
+    # matrix's columns (Qwen3.5's tiled value heads), for an importance matrix
+    columns: Callable[[str, np.ndarray, dict], np.ndarray] | None = None
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -249,7 +255,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     # Qwen3.5's text model: gated delta layers (gguf_gated_delta.py)
     "qwen3_5_text": Architecture("QWEN35", zero_centred_norms, rope_dims=True, head_dims=True,
                                  hparams=qwen3_5_hparams, regroup=qwen3_5_tensors,
-                                 config=qwen3_5_config, values=MIXER_VALUES),
+                                 config=qwen3_5_config, values=MIXER_VALUES,
+                                 columns=qwen3_5_columns),
     "qwen3_next": Architecture("QWEN3NEXT", zero_centred_norms, rope_dims=True, head_dims=True,
                                hparams=qwen3_next_hparams, regroup=qwen3_next_tensors,
                                config=qwen3_next_config, values=MIXER_VALUES),
@@ -554,14 +561,27 @@ def _k_quant(mixture: Mixture, gguf_name: str, w: np.ndarray,
              importance: np.ndarray | None) -> tuple[np.ndarray, object]:
     """A weight of a K-quant file: a matrix (or a stack of experts' matrices, quantized row by
     row as llama-quantize does) as the mixture's type, quantized by llama.cpp; what
-    llama-quantize leaves as it is (a vector, a single row) in F32."""
+    llama-quantize leaves as it is (a vector, a single row) in F32. `importance` is the
+    matrix's vector (in,), or a stack's one per matrix (experts, in): each expert's rows are
+    weighted by its own, as llama-quantize reads an imatrix of a 3-D tensor."""
     if _ggml_dims(w.shape) < 2:
         return encode_tensor(w, gguf_package().GGMLQuantizationType.F32)
     kind = mixture.type_of(gguf_name, w.shape[-1])
     if kind.name == "F16":
         return w.astype(np.float16), kind
+    if importance is not None and importance.ndim == 2 and w.ndim == 3:
+        if importance.shape != (w.shape[0], w.shape[-1]):
+            raise ValueError(f"importance {importance.shape} for {gguf_name} {w.shape}")
+        data = np.stack([ggml_quantize(m, kind, v) for m, v in zip(w, importance)])
+        return data, kind
     data = ggml_quantize(w.reshape(-1, w.shape[-1]), kind, importance)
     return data.reshape(*w.shape[:-1], data.shape[-1]), kind
+
+
+def quantized_by_llama_cpp(kind) -> bool:
+    """Whether a K-quant file's tensor of GGML type `kind` went through ggml_quantize_chunk
+    (what an importance matrix weights): everything but F32 and F16."""
+    return kind.name not in ("F32", "F16")
 
 
 def tensor_names(arch: Architecture, config: dict) -> Callable[[str], str | None]:
@@ -598,8 +618,8 @@ def stored_tensor(arch: Architecture, config: dict, name: str, full_name: str,
 @dataclass(frozen=True)
 class TensorTypes:
     """What the matrices are written as: `qtype` (the file's type), or a K-quant `mixture`'s
-    type for each (gguf_kquants.py), weighted by `importance` (per Hugging Face weight name,
-    imatrix.py) where it has the matrix."""
+    type for each (gguf_kquants.py), weighted by `importance` (per mlx-lm weight name,
+    imatrix.py; put on the file's tensors by gguf_imatrix.py) where it has the matrix."""
 
     qtype: Any
     mixture: Mixture | None = None
@@ -658,12 +678,18 @@ def _file_names(folder: Path, config: dict, arch: Architecture) -> tuple[str, ..
 
 
 def _write_tensors(writer, folder: Path, config: dict, arch: Architecture,
-                   types: TensorTypes) -> dict:
+                   types: TensorTypes) -> tuple[dict, dict | None]:
     """Every tensor under llama.cpp's name and layout; returns how many went out as which type
-    ("Q4_1 (direct)": an mlx-lm 4-bit weight repacked without a float round trip)."""
-    qtype, mixture, importance = types.qtype, types.mixture, types.importance
+    ("Q4_1 (direct)": an mlx-lm 4-bit weight repacked without a float round trip) and, given an
+    importance matrix, which of the tensors llama.cpp quantized it weighted."""
+    qtype, mixture = types.qtype, types.mixture
     g = gguf_package()
+    importance = None
+    if types.importance is not None:
+        importance = file_importance(types.importance, config, tensor_names(arch, config),
+                                     arch.columns)
     counts: dict[str, int] = {}
+    weighted, unweighted = 0, {}
     for name, full_name, w, packed in _named_tensors(folder, config, arch):
         if packed is not None and qtype == g.GGMLQuantizationType.Q4_1 and packed[3:] == (32, 4):
             rows = lambda a, name=name: arch.tensor(name, a, config)  # noqa: E731
@@ -674,7 +700,13 @@ def _write_tensors(writer, folder: Path, config: dict, arch: Architecture,
             w = stored_tensor(arch, config, name, full_name, w)
             kept = g.GGMLQuantizationType.F32 if _kept_in_f32(full_name) else qtype
             if mixture is not None and kept == qtype:
-                data, kind = _k_quant(mixture, full_name, w, (importance or {}).get(name))
+                vector = None if importance is None else importance.get(full_name)
+                data, kind = _k_quant(mixture, full_name, w, vector)
+                if importance is not None and quantized_by_llama_cpp(kind):
+                    if vector is None:
+                        unweighted[full_name] = unweighted_reason(full_name)
+                    else:
+                        weighted += 1
             else:
                 data, kind = encode_tensor(w, kept)
             label = kind.name
@@ -685,7 +717,11 @@ def _write_tensors(writer, folder: Path, config: dict, arch: Architecture,
         writer.add_tensor(g.TENSOR_NAMES[g.MODEL_TENSOR.ROPE_FREQS] + ".weight",
                           _llama3_rope_factors(config))
         counts["F32"] = counts.get("F32", 0) + 1
-    return counts
+    coverage = None
+    if importance is not None:
+        coverage = {"weighted": weighted, "quantized": weighted + len(unweighted),
+                    "unweighted": dict(sorted(unweighted.items()))}
+    return counts, coverage
 
 
 def _file_layout(writer, folder: Path, config: dict, arch: Architecture) -> FileLayout:
@@ -708,7 +744,9 @@ def write_gguf(folder: str | Path, out: str | Path, quant: str = "f16",
     temporary name, then renamed: an interrupted export leaves no half file); returns what was
     written (architecture, tensor types, vocabulary). A K-quant (q4_k_m, q5_k_m, q6_k) is
     llama-quantize's mixture, quantized by llama.cpp (gguf_kquants.py), weighted by the
-    `importance` matrix where given."""
+    `importance` matrix where given (by mlx-lm weight name: imatrix.py; gguf_imatrix.py); the
+    report's "imatrix" then says how many of the tensors llama.cpp quantized it weighted and
+    why each other one is not."""
     g = gguf_package()
     folder, out = Path(folder), Path(out)
     if quant not in QUANTS:
@@ -727,8 +765,11 @@ def write_gguf(folder: str | Path, out: str | Path, quant: str = "f16",
         mixture = None
         if quant in MIXTURES:
             mixture = Mixture(quant, _file_layout(writer, folder, config, arch))
-        tensors = _write_tensors(writer, folder, config, arch,
-                                 TensorTypes(qtype, mixture, importance))
-    return {"gguf": str(out), "architecture": g.MODEL_ARCH_NAMES[g.MODEL_ARCH[arch.gguf_arch]],
-            "quant": quant, "tensor_types": tensors, "vocab": vocab,
-            "bytes": out.stat().st_size}
+        tensors, coverage = _write_tensors(writer, folder, config, arch,
+                                           TensorTypes(qtype, mixture, importance))
+    report = {"gguf": str(out), "architecture": g.MODEL_ARCH_NAMES[g.MODEL_ARCH[arch.gguf_arch]],
+              "quant": quant, "tensor_types": tensors, "vocab": vocab,
+              "bytes": out.stat().st_size}
+    if coverage is not None:
+        report["imatrix"] = coverage
+    return report

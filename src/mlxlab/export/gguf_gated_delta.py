@@ -133,6 +133,16 @@ def qwen3_5_tensors(tensors: Tensors, config: dict) -> Tensors:
         yield (dt_bias_name(name) if leaf == "dt_bias" else name), w
 
 
+def qwen3_5_columns(gguf_name: str, vector: np.ndarray, config: dict) -> np.ndarray:
+    """A per-input-column vector of a Qwen3.5 matrix (an importance matrix's, in the
+    checkpoint's column order) in the file's order: the delta layer's out_proj (`ssm_out`)
+    reads the value heads tiled (qwen3_5_tensors)."""
+    if not gguf_name.endswith(".ssm_out.weight"):
+        return vector
+    return _tiled(vector, vector.ndim - 1, config["linear_num_key_heads"],
+                  config["linear_value_head_dim"])
+
+
 # --- Qwen3-Next -------------------------------------------------------------------------------
 
 def qwen3_next_config(config: dict) -> dict:

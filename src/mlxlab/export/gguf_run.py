@@ -47,11 +47,13 @@ def export_gguf(source: str | Path, out: str | Path, quant: str = "f16",
         report, reference = exported.report, exported.reference
         card = report.get("model_card")  # a run's task scores (a folder's README is not ours)
         description = _card_text(folder / "README.md") if card else None
-        importance = None
+        importance, recorded = None, None
         if quant in MIXTURES and reference is not None and imatrix_rows > 0:
-            importance, report["imatrix"] = _importance(folder, reference.state, imatrix_rows)
+            importance, recorded = _importance(folder, reference.state, imatrix_rows)
         report.update(write_gguf(folder, pending, quant, description=description,
                                  name=source.name, importance=importance))
+        if recorded is not None:  # what was recorded, then what of it the file's tensors took
+            report["imatrix"] = {**recorded, **report.get("imatrix", {})}
         if reference is not None:  # (3): a refusal leaves no file
             judge_gguf(reference, retention.accept_loss, (pending, folder, out), quant,
                        staging / "read-back", report)
@@ -124,15 +126,19 @@ def _refuse_non_decoder(model: object, state: object) -> None:
 
 def _importance(folder: Path, state, rows: int) -> tuple[dict, dict]:
     """The importance matrix of the fused float `folder` on the run's first `rows` training
-    rows, and its record."""
+    rows (by mlx-lm weight name), and its record (with the routed experts no token reached,
+    by mlx-lm name)."""
     from mlxlab.export.imatrix import importance
     from mlxlab.export.quality import training_batches
 
     batches = training_batches(state, folder / "tokenizer.json", rows)
-    matrices = importance(read_folder(folder), batches)
+    recorded = importance(read_folder(folder), batches)
     used = sum(int(b["input_ids"].shape[0]) for b in batches)
-    return matrices, {"rows": used, "matrices": len(matrices),
-                      "data": "the run's training rows, its first epoch's order"}
+    summary = {"rows": used, "matrices": len(recorded.vectors),
+               "data": "the run's training rows, its first epoch's order"}
+    if recorded.unreached:  # weighted by ones, as llama-quantize reads an expert of no tokens
+        summary["experts_without_tokens"] = recorded.unreached
+    return recorded.vectors, summary
 
 
 def _card_text(card: Path) -> str:
