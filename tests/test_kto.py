@@ -1,7 +1,8 @@
 """KTO: data=unpaired rows (prompt, completion, a boolean label), the KTO loss equal to
 TRL's (trl 1.16 KTOTrainer._compute_loss, run here on torch CPU) with its gradient and metrics,
 the mismatched pairs of TRL's KL estimate, the reference = the adapters off, and
-experiment=kto_chat through mlxlab-train on a tiny random Llama with a ChatML template."""
+experiment=kto_chat through the one loop (and its refusals through mlxlab-train) on a tiny random
+Llama with a ChatML template."""
 
 from __future__ import annotations
 
@@ -231,7 +232,7 @@ def test_the_reference_is_the_model_with_its_adapters_off(kto_model):
     assert max(float(mx.abs(g).max()) for _, g in tree_flatten(grads)) > 0
 
 
-# --- the one loop, through mlxlab-train -------------------------------------------------------
+# --- the one loop ----------------------------------------------------------------------------
 
 
 def kto_args(model: dict, *extra: str) -> list[str]:

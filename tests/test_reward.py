@@ -1,7 +1,7 @@
 """Reward models: model.head=score reads a scalar at a reply's last token, the
 Bradley-Terry loss equals TRL's (trl 1.16 RewardTrainer.compute_loss, run on torch CPU) with its
 gradients, on given rewards and end to end against transformers' LlamaForSequenceClassification
-on the same weights; experiment=reward_chat through mlxlab-train on a tiny random Llama; and the
+on the same weights; experiment=reward_chat through the one loop on a tiny random Llama; and the
 bad inputs, one line each before anything is made."""
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ def test_the_head_reads_the_last_token_as_transformers_sequence_classifier_does(
                                    atol=1e-5, rtol=1e-4)
 
 
-# --- experiment=reward_chat through mlxlab-train ----------------------------------------------
+# --- experiment=reward_chat through the one loop ---------------------------------------------
 
 
 def reward_args(model: dict, *extra: str) -> list[str]:
@@ -179,7 +179,7 @@ def reward_run(reward_model, tmp_path_factory) -> dict:
     return {"run": Path(cfg.paths.output_dir), "uri": cfg.tracking.uri}
 
 
-def test_mlxlab_train_a_reward_model_learns_to_rank_the_held_out_pairs(reward_run):
+def test_a_reward_run_learns_to_rank_the_held_out_pairs(reward_run):
     """The held-out pairwise accuracy and margin in MLflow at both evaluations, the accuracy at
     the end above chance (>= 0.9 of 32 pairs) and the margin up; the finished run rebuilds with
     its head (the checkpoint's score weight); its export is refused in one line, no folder
