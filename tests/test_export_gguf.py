@@ -473,3 +473,24 @@ def test_llama_cpp_scores_an_f16_export_as_mlxlab_does(lm_run, tmp_path):
     theirs = np.array(llm.scores[: len(ids)])
     assert np.abs(theirs - mlx_logits(model, np.array([ids]))[0]).max() <= 1e-2
     assert int(np.argmax(theirs[-1])) == int(mx.argmax(model(mx.array([ids]))[0, -1]))
+
+
+def test_a_k_quant_of_a_run_says_what_its_importance_matrix_weighted(lm_run, tmp_path, capsys):
+    """`mlxlab export RUN --format gguf --quant q4_k_m` (the verb's main in this process): one
+    line counts the training rows of the run's importance matrix and the tensors llama.cpp
+    quantized that it weighted, and names the token embedding as the one it did not; the
+    report's counts are the file's (tests/test_export_gguf_imatrix.py: the vectors)."""
+    import gguf
+
+    from mlxlab.cli.main import main
+
+    out = tmp_path / "k.gguf"
+    capsys.readouterr()
+    assert main(["export", str(lm_run), "--format", "gguf", "--quant", "q4_k_m", "--out",
+                 str(out)]) == 0
+    [line] = [x for x in capsys.readouterr().out.splitlines() if "importance matrix" in x]
+    quantized = [t for t in gguf.GGUFReader(str(out)).tensors
+                 if t.tensor_type.name not in ("F32", "F16")]
+    expected = (f"training rows: weighted {len(quantized) - 1} of the {len(quantized)} tensors "
+                f"llama.cpp quantized; unweighted: token_embd.weight")
+    assert line.startswith("importance matrix on ") and line.endswith(expected), line
