@@ -27,6 +27,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from mlxlab.export.gguf_mamba import granite_shared_mlp
+
 # an expert stack of mlx-lm (`...layers.<n>.<block>.switch_mlp.<proj>.weight`) -> llama.cpp's
 # stacked tensor of that projection
 _EXPERTS = re.compile(r"(?:.+\.)?layers\.(?P<layer>\d+)\..+\.switch_mlp\.(?P<proj>\w+)\.weight")
@@ -52,12 +54,11 @@ def _written_names(name: str, config: dict) -> tuple[str, ...]:
     if name.endswith(".linear_attn.in_proj_qkvz.weight"):  # Qwen3-Next: q, k, v apart from z
         prefix = name.removesuffix("in_proj_qkvz.weight")
         return f"{prefix}in_proj_qkv.weight", f"{prefix}in_proj_z.weight"
+    mlp = granite_shared_mlp(config)
     if name.endswith(".shared_mlp.input_linear.weight"):  # Granite: gate rows over up rows
         prefix = name.removesuffix("shared_mlp.input_linear.weight")
-        mlp = "mlp.shared_expert" if config.get("num_local_experts") else "mlp"
         return f"{prefix}{mlp}.gate_proj.weight", f"{prefix}{mlp}.up_proj.weight"
     if name.endswith(".shared_mlp.output_linear.weight"):
-        mlp = "mlp.shared_expert" if config.get("num_local_experts") else "mlp"
         return (name.replace("shared_mlp.output_linear", f"{mlp}.down_proj"),)
     return (name,)
 

@@ -183,10 +183,16 @@ def granite_hybrid_hparams(writer, config: dict) -> None:
     mamba2_hparams(writer, config)
 
 
+def granite_shared_mlp(config: dict) -> str:
+    """Where a Granite hybrid's shared MLP is written: as the shared expert where the layer has
+    experts, as the dense MLP where not."""
+    return "mlp.shared_expert" if config.get("num_local_experts") else "mlp"
+
+
 def granite_hybrid_tensors(tensors: Tensors, config: dict) -> Tensors:
     """The mixers; the routed experts' fused input_linear split (gate, up); the shared MLP's
-    too, as the shared expert where the layer has experts, as the dense MLP where not."""
-    mlp = "mlp.shared_expert" if config.get("num_local_experts") else "mlp"
+    too, under granite_shared_mlp's name."""
+    mlp = granite_shared_mlp(config)
     for name, w in mamba2_mixers(split_granite_experts(tensors, config), config):
         if name.endswith("shared_mlp.input_linear.weight"):
             prefix, half = name.removesuffix("shared_mlp.input_linear.weight"), w.shape[0] // 2
