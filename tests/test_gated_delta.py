@@ -384,17 +384,20 @@ def test_the_kernel_runs_where_dispatch_takes_the_call():
 
 @pytest.mark.usefixtures("fused_kernels_on")
 @pytest.mark.parametrize("vectorized", [False, True], ids=["scalar-gate", "kda-gate"])
-@pytest.mark.parametrize(("span", "dv"), [(1, 8), (5, 8), (16, 37), (64, 130)],
-                         ids=["span-1", "span-5", "span-16-odd-rows", "span-64-two-blocks"])
-def test_the_kernels_backward_from_states_kept_a_span_apart(span, dv, vectorized):
+@pytest.mark.parametrize(("span", "dv", "dk"), [(1, 8, DK), (5, 8, 12), (16, 37, DK),
+                                                (64, 130, DK)],
+                         ids=["span-1", "span-5-keys-off-the-lanes", "span-16-odd-rows",
+                              "span-64-two-blocks"])
+def test_the_kernels_backward_from_states_kept_a_span_apart(span, dv, dk, vectorized):
     """The kernel's backward recomputes the states from ones kept `span` tokens apart: over 70
     masked tokens, spans that do and do not divide it, a state of rows that are not a multiple
-    of 4 (the padded last group) and more than one block of 32 rows, the loop's gradients."""
-    inputs = rule_inputs(70, vectorized, seed=span, dv=dv)
+    of 4 (the padded last group), more than one block of 32 rows, and a key width that is not a
+    multiple of 8 (the dot products' path without 8-lane sums), the loop's gradients."""
+    inputs = rule_inputs(70, vectorized, seed=span, dk=dk, dv=dv)
     mask = padding_mask(70)
     module = kernels.extension()
     mx.random.seed(span + 1)
-    dy, ds = mx.random.normal((B, 70, HV, dv)), mx.random.normal((B, HV, dv, DK))
+    dy, ds = mx.random.normal((B, 70, HV, dv)), mx.random.normal((B, HV, dv, dk))
 
     def loss(rule):
         def f(*xs):

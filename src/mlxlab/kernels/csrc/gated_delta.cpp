@@ -15,8 +15,9 @@
 //
 // The backward, by row block too (each row's cotangent dS_i is again a recurrence of its own,
 // backwards): for each span of tokens from the last, the span's states are recomputed from the
-// one the forward kept at its start, and the tokens walked backwards. Per token and row, with G = dS' (dS_i + dy_i q, or dy_i q where the
-// step is masked and dS_i passes through):
+// one the forward kept at its start (each row's u, the state's dot product with the gated key,
+// kept as it goes), and the tokens walked backwards. Per token and row, with G = dS' (dS_i +
+// dy_i q, or dy_i q where the step is masked and dS_i passes through):
 //
 //     dq += dy_i S'_i,   dd_i = G . k,   dk += d_i G,   dv_i = beta dd_i,
 //     dbeta += (v_i - u_i) dd_i,   du_i = -beta dd_i,   dA = G + du_i k,   dk += du_i A_i,
@@ -24,17 +25,23 @@
 //
 // The gate arrives as its logarithm (what the layers compute); its gradient is dg * g. The
 // memory the rule keeps for its backward beyond its inputs: a state every kSpan tokens (T / 64
-// of them, a 64th of the token loop's); the backward's own, one span's states a thread. q and k are read at their own heads (value head h reads
-// key head h / (Hv / Hk)); their gradients come per value head and the VJP sums each group.
+// of them, a 64th of the token loop's); the backward's own, one span's states a thread. q and k
+// are read at their own heads (value head h reads key head h / (Hv / Hk)); their gradients come
+// per value head and the VJP sums each group.
 #include "common.h"
 #include "kernels.h"
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <stdexcept>
 #include <vector>
 
 #include "mlx/backend/cpu/encoder.h"
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
 
 namespace mlxlab {
 
@@ -42,10 +49,10 @@ using namespace detail;
 
 namespace {
 
-// Rows of a head's state the forward walks together over the tokens: a whole 128 x 128 head (64
-// KB, in L2). Blocks of 32 rows (16 KB, in L1) were slower: each block reads the token's q, k
-// and gate again.
-constexpr int64_t kRowBlock = 128;
+// Rows of a head's state the forward walks together over the tokens: 32 rows of 128 (16 KB) stay
+// in L1 while every token updates them. A whole 128 x 128 head (64 KB, in L2) took ~15 % longer
+// for the forward (Xeon 6 model 207, 2,048 tokens): each token's update went out to L2.
+constexpr int64_t kRowBlock = 32;
 // The forward keeps the state entering every span of kSpan tokens (a third output, the
 // backward's input: T / kSpan states a head), and the backward recomputes one span's states
 // from it, kGradRowBlock rows at a time (64 states of 32 x 128 rows are 1 MB, in L2), while it
@@ -75,6 +82,12 @@ RuleInputs rule_inputs(const std::vector<mx::array>& in, const RuleDims& d) {
           in[4].data<float>(), in[5].data<float>(), d.masked ? in[6].data<float>() : nullptr};
 }
 
+// The key token t of value head h reads.
+inline const float* tok_key(const RuleDims& d, const RuleInputs& a, int64_t b, int64_t h,
+                            int64_t t) {
+  return a.k + ((b * d.t + t) * d.hk + h / (d.hv / d.hk)) * d.dk;
+}
+
 // One token of one head, as its rows read it: g holds the gate per key channel (a scalar gate
 // copied to all), v the head's value row.
 struct Token {
@@ -82,14 +95,35 @@ struct Token {
   float beta, qk; // qk = q . k
   bool keep;
   std::vector<float> g, gk, gq; // gk = g * k, gq = g * q
+  // the head's value row, copied: read in place, a row of v sits 4 KB times the token away from
+  // the last, where its 4 KB offset can match a state row's just stored, and the load waits on
+  // the store (4K aliasing)
+  std::vector<float> vrow;
 
-  explicit Token(int64_t dk) : g(dk), gk(dk), gq(dk) {}
+  explicit Token(int64_t dk, int64_t dv) : g(dk), gk(dk), gq(dk), vrow(dv) {}
+
+  // Asks for token t's rows of q, k and v ahead of its step: a head's rows are a token's whole
+  // row of heads apart (4 KB and more), so each token's is on a page of its own, where the
+  // hardware prefetcher does not follow.
+  static void prefetch(const RuleDims& d, const RuleInputs& a, int64_t b, int64_t h, int64_t t) {
+    const int64_t bt = b * d.t + t;
+    const char* rows[] = {reinterpret_cast<const char*>(tok_key(d, a, b, h, t)),
+                          reinterpret_cast<const char*>(a.q + (bt * d.hk + h / (d.hv / d.hk)) * d.dk),
+                          reinterpret_cast<const char*>(a.v + (bt * d.hv + h) * d.dv)};
+    const int64_t bytes[] = {d.dk * 4, d.dk * 4, d.dv * 4};
+    for (int i = 0; i < 3; ++i) {
+      for (int64_t at = 0; at < bytes[i]; at += 64) {
+        __builtin_prefetch(rows[i] + at);
+      }
+    }
+  }
 
   void load(const RuleDims& d, const RuleInputs& a, int64_t b, int64_t h, int64_t t) {
     const int64_t bt = b * d.t + t, kh = h / (d.hv / d.hk);
     q = a.q + (bt * d.hk + kh) * d.dk;
-    k = a.k + (bt * d.hk + kh) * d.dk;
-    v = a.v + (bt * d.hv + h) * d.dv;
+    k = tok_key(d, a, b, h, t);
+    std::copy(a.v + (bt * d.hv + h) * d.dv, a.v + (bt * d.hv + h + 1) * d.dv, vrow.begin());
+    v = vrow.data();
     beta = a.beta[bt * d.hv + h];
     keep = !a.keep || a.keep[bt] != 0.0f;
     if (d.vec) {
@@ -111,6 +145,15 @@ struct Token {
   }
 };
 
+#if defined(__AVX2__) && defined(__FMA__)
+// The four sums of four 8-lane vectors' lanes, in that order: three horizontal adds and one
+// across the halves.
+inline __m128 sum_lanes(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+#endif
+
 // Rows are stepped four at a time: a row's dot products are chains of dependent adds, and four
 // rows give the core four independent chains (and read q, k, g once for all of them). Four
 // scalar accumulators, not an array (GCC vectorizes an omp simd reduction over an array section
@@ -118,6 +161,61 @@ struct Token {
 // zero rows, which add exactly zero to every sum. Products and sums are explicit fused
 // multiply-adds (the build turns contraction off): every x86-64-v3 and arm64 CPU has them.
 #define MLXLAB_ROWS4(X) X(0) X(1) X(2) X(3)
+
+// Four rows' dot products with a (into ua) and, where b is not null, with b (into ub). On x86-64
+// (AVX2 and FMA at the build's level) with Dk a multiple of 8, eight-lane sums whose lanes are
+// added by a tree of horizontal adds: GCC reduces an omp simd reduction's lanes one at a time, in
+// a serial chain of scalar adds through the stack (64 loads and 8 chains of 8 adds for the
+// forward's eight sums), which cost more than the loop. Elsewhere the loop GCC vectorizes.
+inline __attribute__((always_inline)) void dots_four(const float* const* s, const float* a,
+                                                     const float* b, int64_t dk, float* ua,
+                                                     float* ub) {
+#if defined(__AVX2__) && defined(__FMA__)
+  if (dk % 8 == 0) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    __m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    for (int64_t j = 0; j < dk; j += 8) {
+      const __m256 x = _mm256_loadu_ps(a + j);
+      const __m256 s0 = _mm256_loadu_ps(s[0] + j), s1 = _mm256_loadu_ps(s[1] + j);
+      const __m256 s2 = _mm256_loadu_ps(s[2] + j), s3 = _mm256_loadu_ps(s[3] + j);
+      a0 = _mm256_fmadd_ps(s0, x, a0);
+      a1 = _mm256_fmadd_ps(s1, x, a1);
+      a2 = _mm256_fmadd_ps(s2, x, a2);
+      a3 = _mm256_fmadd_ps(s3, x, a3);
+      if (b) {
+        const __m256 y = _mm256_loadu_ps(b + j);
+        b0 = _mm256_fmadd_ps(s0, y, b0);
+        b1 = _mm256_fmadd_ps(s1, y, b1);
+        b2 = _mm256_fmadd_ps(s2, y, b2);
+        b3 = _mm256_fmadd_ps(s3, y, b3);
+      }
+    }
+    _mm_storeu_ps(ua, sum_lanes(a0, a1, a2, a3));
+    if (b) {
+      _mm_storeu_ps(ub, sum_lanes(b0, b1, b2, b3));
+    }
+    return;
+  }
+#endif
+  const float* s0 = s[0];
+  const float* s1 = s[1];
+  const float* s2 = s[2];
+  const float* s3 = s[3];
+  float x0 = 0.0f, x1 = 0.0f, x2 = 0.0f, x3 = 0.0f, y0 = 0.0f, y1 = 0.0f, y2 = 0.0f, y3 = 0.0f;
+#pragma omp simd reduction(+ : x0, x1, x2, x3, y0, y1, y2, y3)
+  for (int64_t j = 0; j < dk; ++j) {
+    const float aj = a[j], bj = b ? b[j] : 0.0f;
+#define MLXLAB_DOTS(r)                    \
+  x##r = std::fma(s##r[j], aj, x##r);     \
+  y##r = std::fma(s##r[j], bj, y##r);
+    MLXLAB_ROWS4(MLXLAB_DOTS)
+#undef MLXLAB_DOTS
+  }
+  ua[0] = x0, ua[1] = x1, ua[2] = x2, ua[3] = x3;
+  if (b) {
+    ub[0] = y0, ub[1] = y1, ub[2] = y2, ub[3] = y3;
+  }
+}
 
 // Four rows of a head's state as one step reads them: s[r] the row (Dk floats), o[r] where its
 // update goes (s[r] itself, or the next state's row), v[r] its value (0 for a padding row), e[r]
@@ -127,6 +225,8 @@ struct Four {
   float* o[4];
   float* e[4];
   float v[4], dy[4];
+  float u[4]; // s . (g * k): the step's own (out), or what the recompute took (the backward's in)
+  float c[4]; // the backward's e . k
 };
 
 // The token's step over four rows (updated in place unless the step is masked); y[r] their
@@ -135,7 +235,7 @@ struct Four {
 // update alone (no chain; none at all for a masked step). Without READ (a recomputed state)
 // the outputs are not taken.
 template <bool KEEP, bool READ>
-inline __attribute__((always_inline)) void step_four(const Token& tok, const Four& f, float* y,
+inline __attribute__((always_inline)) void step_four(const Token& tok, Four& f, float* y,
                                                      int64_t dk) {
   const float* __restrict k = tok.k;
   const float* __restrict g = tok.g.data();
@@ -150,20 +250,12 @@ inline __attribute__((always_inline)) void step_four(const Token& tok, const Fou
   float* o1 = f.o[1];
   float* o2 = f.o[2];
   float* o3 = f.o[3];
-  float u0 = 0.0f, u1 = 0.0f, u2 = 0.0f, u3 = 0.0f;
-  float w0 = 0.0f, w1 = 0.0f, w2 = 0.0f, w3 = 0.0f;
-#pragma omp simd reduction(+ : u0, u1, u2, u3, w0, w1, w2, w3)
-  for (int64_t j = 0; j < dk; ++j) {
-    const float gkj = gk[j], gqj = gq[j];
-#define MLXLAB_DOTS(r)                   \
-  u##r = std::fma(s##r[j], gkj, u##r);   \
-  if (READ) {                            \
-    w##r = std::fma(s##r[j], gqj, w##r); \
-  }
-    MLXLAB_ROWS4(MLXLAB_DOTS)
-#undef MLXLAB_DOTS
-  }
+  float u[4], w[4] = {};
+  dots_four(f.s, gk, READ ? gq : nullptr, dk, u, w);
+  const float u0 = u[0], u1 = u[1], u2 = u[2], u3 = u[3];
+  const float w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
 #define MLXLAB_DELTA(r)                                  \
+  f.u[r] = u##r;                                         \
   const float d##r = (f.v[r] - u##r) * tok.beta;         \
   if (READ) {                                            \
     y[r] = std::fma(d##r, tok.qk, w##r);                 \
@@ -194,19 +286,19 @@ struct TokenGrads {
 };
 
 // The token's backward over four rows: f.s the rows' state entering the token, f.e their
-// cotangent of the state after it (replaced by the one before it), f.dy their outputs'; dv[r]
-// gets their values' gradients, dq, dk and gsum (sum_i dA_i * S_i per channel) are summed into,
-// and the return is their part of beta's gradient. With G = dS' (e + dy q; dy q where the step is
-// masked and e passes through), G . k = e . k + dy (q . k): the first pass takes the dot
-// products, the second everything else.
+// cotangent of the state after it (replaced by the one before it), f.dy their outputs', f.u
+// their s . (g * k) (the recompute's); dv[r] gets their values' gradients, dq, dk and gsum
+// (sum_i dA_i * S_i per channel) are summed into, and the return is their part of beta's
+// gradient. With G = dS' (e + dy q; dy q where the step is masked and e passes through),
+// G . k = e . k + dy (q . k): a first pass takes e . k (the state's dot products are the
+// recompute's), the second everything else.
 template <bool KEEP>
-inline __attribute__((always_inline)) float grad_four(const Token& tok, const Four& f, float* dv,
+inline __attribute__((always_inline)) float grad_four(const Token& tok, Four& f, float* dv,
                                                       const TokenGrads& out,
                                                       float* __restrict gsum, int64_t dk) {
   const float* __restrict k = tok.k;
   const float* __restrict q = tok.q;
   const float* __restrict g = tok.g.data();
-  const float* __restrict gk = tok.gk.data();
   float* __restrict dq = out.dq;
   float* __restrict dkv = out.dk;
   const float* __restrict s0 = f.s[0];
@@ -217,25 +309,15 @@ inline __attribute__((always_inline)) float grad_four(const Token& tok, const Fo
   float* __restrict e1 = f.e[1];
   float* __restrict e2 = f.e[2];
   float* __restrict e3 = f.e[3];
-  float u0 = 0.0f, u1 = 0.0f, u2 = 0.0f, u3 = 0.0f;
-  float c0 = 0.0f, c1 = 0.0f, c2 = 0.0f, c3 = 0.0f; // e . k
-#pragma omp simd reduction(+ : u0, u1, u2, u3, c0, c1, c2, c3)
-  for (int64_t j = 0; j < dk; ++j) {
-    const float gkj = gk[j], kj = k[j];
-#define MLXLAB_DOTS(r)                      \
-  u##r = std::fma(s##r[j], gkj, u##r);      \
-  if (KEEP) {                               \
-    c##r = std::fma(e##r[j], kj, c##r);     \
-  }
-    MLXLAB_ROWS4(MLXLAB_DOTS)
-#undef MLXLAB_DOTS
-  }
   const float beta = tok.beta;
   float dbeta = 0.0f;
+  if (KEEP) {
+    dots_four(f.e, k, nullptr, dk, f.c, nullptr);
+  }
 #define MLXLAB_ROW(r)                                          \
-  const float res##r = f.v[r] - u##r, d##r = res##r * beta;    \
+  const float res##r = f.v[r] - f.u[r], d##r = res##r * beta;  \
   const float y##r = f.dy[r];                                  \
-  const float dd##r = std::fma(y##r, tok.qk, c##r);            \
+  const float dd##r = std::fma(y##r, tok.qk, KEEP ? f.c[r] : 0.0f); \
   const float du##r = -beta * dd##r;                           \
   dv[r] = beta * dd##r;                                        \
   dbeta = std::fma(res##r, dd##r, dbeta);
@@ -269,6 +351,20 @@ inline __attribute__((always_inline)) float grad_four(const Token& tok, const Fo
   return dbeta;
 }
 
+// Four rows' values into x (zeros past n, or all where from is null). A whole four is one 16-byte
+// copy: the steps read these four floats back as one vector, and a vector load of four separate
+// scalar stores waits for all of them to reach the cache (the store buffer forwards only a load
+// that one store covers), which cost the backward a sixth of its time.
+inline void load_four(float* x, const float* from, int64_t n) {
+  if (from && n == 4) {
+    std::memcpy(x, from, 4 * sizeof(float));
+    return;
+  }
+  for (int64_t r = 0; r < 4; ++r) {
+    x[r] = from && r < n ? from[r] : 0.0f;
+  }
+}
+
 // Rows [r0, r0 + rows) of a head's state, walked four at a time: s the first (rows Dk apart), o
 // where their update goes (s itself, or the next state's rows), e their cotangents (the
 // backward), pad four zero rows' room (8 x Dk floats) for a last group of fewer than four.
@@ -285,7 +381,7 @@ struct RowBlock {
   void each_four(const Token& tok, const float* dy, F&& fn) const {
     for (int64_t i = 0; i < rows; i += 4) {
       const int64_t n = std::min<int64_t>(4, rows - i);
-      Four f{};
+      Four f; // each field the step reads is set: value-initializing it was a `rep stos` a group
       float* ps = pad;
       float* pe = pad + 4 * dk;
       if (n < 4) {
@@ -299,9 +395,9 @@ struct RowBlock {
         f.s[r] = n < 4 ? ps + r * dk : s + (i + r) * dk;
         f.o[r] = n < 4 ? ps + r * dk : o + (i + r) * dk;
         f.e[r] = e ? (n < 4 ? pe + r * dk : e + (i + r) * dk) : nullptr;
-        f.v[r] = r < n ? tok.v[r0 + i + r] : 0.0f;
-        f.dy[r] = r < n && dy ? dy[r0 + i + r] : 0.0f;
       }
+      load_four(f.v, tok.v + r0 + i, n);
+      load_four(f.dy, dy ? dy + r0 + i : nullptr, n);
       fn(f, i, n);
       if (n < 4) {
         std::copy(ps, ps + n * dk, o + i * dk);
@@ -314,9 +410,9 @@ struct RowBlock {
 };
 
 // The token's step over a row block (updated in place unless masked); y (the head's output row)
-// gets the rows' outputs when not null.
-void step_rows(const Token& tok, const RowBlock& rb, float* y) {
-  rb.each_four(tok, nullptr, [&](const Four& f, int64_t i, int64_t n) {
+// gets the rows' outputs when not null, u (the block's rows) their s . (g * k) when not null.
+void step_rows(const Token& tok, const RowBlock& rb, float* y, float* u = nullptr) {
+  rb.each_four(tok, nullptr, [&](Four& f, int64_t i, int64_t n) {
     float out[4];
     if (y) {
       tok.keep ? step_four<true, true>(tok, f, out, rb.dk)
@@ -328,17 +424,22 @@ void step_rows(const Token& tok, const RowBlock& rb, float* y) {
     if (y) {
       std::copy(out, out + n, y + rb.r0 + i);
     }
+    if (u) {
+      std::copy(f.u, f.u + n, u + i);
+    }
   });
 }
 
 // The token's backward over a row block: rb.s the state entering the token (read only), rb.e
 // the cotangent of the state after it (replaced by the one before it), dy the head's output
-// cotangent row; gsum (Dk) collects sum_i dA_i * S_i per channel.
-void step_rows_grad(const Token& tok, const RowBlock& rb, const float* dy, const TokenGrads& out,
-                    float* gsum) {
+// cotangent row, u the block's rows' s . (g * k) (the recompute's); gsum (Dk) collects
+// sum_i dA_i * S_i per channel.
+void step_rows_grad(const Token& tok, const RowBlock& rb, const float* dy, const float* u,
+                    const TokenGrads& out, float* gsum) {
   float dbeta = 0.0f;
-  rb.each_four(tok, dy, [&](const Four& f, int64_t i, int64_t n) {
+  rb.each_four(tok, dy, [&](Four& f, int64_t i, int64_t n) {
     float dv[4];
+    load_four(f.u, u + i, n);
     dbeta += tok.keep ? grad_four<true>(tok, f, dv, out, gsum, rb.dk)
                       : grad_four<false>(tok, f, dv, out, gsum, rb.dk);
     std::copy(dv, dv + n, out.dv + rb.r0 + i);
@@ -362,7 +463,7 @@ struct GradOutputs {
 void forward_head(const RuleDims& d, const RuleInputs& a, int64_t b, int64_t h, float* y,
                   float* s_out, float* kept, int64_t span) {
   const int64_t spans = (d.t + span - 1) / span;
-  Token tok(d.dk);
+  Token tok(d.dk, d.dv);
   std::vector<float> pad(8 * d.dk);
   const int64_t state = (b * d.hv + h) * d.dv * d.dk;
   std::copy(a.s0 + state, a.s0 + state + d.dv * d.dk, s_out + state);
@@ -375,6 +476,9 @@ void forward_head(const RuleDims& d, const RuleInputs& a, int64_t b, int64_t h, 
         std::copy(s, s + rb.rows * d.dk, to);
       }
       tok.load(d, a, b, h, t);
+      if (t + 1 < d.t) {
+        Token::prefetch(d, a, b, h, t + 1);
+      }
       step_rows(tok, rb, y + ((b * d.t + t) * d.hv + h) * d.dv);
     }
   }
@@ -389,7 +493,8 @@ void add_gate_grad(const Token& tok, const float* gsum, float* dlg, bool vec, in
     }
     return;
   }
-  float total = 0.0f;
+  float total = 0.0f; // in lanes: one chain of Dk dependent adds cost ~Dk x 4 cycles a token
+#pragma omp simd reduction(+ : total)
   for (int64_t j = 0; j < dk; ++j) {
     total += gsum[j];
   }
@@ -408,10 +513,12 @@ void backward_head(const RuleDims& d, const RuleInputs& a, const float* kept, co
     std::fill(g.dlg, g.dlg + lg_width, 0.0f);
     *g.dbeta = 0.0f;
   }
-  Token tok(d.dk);
-  const int64_t spans = (d.t + span - 1) / span;
-  std::vector<float> span_states(std::min(span, d.t) * kGradRowBlock * d.dk), ds;
-  std::vector<float> gsum(d.dk), pad(8 * d.dk);
+  Token tok(d.dk, d.dv);
+  const int64_t spans = (d.t + span - 1) / span, width = std::min(span, d.t);
+  // one span's states and the state after its last token (the recompute steps every token for
+  // its u, s . (g * k), which the token's backward reads; the last one's update goes unread)
+  std::vector<float> span_states((width + 1) * kGradRowBlock * d.dk), ds;
+  std::vector<float> us(width * kGradRowBlock), gsum(d.dk), pad(8 * d.dk), dy_row(d.dv);
   for (int64_t r0 = 0; r0 < d.dv; r0 += kGradRowBlock) {
     const int64_t rows = std::min(kGradRowBlock, d.dv - r0), size = rows * d.dk;
     auto block = [&](float* s, float* o, float* e) {
@@ -422,18 +529,29 @@ void backward_head(const RuleDims& d, const RuleInputs& a, const float* kept, co
       const int64_t t0 = n * span, t1 = std::min(d.t, t0 + span);
       const float* start = kept + (((b * d.hv + h) * spans + n) * d.dv + r0) * d.dk;
       std::copy(start, start + size, span_states.begin());
-      for (int64_t t = t0; t + 1 < t1; ++t) { // span_states[t - t0]: the state entering t
+      for (int64_t t = t0; t < t1; ++t) { // span_states[t - t0]: the state entering t
         float* next = span_states.data() + (t - t0 + 1) * size;
         tok.load(d, a, b, h, t);
-        step_rows(tok, block(next - size, next, nullptr), nullptr);
+        if (t + 1 < t1) {
+          Token::prefetch(d, a, b, h, t + 1);
+        }
+        step_rows(tok, block(next - size, next, nullptr), nullptr, us.data() + (t - t0) * rows);
       }
       for (int64_t t = t1 - 1; t >= t0; --t) {
         tok.load(d, a, b, h, t);
+        if (t > 0) {
+          Token::prefetch(d, a, b, h, t - 1);
+          for (int64_t at = 0; at < d.dv; at += 16) {
+            __builtin_prefetch(dy + ((b * d.t + t - 1) * d.hv + h) * d.dv + at);
+          }
+        }
         const TokenGrads g = o.at(d, b, h, t);
         std::fill(gsum.begin(), gsum.end(), 0.0f);
         float* entering = span_states.data() + (t - t0) * size;
-        step_rows_grad(tok, block(entering, entering, ds.data()),
-                       dy + ((b * d.t + t) * d.hv + h) * d.dv, g, gsum.data());
+        const float* dy_t = dy + ((b * d.t + t) * d.hv + h) * d.dv;
+        std::copy(dy_t, dy_t + d.dv, dy_row.begin()); // copied as Token's v row is (see there)
+        step_rows_grad(tok, block(entering, entering, ds.data()), dy_row.data(),
+                       us.data() + (t - t0) * rows, g, gsum.data());
         add_gate_grad(tok, gsum.data(), g.dlg, d.vec, d.dk);
       }
     }
