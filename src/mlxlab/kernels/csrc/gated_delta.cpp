@@ -8,10 +8,10 @@
 //
 // Every row of S is a recurrence of its own: row i reads v_t[i] and the token's shared q, k, g,
 // beta, and nothing of the other rows. So a head's rows are walked in blocks of kRowBlock, four
-// rows at a time, each token one pass over the rows for their dot products with the gated k
-// and q and one for the update. The chunked form (models/layers/gated_delta.py) does the same work
-// as batched matrix products, whose CPU dispatches and C x C triangular solves cost more than
-// these passes at the heads' sizes (Dk = Dv = 128).
+// rows at a time, each token one pass over the rows: the update, and in it the rows' dot
+// products with the next token's gated k and q. The chunked form (models/layers/gated_delta.py)
+// does the same work as batched matrix products, whose CPU dispatches and C x C triangular solves
+// cost more than these passes at the heads' sizes (Dk = Dv = 128).
 //
 // The backward, by row block too (each row's cotangent dS_i is again a recurrence of its own,
 // backwards): for each span of tokens from the last, the span's states are recomputed from the
@@ -106,13 +106,11 @@ struct Token {
   // row of heads apart (4 KB and more), so each token's is on a page of its own, where the
   // hardware prefetcher does not follow.
   static void prefetch(const RuleDims& d, const RuleInputs& a, int64_t b, int64_t h, int64_t t) {
-    const int64_t bt = b * d.t + t;
-    const char* rows[] = {reinterpret_cast<const char*>(tok_key(d, a, b, h, t)),
-                          reinterpret_cast<const char*>(a.q + (bt * d.hk + h / (d.hv / d.hk)) * d.dk),
-                          reinterpret_cast<const char*>(a.v + (bt * d.hv + h) * d.dv)};
-    const int64_t bytes[] = {d.dk * 4, d.dk * 4, d.dv * 4};
+    const int64_t key = tok_key(d, a, b, h, t) - a.k; // q's row sits where k's does
+    const float* rows[] = {a.k + key, a.q + key, a.v + ((b * d.t + t) * d.hv + h) * d.dv};
+    const int64_t sizes[] = {d.dk, d.dk, d.dv};
     for (int i = 0; i < 3; ++i) {
-      for (int64_t at = 0; at < bytes[i]; at += 64) {
+      for (int64_t at = 0; at < sizes[i]; at += 16) { // a 64-byte line a request
         __builtin_prefetch(rows[i] + at);
       }
     }
@@ -225,22 +223,22 @@ struct Four {
   float* o[4];
   float* e[4];
   float v[4], dy[4];
-  float u[4]; // s . (g * k): the step's own (out), or what the recompute took (the backward's in)
+  float u[4]; // s . (g * k), the token's (the step's in, the next token's out; the backward's in)
+  float w[4]; // s . (g * q), the token's (in) and the next token's (out)
   float c[4]; // the backward's e . k
 };
 
-// The token's step over four rows (updated in place unless the step is masked); y[r] their
-// outputs. y_r = S'_r . q = (g * s_r) . q + d_r (k . q): both dot products read the state
-// before the update, so one pass takes them (eight independent chains) and the second is the
-// update alone (no chain; none at all for a masked step). Without READ (a recomputed state)
-// the outputs are not taken.
+// The token's step over four rows (updated in place unless the step is masked): f.u and f.w hold
+// the rows' dot products with the token's gated k and q (taken by the token before, or by
+// dots_four where a walk starts), y[r] gets their outputs (READ): y_r = S'_r . q = (g * s_r) . q
+// + d_r (k . q). Where next is not null, the updated rows' dot products with the next token's
+// gated k (and q, READ) are taken in the same pass as the update and left in f.u (f.w): one pass
+// over the rows a token, and the sums of a group's next token are far from where they are read.
 template <bool KEEP, bool READ>
-inline __attribute__((always_inline)) void step_four(const Token& tok, Four& f, float* y,
-                                                     int64_t dk) {
+inline __attribute__((always_inline)) void step_four(const Token& tok, const Token* next, Four& f,
+                                                     float* y, int64_t dk) {
   const float* __restrict k = tok.k;
   const float* __restrict g = tok.g.data();
-  const float* __restrict gk = tok.gk.data();
-  const float* __restrict gq = tok.gq.data();
   // o[r] may be s[r]: each j reads s[r][j] before it writes o[r][j], which omp simd allows
   const float* s0 = f.s[0];
   const float* s1 = f.s[1];
@@ -250,32 +248,64 @@ inline __attribute__((always_inline)) void step_four(const Token& tok, Four& f, 
   float* o1 = f.o[1];
   float* o2 = f.o[2];
   float* o3 = f.o[3];
-  float u[4], w[4] = {};
-  dots_four(f.s, gk, READ ? gq : nullptr, dk, u, w);
-  const float u0 = u[0], u1 = u[1], u2 = u[2], u3 = u[3];
-  const float w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
 #define MLXLAB_DELTA(r)                                  \
-  f.u[r] = u##r;                                         \
-  const float d##r = (f.v[r] - u##r) * tok.beta;         \
+  const float d##r = (f.v[r] - f.u[r]) * tok.beta;       \
   if (READ) {                                            \
-    y[r] = std::fma(d##r, tok.qk, w##r);                 \
+    y[r] = std::fma(d##r, tok.qk, f.w[r]);               \
   }
   MLXLAB_ROWS4(MLXLAB_DELTA)
 #undef MLXLAB_DELTA
+  const float* nk = next ? next->gk.data() : nullptr;
+  const float* nq = next && READ ? next->gq.data() : nullptr;
   if (!KEEP) {
     if (s0 != o0) {
 #define MLXLAB_KEEP(r) std::copy(s##r, s##r + dk, o##r);
       MLXLAB_ROWS4(MLXLAB_KEEP)
 #undef MLXLAB_KEEP
     }
+    if (next) {
+      dots_four(f.o, nk, nq, dk, f.u, f.w);
+    }
     return;
   }
+#if defined(__AVX2__) && defined(__FMA__)
+  if (next && dk % 8 == 0) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    __m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    const __m256 e0 = _mm256_set1_ps(d0), e1 = _mm256_set1_ps(d1);
+    const __m256 e2 = _mm256_set1_ps(d2), e3 = _mm256_set1_ps(d3);
+    for (int64_t j = 0; j < dk; j += 8) {
+      const __m256 gj = _mm256_loadu_ps(g + j), kj = _mm256_loadu_ps(k + j);
+      const __m256 x = _mm256_loadu_ps(nk + j);
+      const __m256 z = READ ? _mm256_loadu_ps(nq + j) : x;
+#define MLXLAB_FUSED(r)                                                                    \
+  {                                                                                        \
+    const __m256 n = _mm256_fmadd_ps(kj, e##r, _mm256_mul_ps(_mm256_loadu_ps(s##r + j), gj)); \
+    _mm256_storeu_ps(o##r + j, n);                                                         \
+    a##r = _mm256_fmadd_ps(n, x, a##r);                                                    \
+    if (READ) {                                                                            \
+      b##r = _mm256_fmadd_ps(n, z, b##r);                                                  \
+    }                                                                                      \
+  }
+      MLXLAB_ROWS4(MLXLAB_FUSED)
+#undef MLXLAB_FUSED
+    }
+    _mm_storeu_ps(f.u, sum_lanes(a0, a1, a2, a3));
+    if (READ) {
+      _mm_storeu_ps(f.w, sum_lanes(b0, b1, b2, b3));
+    }
+    return;
+  }
+#endif
 #pragma omp simd
   for (int64_t j = 0; j < dk; ++j) {
     const float gj = g[j], kj = k[j];
 #define MLXLAB_NEXT(r) o##r[j] = std::fma(kj, d##r, s##r[j] * gj);
     MLXLAB_ROWS4(MLXLAB_NEXT)
 #undef MLXLAB_NEXT
+  }
+  if (next) {
+    dots_four(f.o, nk, nq, dk, f.u, f.w);
   }
 }
 
@@ -354,14 +384,32 @@ inline __attribute__((always_inline)) float grad_four(const Token& tok, Four& f,
 // Four rows' values into x (zeros past n, or all where from is null). A whole four is one 16-byte
 // copy: the steps read these four floats back as one vector, and a vector load of four separate
 // scalar stores waits for all of them to reach the cache (the store buffer forwards only a load
-// that one store covers), which cost the backward a sixth of its time.
+// that one store covers; a sixth of the backward's samples in a profile sat on that load). No
+// loop where from is null: GCC vectorized one into a masked load at the null address, which the
+// CPU serves by a microcode assist, at every group of rows and token.
 inline void load_four(float* x, const float* from, int64_t n) {
-  if (from && n == 4) {
+  if (!from) {
+    std::memset(x, 0, 4 * sizeof(float));
+    return;
+  }
+  if (n == 4) {
     std::memcpy(x, from, 4 * sizeof(float));
     return;
   }
-  for (int64_t r = 0; r < 4; ++r) {
-    x[r] = from && r < n ? from[r] : 0.0f;
+  std::memset(x, 0, 4 * sizeof(float));
+  std::memcpy(x, from, n * sizeof(float));
+}
+
+// The first n of four rows' values from x into to: a whole four is one 16-byte copy, not a call
+// to memmove (std::copy of a length known only at run time; 4 calls a group of rows and token
+// put memmove at 9 % of the rule's samples).
+inline void store_four(float* to, const float* x, int64_t n) {
+  if (n == 4) {
+    std::memcpy(to, x, 4 * sizeof(float));
+    return;
+  }
+  for (int64_t r = 0; r < n; ++r) {
+    to[r] = x[r];
   }
 }
 
@@ -409,23 +457,40 @@ struct RowBlock {
   }
 };
 
-// The token's step over a row block (updated in place unless masked); y (the head's output row)
-// gets the rows' outputs when not null, u (the block's rows) their s . (g * k) when not null.
-void step_rows(const Token& tok, const RowBlock& rb, float* y, float* u = nullptr) {
+// The dot products of a row block's rows with the token's gated k (into u) and, where w is not
+// null, q (into w): a walk's first token's, which step_rows then carries from token to token.
+void first_dots(const Token& tok, const RowBlock& rb, float* u, float* w) {
   rb.each_four(tok, nullptr, [&](Four& f, int64_t i, int64_t n) {
+    dots_four(f.s, tok.gk.data(), w ? tok.gq.data() : nullptr, rb.dk, f.u, f.w);
+    store_four(u + i, f.u, n);
+    if (w) {
+      store_four(w + i, f.w, n);
+    }
+  });
+}
+
+// The token's step over a row block (updated in place unless masked): u and w (the block's rows)
+// hold the rows' dot products with its gated k and q, replaced by next's where next is not null;
+// y (the head's output row) gets the rows' outputs when not null (w is then read, else unused).
+void step_rows(const Token& tok, const Token* next, const RowBlock& rb, float* y, float* u,
+               float* w) {
+  rb.each_four(tok, nullptr, [&](Four& f, int64_t i, int64_t n) {
+    load_four(f.u, u + i, n);
+    load_four(f.w, y ? w + i : nullptr, n);
     float out[4];
     if (y) {
-      tok.keep ? step_four<true, true>(tok, f, out, rb.dk)
-               : step_four<false, true>(tok, f, out, rb.dk);
+      tok.keep ? step_four<true, true>(tok, next, f, out, rb.dk)
+               : step_four<false, true>(tok, next, f, out, rb.dk);
+      store_four(y + rb.r0 + i, out, n);
     } else {
-      tok.keep ? step_four<true, false>(tok, f, out, rb.dk)
-               : step_four<false, false>(tok, f, out, rb.dk);
+      tok.keep ? step_four<true, false>(tok, next, f, out, rb.dk)
+               : step_four<false, false>(tok, next, f, out, rb.dk);
     }
-    if (y) {
-      std::copy(out, out + n, y + rb.r0 + i);
-    }
-    if (u) {
-      std::copy(f.u, f.u + n, u + i);
+    if (next) {
+      store_four(u + i, f.u, n);
+      if (y) {
+        store_four(w + i, f.w, n);
+      }
     }
   });
 }
@@ -442,7 +507,7 @@ void step_rows_grad(const Token& tok, const RowBlock& rb, const float* dy, const
     load_four(f.u, u + i, n);
     dbeta += tok.keep ? grad_four<true>(tok, f, dv, out, gsum, rb.dk)
                       : grad_four<false>(tok, f, dv, out, gsum, rb.dk);
-    std::copy(dv, dv + n, out.dv + rb.r0 + i);
+    store_four(out.dv + rb.r0 + i, dv, n);
   });
   *out.dbeta += dbeta;
 }
@@ -463,23 +528,32 @@ struct GradOutputs {
 void forward_head(const RuleDims& d, const RuleInputs& a, int64_t b, int64_t h, float* y,
                   float* s_out, float* kept, int64_t span) {
   const int64_t spans = (d.t + span - 1) / span;
-  Token tok(d.dk, d.dv);
-  std::vector<float> pad(8 * d.dk);
+  Token tok(d.dk, d.dv), next(d.dk, d.dv);
+  std::vector<float> pad(8 * d.dk), u(kRowBlock), w(kRowBlock);
   const int64_t state = (b * d.hv + h) * d.dv * d.dk;
   std::copy(a.s0 + state, a.s0 + state + d.dv * d.dk, s_out + state);
   for (int64_t r0 = 0; r0 < d.dv; r0 += kRowBlock) {
     float* s = s_out + state + r0 * d.dk;
     const RowBlock rb{s, s, nullptr, r0, std::min(kRowBlock, d.dv - r0), d.dk, pad.data()};
+    tok.load(d, a, b, h, 0);
+    first_dots(tok, rb, u.data(), w.data());
     for (int64_t t = 0; t < d.t; ++t) {
       if (t % span == 0) {
         float* to = kept + (((b * d.hv + h) * spans + t / span) * d.dv + r0) * d.dk;
         std::copy(s, s + rb.rows * d.dk, to);
       }
-      tok.load(d, a, b, h, t);
-      if (t + 1 < d.t) {
-        Token::prefetch(d, a, b, h, t + 1);
+      const bool more = t + 1 < d.t;
+      if (more) {
+        next.load(d, a, b, h, t + 1);
+        if (t + 2 < d.t) {
+          Token::prefetch(d, a, b, h, t + 2);
+        }
       }
-      step_rows(tok, rb, y + ((b * d.t + t) * d.hv + h) * d.dv);
+      step_rows(tok, more ? &next : nullptr, rb, y + ((b * d.t + t) * d.hv + h) * d.dv,
+                u.data(), w.data());
+      if (more) {
+        std::swap(tok, next);
+      }
     }
   }
 }
@@ -513,12 +587,13 @@ void backward_head(const RuleDims& d, const RuleInputs& a, const float* kept, co
     std::fill(g.dlg, g.dlg + lg_width, 0.0f);
     *g.dbeta = 0.0f;
   }
-  Token tok(d.dk, d.dv);
+  Token tok(d.dk, d.dv), next(d.dk, d.dv);
   const int64_t spans = (d.t + span - 1) / span, width = std::min(span, d.t);
-  // one span's states and the state after its last token (the recompute steps every token for
-  // its u, s . (g * k), which the token's backward reads; the last one's update goes unread)
-  std::vector<float> span_states((width + 1) * kGradRowBlock * d.dk), ds;
-  std::vector<float> us(width * kGradRowBlock), gsum(d.dk), pad(8 * d.dk), dy_row(d.dv);
+  // one span's states, and each row's u, s . (g * k), token by token (the recompute carries it
+  // from one token to the next; the token's backward reads it)
+  std::vector<float> span_states(width * kGradRowBlock * d.dk), ds;
+  std::vector<float> us(width * kGradRowBlock), u(kGradRowBlock), gsum(d.dk), pad(8 * d.dk),
+      dy_row(d.dv);
   for (int64_t r0 = 0; r0 < d.dv; r0 += kGradRowBlock) {
     const int64_t rows = std::min(kGradRowBlock, d.dv - r0), size = rows * d.dk;
     auto block = [&](float* s, float* o, float* e) {
@@ -529,13 +604,21 @@ void backward_head(const RuleDims& d, const RuleInputs& a, const float* kept, co
       const int64_t t0 = n * span, t1 = std::min(d.t, t0 + span);
       const float* start = kept + (((b * d.hv + h) * spans + n) * d.dv + r0) * d.dk;
       std::copy(start, start + size, span_states.begin());
+      tok.load(d, a, b, h, t0);
+      first_dots(tok, block(span_states.data(), span_states.data(), nullptr), u.data(), nullptr);
       for (int64_t t = t0; t < t1; ++t) { // span_states[t - t0]: the state entering t
-        float* next = span_states.data() + (t - t0 + 1) * size;
-        tok.load(d, a, b, h, t);
-        if (t + 1 < t1) {
-          Token::prefetch(d, a, b, h, t + 1);
+        std::copy(u.begin(), u.begin() + rows, us.begin() + (t - t0) * rows);
+        if (t + 1 == t1) {
+          break; // the state after the span's last token is not read
         }
-        step_rows(tok, block(next - size, next, nullptr), nullptr, us.data() + (t - t0) * rows);
+        float* next_state = span_states.data() + (t - t0 + 1) * size;
+        next.load(d, a, b, h, t + 1);
+        if (t + 2 < t1) {
+          Token::prefetch(d, a, b, h, t + 2);
+        }
+        step_rows(tok, &next, block(next_state - size, next_state, nullptr), nullptr, u.data(),
+                  nullptr);
+        std::swap(tok, next);
       }
       for (int64_t t = t1 - 1; t >= t0; --t) {
         tok.load(d, a, b, h, t);
