@@ -227,6 +227,62 @@ def test_a_gated_norms_precise_swiglu_takes_the_fused_swiglu_in_float32(tmp_path
     assert calls == [1]
 
 
+def test_the_gated_delta_layers_norms_take_the_fused_rms_norm(tmp_path, kernel_mode, monkeypatch):
+    """A loaded Qwen3.5's `normalize_qk` (q and k l2-normalized) is the wrapper and its gated norm
+    mlx-lm's class with GatedRMSNorm's __call__: in float32 both norm through kernels.rms_norm, to
+    mlx-lm's values and gradients within float32 rounding; the kernels off, mlx-lm's own to the
+    bit."""
+    from mlx_lm.models import gated_delta, qwen3_next
+
+    from hybrid_families import save_tiny_hybrid
+    from mlxlab.models.decoders.mlx_lm_fused import GatedRMSNorm
+
+    if kernels.extension() is None:
+        pytest.skip("the fused kernels do not build here")
+    model = MLXLMDecoder(vocab_size=0, pretrained=str(save_tiny_hybrid("qwen3_5", tmp_path)))
+    modules = {sys.modules[type(x).__module__] for x in model.lm.modules()}
+    wrappers = [vars(m)["normalize_qk"] for m in modules if "normalize_qk" in vars(m)]
+    assert wrappers and all(ORIGINALS[w] is gated_delta.normalize_qk for w in wrappers)
+    wrapper = vars(sys.modules["mlx_lm.models.qwen3_5"])["normalize_qk"]  # the layers' module
+    norms = [m for m in model.lm.modules() if isinstance(m, qwen3_next.Qwen3NextRMSNormGated)]
+    assert norms and all(isinstance(m, GatedRMSNorm) for m in norms)
+    calls = []
+    rms_norm = kernels.rms_norm
+    monkeypatch.setattr(kernels, "rms_norm", lambda x, w, eps: calls.append(1) or rms_norm(x, w, eps))
+    rng = np.random.default_rng(3)
+    q, k, x, gate, cot = (mx.array(rng.normal(size=(2, 9, 3, 16)).astype(np.float32))
+                          for _ in range(5))
+
+    def ours_qk(q, k):
+        return sum((a * cot).sum() for a in wrapper(q, k, inv_scale=0.25, eps=1e-6))
+
+    def theirs_qk(q, k):
+        return sum((a * cot).sum() for a in gated_delta.normalize_qk(q, k, inv_scale=0.25, eps=1e-6))
+
+    norm = norms[0]
+
+    def ours_norm(x, gate):
+        return (norm(x, gate) * cot).sum()
+
+    def theirs_norm(x, gate):
+        return (qwen3_next.Qwen3NextRMSNormGated.__call__(norm, x, gate) * cot).sum()
+
+    for ours, theirs in ((ours_qk, theirs_qk), (ours_norm, theirs_norm)):
+        args = (q, k) if ours is ours_qk else (x, gate)
+        (a, ga), (b, gb) = (mx.value_and_grad(f, argnums=(0, 1))(*args) for f in (ours, theirs))
+        np.testing.assert_allclose(a.item(), b.item(), rtol=1e-5)
+        for u, v in zip(ga, gb):
+            np.testing.assert_allclose(np.array(u), np.array(v), rtol=1e-4, atol=1e-6)
+    assert len(calls) >= 3  # q's and k's norms, the gated norm's
+    kernel_mode("off")
+    calls.clear()
+    for got, want in zip(wrapper(q, k, inv_scale=0.25, eps=1e-6),
+                         gated_delta.normalize_qk(q, k, inv_scale=0.25, eps=1e-6)):
+        assert mx.array_equal(got, want).item()
+    assert mx.array_equal(norm(x, gate), qwen3_next.Qwen3NextRMSNormGated.__call__(norm, x, gate))
+    assert calls == []
+
+
 def step_peak_bytes(run_step) -> int:
     """MLX's peak memory over two training steps above what was allocated before them (the
     second step runs the compiled graph the first traced)."""

@@ -95,12 +95,19 @@ struct Token {
   float beta, qk; // qk = q . k
   bool keep;
   std::vector<float> g, gk, gq; // gk = g * k, gq = g * q
-  // the head's value row, copied: read in place, a row of v sits 4 KB times the token away from
-  // the last, where its 4 KB offset can match a state row's just stored, and the load waits on
-  // the store (4K aliasing)
+  // the head's values of the rows walked, [first, first + count), copied: read in place, a row
+  // of v sits 4 KB times the token away from the last, where its 4 KB offset can match a state
+  // row's just stored, and the load waits on the store (4K aliasing)
   std::vector<float> vrow;
+  int64_t first = 0, count = 0;
 
-  explicit Token(int64_t dk, int64_t dv) : g(dk), gk(dk), gq(dk), vrow(dv) {}
+  explicit Token(int64_t dk, int64_t dv) : g(dk), gk(dk), gq(dk), vrow(dv), count(dv) {}
+
+  // The rows the loads that follow copy values for: a row block's.
+  void rows(int64_t from, int64_t n) {
+    first = from;
+    count = n;
+  }
 
   // Asks for token t's rows of q, k and v ahead of its step: a head's rows are a token's whole
   // row of heads apart (4 KB and more), so each token's is on a page of its own, where the
@@ -120,7 +127,8 @@ struct Token {
     const int64_t bt = b * d.t + t, kh = h / (d.hv / d.hk);
     q = a.q + (bt * d.hk + kh) * d.dk;
     k = tok_key(d, a, b, h, t);
-    std::copy(a.v + (bt * d.hv + h) * d.dv, a.v + (bt * d.hv + h + 1) * d.dv, vrow.begin());
+    const float* values = a.v + (bt * d.hv + h) * d.dv + first;
+    std::copy(values, values + count, vrow.begin() + first);
     v = vrow.data();
     beta = a.beta[bt * d.hv + h];
     keep = !a.keep || a.keep[bt] != 0.0f;
@@ -535,6 +543,8 @@ void forward_head(const RuleDims& d, const RuleInputs& a, int64_t b, int64_t h, 
   for (int64_t r0 = 0; r0 < d.dv; r0 += kRowBlock) {
     float* s = s_out + state + r0 * d.dk;
     const RowBlock rb{s, s, nullptr, r0, std::min(kRowBlock, d.dv - r0), d.dk, pad.data()};
+    tok.rows(r0, rb.rows);
+    next.rows(r0, rb.rows);
     tok.load(d, a, b, h, 0);
     first_dots(tok, rb, u.data(), w.data());
     for (int64_t t = 0; t < d.t; ++t) {
@@ -599,6 +609,8 @@ void backward_head(const RuleDims& d, const RuleInputs& a, const float* kept, co
     auto block = [&](float* s, float* o, float* e) {
       return RowBlock{s, o, e, r0, rows, d.dk, pad.data()};
     };
+    tok.rows(r0, rows);
+    next.rows(r0, rows);
     ds.assign(ds_in + state + r0 * d.dk, ds_in + state + r0 * d.dk + size);
     for (int64_t n = spans - 1; n >= 0; --n) {
       const int64_t t0 = n * span, t1 = std::min(d.t, t0 + span);
@@ -632,7 +644,7 @@ void backward_head(const RuleDims& d, const RuleInputs& a, const float* kept, co
         std::fill(gsum.begin(), gsum.end(), 0.0f);
         float* entering = span_states.data() + (t - t0) * size;
         const float* dy_t = dy + ((b * d.t + t) * d.hv + h) * d.dv;
-        std::copy(dy_t, dy_t + d.dv, dy_row.begin()); // copied as Token's v row is (see there)
+        std::copy(dy_t + r0, dy_t + r0 + rows, dy_row.begin() + r0); // as Token copies v's
         step_rows_grad(tok, block(entering, entering, ds.data()), dy_row.data(),
                        us.data() + (t - t0) * rows, g, gsum.data());
         add_gate_grad(tok, gsum.data(), g.dlg, d.vec, d.dk);

@@ -34,6 +34,11 @@ loaded model is routed through the same kernels:
   every caller in the process (MLX's own layers, mlxlab's fallbacks), the convolution kernel's
   fused SiLU (silu=True) cannot know that its output goes to nn.silu, and subclasses calling it
   would copy mlx-lm's mixers' __call__ bodies;
+- the gated-delta layers' norms (Qwen3-Next, Qwen3.5, OLMo-Hybrid): `normalize_qk` (q and k
+  l2-normalized as mx.fast.rms_norm with no weight, which MLX's CPU runs as composed
+  single-threaded ops) becomes a wrapper over kernels.rms_norm with a weight of ones, and the
+  gated norm's class (Qwen3NextRMSNormGated, OLMo-Hybrid's RMSNormGated) a subclass whose norm is
+  kernels.rms_norm (GatedRMSNorm below);
 - Gemma 3's own norms, GELU-gated MLP and attention become subclasses of mlx-lm's classes
   (use_fused_gemma, at the end of this file).
 
@@ -126,6 +131,43 @@ def fused_precise_swiglu(original: Callable) -> Callable:
 
     ORIGINALS[precise_swiglu] = original
     return precise_swiglu
+
+
+def fused_normalize_qk(original: Callable) -> Callable:
+    """mlx-lm's `normalize_qk(q, k, inv_scale=, eps=)` (q and k each over mx.fast.rms_norm with no
+    weight, q scaled by inv_scale^2 and k by inv_scale) with both norms through kernels.rms_norm
+    and a weight of ones (x * 1 is x: the same values) where the fused path takes them."""
+
+    def normalize_qk(q: mx.array, k: mx.array, *, inv_scale: float, eps: float
+                     ) -> tuple[mx.array, mx.array]:
+        if fused("rms_norm", q, k) is None:
+            return original(q, k, inv_scale=inv_scale, eps=eps)
+        ones = mx.ones((q.shape[-1],), dtype=q.dtype)
+        rms_eps = eps * inv_scale**2  # mlx-lm's: its eps is added to sum(x^2), rms_norm's to the mean
+        return (inv_scale**2 * kernels.rms_norm(q, ones, rms_eps),
+                inv_scale * kernels.rms_norm(k, ones, rms_eps))
+
+    ORIGINALS[normalize_qk] = original
+    return normalize_qk
+
+
+class GatedRMSNorm:
+    """mlx-lm's gated RMS norm (Qwen3-Next's and Qwen3.5's Qwen3NextRMSNormGated, OLMo-Hybrid's
+    RMSNormGated): rms_norm(x, weight, eps), through kernels.rms_norm where the fused path takes
+    it, then gated by the module's `precise_swiglu` (the routed one above) as mlx-lm gates it."""
+
+    def __call__(self, x: mx.array, gate: mx.array | None = None) -> mx.array:
+        if fused("rms_norm", x) is None:
+            return super().__call__(x, gate)
+        normed = kernels.rms_norm(x, self.weight, self.eps)
+        if gate is None:
+            return normed
+        return sys.modules[type(self).__module__].precise_swiglu(x, gate, normed)
+
+
+# (mlx-lm module, class name) -> the mixin whose __call__ replaces the class's
+GATED_NORMS = {("mlx_lm.models.qwen3_next", "Qwen3NextRMSNormGated"): GatedRMSNorm,
+               ("mlx_lm.models.olmo_hybrid", "RMSNormGated"): GatedRMSNorm}
 
 
 class RoPE(nn.RoPE):
@@ -226,13 +268,14 @@ def use_fused_kernels(lm: nn.Module) -> int:
     """Route `lm` (an mlx-lm model) through the fused CPU kernels as the module docstring says;
     returns how many functions, norms, rotations, convolutions and modules' SiLUs now can take
     the fused path (0: nothing to route)."""
-    from mlx_lm.models import activations, base
+    from mlx_lm.models import activations, base, gated_delta
 
     routed = 0
     targets = {"scaled_dot_product_attention": (base.scaled_dot_product_attention, fused_attention),
                "create_attention_mask": (base.create_attention_mask, segment_masks),
                "swiglu": (activations.swiglu, fused_swiglu),
-               "precise_swiglu": (activations.precise_swiglu, fused_precise_swiglu)}
+               "precise_swiglu": (activations.precise_swiglu, fused_precise_swiglu),
+               "normalize_qk": (gated_delta.normalize_qk, fused_normalize_qk)}
     for module in _model_modules(lm):
         for name, (original, wrap) in targets.items():
             names = vars(module)
@@ -250,6 +293,11 @@ def use_fused_kernels(lm: nn.Module) -> int:
             routed += 1
         elif type(m) is nn.Conv1d and DepthwiseConv1d.takes(m):
             m.__class__ = DepthwiseConv1d
+            routed += 1
+        elif isinstance(m, GatedRMSNorm):  # routed before (a second routing)
+            routed += 1
+        elif (mixin := GATED_NORMS.get((type(m).__module__, type(m).__name__))) is not None:
+            m.__class__ = _subclass(mixin, type(m))
             routed += 1
     return routed + use_fused_silu(lm)  # after the convolutions: it finds them routed
 
