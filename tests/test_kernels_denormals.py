@@ -12,6 +12,7 @@ from conftest import CLASSIFIER_RUN
 from mlxlab import kernels
 from mlxlab.errors import ConfigError
 from mlxlab.kernels import build
+from mlxlab.runtime.compute import blas
 from mlxlab.training.settings import TrainerSettings
 
 TINY = 1e-32  # normal; TINY * 1e-9 * 64 is below float32's smallest normal (1.2e-38)
@@ -28,7 +29,19 @@ def flush_off():
     kernels.flush_denormals(False)
 
 
-def test_flush_turns_denormal_results_to_zero_and_says_what_it_was():
+@pytest.fixture
+def blas_on_the_calling_thread():
+    """The BLAS on one thread for the test: the mode is the calling thread's, and a product the
+    BLAS splits over workers of its own (which this machine's measured small-product threshold
+    decides for a 64 x 64 one) is flushed only in the caller's part."""
+    before = blas.blas_threads()
+    if before is None or not blas.set_blas_threads(1):
+        pytest.skip("the BLAS serving MLX has no thread control here")
+    yield
+    blas.set_blas_threads(before)
+
+
+def test_flush_turns_denormal_results_to_zero_and_says_what_it_was(blas_on_the_calling_thread):
     a = mx.full((64, 64), TINY)
     b = mx.full((64, 64), 1e-9)
     mx.eval(a, b)

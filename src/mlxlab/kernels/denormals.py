@@ -7,7 +7,9 @@ times the backward's small cotangents (a loss averaged over thousands of tokens)
 denormal score gradients, and the products that read them made the backward cost 5x the
 forward instead of 2x (docs/benchmarks.md, LoRA). TensorFlow's CPU threads flush denormals by
 default; PyTorch has torch.set_flush_denormal. What it changes: values below 1.2e-38 become 0,
-in every op on that thread (MLX's, OpenBLAS's on its calling thread, the fused kernels').
+in every op on that thread (MLX's, the BLAS's on its calling thread, the fused kernels'). A
+product the BLAS splits over worker threads of its own (MKL's OpenMP pool, OpenBLAS's) keeps
+denormals in the workers' parts: their mode is their own.
 """
 
 from __future__ import annotations
