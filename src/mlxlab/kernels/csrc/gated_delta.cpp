@@ -82,10 +82,21 @@ RuleInputs rule_inputs(const std::vector<mx::array>& in, const RuleDims& d) {
           in[4].data<float>(), in[5].data<float>(), d.masked ? in[6].data<float>() : nullptr};
 }
 
-// The key token t of value head h reads.
-inline const float* tok_key(const RuleDims& d, const RuleInputs& a, int64_t b, int64_t h,
-                            int64_t t) {
-  return a.k + ((b * d.t + t) * d.hk + h / (d.hv / d.hk)) * d.dk;
+// Where token t's row of value head h starts in q and k (the key head h reads), and in v, y and
+// dy (B, T, Hv, Dv).
+inline int64_t key_row(const RuleDims& d, int64_t b, int64_t h, int64_t t) {
+  return ((b * d.t + t) * d.hk + h / (d.hv / d.hk)) * d.dk;
+}
+
+inline int64_t value_row(const RuleDims& d, int64_t b, int64_t h, int64_t t) {
+  return ((b * d.t + t) * d.hv + h) * d.dv;
+}
+
+// Asks for the row at p (n floats) ahead of its use, a 64-byte line a request.
+inline void prefetch_row(const float* p, int64_t n) {
+  for (int64_t at = 0; at < n; at += 16) {
+    __builtin_prefetch(p + at);
+  }
 }
 
 // One token of one head, as its rows read it: g holds the gate per key channel (a scalar gate
@@ -113,21 +124,16 @@ struct Token {
   // row of heads apart (4 KB and more), so each token's is on a page of its own, where the
   // hardware prefetcher does not follow.
   static void prefetch(const RuleDims& d, const RuleInputs& a, int64_t b, int64_t h, int64_t t) {
-    const int64_t key = tok_key(d, a, b, h, t) - a.k; // q's row sits where k's does
-    const float* rows[] = {a.k + key, a.q + key, a.v + ((b * d.t + t) * d.hv + h) * d.dv};
-    const int64_t sizes[] = {d.dk, d.dk, d.dv};
-    for (int i = 0; i < 3; ++i) {
-      for (int64_t at = 0; at < sizes[i]; at += 16) { // a 64-byte line a request
-        __builtin_prefetch(rows[i] + at);
-      }
-    }
+    prefetch_row(a.k + key_row(d, b, h, t), d.dk);
+    prefetch_row(a.q + key_row(d, b, h, t), d.dk);
+    prefetch_row(a.v + value_row(d, b, h, t), d.dv);
   }
 
   void load(const RuleDims& d, const RuleInputs& a, int64_t b, int64_t h, int64_t t) {
-    const int64_t bt = b * d.t + t, kh = h / (d.hv / d.hk);
-    q = a.q + (bt * d.hk + kh) * d.dk;
-    k = tok_key(d, a, b, h, t);
-    const float* values = a.v + (bt * d.hv + h) * d.dv + first;
+    const int64_t bt = b * d.t + t;
+    q = a.q + key_row(d, b, h, t);
+    k = a.k + key_row(d, b, h, t);
+    const float* values = a.v + value_row(d, b, h, t) + first;
     std::copy(values, values + count, vrow.begin() + first);
     v = vrow.data();
     beta = a.beta[bt * d.hv + h];
@@ -559,7 +565,7 @@ void forward_head(const RuleDims& d, const RuleInputs& a, int64_t b, int64_t h, 
           Token::prefetch(d, a, b, h, t + 2);
         }
       }
-      step_rows(tok, more ? &next : nullptr, rb, y + ((b * d.t + t) * d.hv + h) * d.dv,
+      step_rows(tok, more ? &next : nullptr, rb, y + value_row(d, b, h, t),
                 u.data(), w.data());
       if (more) {
         std::swap(tok, next);
@@ -636,14 +642,12 @@ void backward_head(const RuleDims& d, const RuleInputs& a, const float* kept, co
         tok.load(d, a, b, h, t);
         if (t > 0) {
           Token::prefetch(d, a, b, h, t - 1);
-          for (int64_t at = 0; at < d.dv; at += 16) {
-            __builtin_prefetch(dy + ((b * d.t + t - 1) * d.hv + h) * d.dv + at);
-          }
+          prefetch_row(dy + value_row(d, b, h, t - 1), d.dv);
         }
         const TokenGrads g = o.at(d, b, h, t);
         std::fill(gsum.begin(), gsum.end(), 0.0f);
         float* entering = span_states.data() + (t - t0) * size;
-        const float* dy_t = dy + ((b * d.t + t) * d.hv + h) * d.dv;
+        const float* dy_t = dy + value_row(d, b, h, t);
         std::copy(dy_t + r0, dy_t + r0 + rows, dy_row.begin() + r0); // as Token copies v's
         step_rows_grad(tok, block(entering, entering, ds.data()), dy_row.data(),
                        us.data() + (t - t0) * rows, g, gsum.data());
