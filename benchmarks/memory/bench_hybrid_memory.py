@@ -30,6 +30,7 @@ float32 logits and their gradient), would pass --guard-mb is skipped.
 never help the other), --repeats rounds in alternating order (ABBA), the median of --steps steps
 after a warm-up; the figure is the hybrid's over the plain model's, per round. Denormals are
 flushed, as the training loop flushes them: the gates' products across a chunk make them.
+--mixers: the hybrids with trainer.grad_checkpoint=mixers, the plain model as it is, either mode.
 
     python benchmarks/memory/bench_hybrid_memory.py    (--help: each option's default)
     python benchmarks/memory/bench_hybrid_memory.py --step-time --model-lengths 2048,4096
@@ -60,7 +61,7 @@ from benchmarks import harness as h  # noqa: E402
 from mlxlab import kernels  # noqa: E402
 from mlxlab.models.decoders.gated_delta_swap import ORIGINALS  # noqa: E402
 from mlxlab.models.decoders.mlx_lm_decoder import MLXLMDecoder  # noqa: E402
-from mlxlab.models.layers.grad_checkpoint import checkpoint_blocks  # noqa: E402
+from mlxlab.models.layers import grad_checkpoint  # noqa: E402
 from mlxlab.objectives.losses import task_loss  # noqa: E402
 
 MB = 1 << 20
@@ -190,16 +191,19 @@ def vocabulary(config: dict) -> int:
     return config.get("vocab_size") or config["text_config"]["vocab_size"]
 
 
-def model_step(config: dict, length: int, checkpoint: bool = False,
+def model_step(config: dict, length: int, checkpoint: bool | str = False,
                targets: list[str] = LORA_TARGETS, head_chunk: int = 0
                ) -> tuple[Callable[[], object], float]:
     """mlxlab's mlx-lm decoder built from `config` with LoRA on `targets` (its blocks recomputed
-    in the backward with `checkpoint`): one loss + gradient at `length`, and the MB its weights
-    (base and adapters) hold. The loss is a run's (objective.head_chunk=`head_chunk`)."""
+    in the backward with `checkpoint`, its recurrent mixers with "mixers"): one loss + gradient
+    at `length`, and the MB its weights (base and adapters) hold. The loss is a run's
+    (objective.head_chunk=`head_chunk`)."""
     vocab = vocabulary(config)
     model = MLXLMDecoder(vocab_size=vocab, hf_config=config, lora={**LORA, "targets": targets})
-    if checkpoint:
-        checkpoint_blocks(model)
+    if checkpoint == "mixers" and grad_checkpoint.recurrent_mixers(model):
+        grad_checkpoint.checkpoint_mixers(model)
+    elif checkpoint is True:
+        grad_checkpoint.checkpoint_blocks(model)
     mx.eval(model.train().parameters())
     ids = mx.random.randint(0, vocab, (1, length + 1))  # head_chunk where the model splits it
     loss = task_loss("lm", head_chunk=head_chunk if model.head_split() else 0)
@@ -274,10 +278,10 @@ def mlx_lm_peaks(lengths: list[int], guard: float, hybrid: dict = HYBRID) -> dic
     return rows
 
 
-def step_worker(family: str, length: int, steps: int) -> None:
+def step_worker(family: str, length: int, steps: int, checkpoint: bool | str) -> None:
     """One process of --step-time: `family`'s step at `length`, a warm-up, then the median of
     `steps` timed (s), printed."""
-    step, _ = model_step(FAMILIES[family], length)
+    step, _ = model_step(FAMILIES[family], length, checkpoint)
     mx.eval(step())
     seconds = []
     for _ in range(steps):
@@ -287,13 +291,13 @@ def step_worker(family: str, length: int, steps: int) -> None:
     print(median(seconds))
 
 
-def step_times(lengths: list[int], repeats: int, steps: int, smoke: bool) -> None:
+def step_times(lengths: list[int], repeats: int, steps: int, smoke: bool, mixers: bool) -> None:
     """--step-time: the plain model's and the hybrid's step, ABBA rounds of one process each."""
     pair, rounds = (REFERENCE, "hybrid"), {n: [] for n in lengths}
     for length, r in ((n, r) for n in lengths for r in range(repeats)):
         rounds[length].append(row := {family: float(subprocess.run(
             [sys.executable, __file__, "--step-worker", family, "--model-lengths", str(length),
-             "--steps", str(steps)],
+             "--steps", str(steps), *(["--mixers"] if mixers else [])],
             capture_output=True, text=True, check=True).stdout.split()[-1])
             for family in h.in_round(list(pair), r)})
         print(f"{length} round {r + 1}: " + "  ".join(f"{k} {v:.2f} s" for k, v in row.items()),
@@ -304,11 +308,13 @@ def step_times(lengths: list[int], repeats: int, steps: int, smoke: bool) -> Non
                        f"{median(ratios[n]):.2f}x ({ratios[n][0]:.2f}-{ratios[n][-1]:.2f})"]
                       for n in lengths]}
     h.print_table(shown)
-    h.write_record("hybrid-step", {"rounds": rounds, "table": shown, "steps": steps},
+    h.write_record("hybrid-step" + "-mixers" * mixers,
+                   {"rounds": rounds, "table": shown, "steps": steps},
                    question="speed-mlx", reference="a plain qwen3 of the same width and depth",
                    ratio=round(median(ratios[lengths[-1]]), 3), smoke=smoke,
                    summary=f"LoRA step time (loss + gradient), Qwen3.5-shaped hybrid over plain "
-                           f"Qwen3, {lengths[-1]:,} tokens (lower is better)")
+                           f"Qwen3, {lengths[-1]:,} tokens{' (mixers recomputed)' * mixers} "
+                           "(lower is better)")
 
 
 def table(rows: dict, columns: list[str]) -> dict:
@@ -339,6 +345,7 @@ def main() -> None:
                   families=(None, f"the model sweep's families (separated by ;; the small shape's: "
                                   f"{'; '.join(FAMILIES)}); default all the shape's"),
                   step_time=(False, "time the plain and hybrid steps at --model-lengths instead"),
+                  mixers=(False, "the hybrids with grad_checkpoint=mixers"),
                   repeats=(3, "--step-time's rounds"), steps=(3, "--step-time's timed steps"),
                   head_chunk=(0, "objective.head_chunk (MLX's memory limit then --guard-mb)"))
     parser.add_argument("--step-worker", help=argparse.SUPPRESS)
@@ -349,11 +356,13 @@ def main() -> None:
     if opts.step_time and (opts.shape != "small" or opts.families):
         parser.error("--step-time times the small shape's models alone: drop --shape, --families")
     if opts.step_worker:
-        return step_worker(opts.step_worker, int(opts.model_lengths), opts.steps)
+        return step_worker(opts.step_worker, int(opts.model_lengths), opts.steps,
+                           "mixers" if opts.mixers else False)
     if opts.step_time:
         if opts.smoke:
             opts.model_lengths, opts.repeats, opts.steps = "64", 1, 1
-        return step_times(lengths(opts.model_lengths), opts.repeats, opts.steps, opts.smoke)
+        return step_times(lengths(opts.model_lengths), opts.repeats, opts.steps, opts.smoke,
+                          opts.mixers)
     shape = SHAPES[opts.shape]
     catalog = shape["families"] or FAMILIES
     names = [n for n in (opts.families or ";".join(catalog)).split(";") if n]
@@ -369,7 +378,8 @@ def main() -> None:
     layer = layer_peaks(lengths(opts.layer_lengths), opts.sequential_max, hybrid)
     build = {"targets": targets, "head_chunk": opts.head_chunk}
     mx.set_memory_limit(int(guard * MB) if opts.head_chunk else mx.get_memory_limit())
-    model = guarded_sweep(families, lengths(opts.model_lengths), guard, "model", **build)
+    model = guarded_sweep(families, lengths(opts.model_lengths), guard, "model",
+                          checkpoint="mixers" if opts.mixers else False, **build)
     kept = guarded_sweep({n: catalog[n] for n in (REFERENCE, "hybrid") if n in families},
                          lengths(opts.checkpoint_lengths), guard, "grad_checkpoint",
                          checkpoint=True, **build)
@@ -398,12 +408,13 @@ def main() -> None:
     # one summary row per shape and sweep (the page shows each name's newest record)
     name = ("hybrid-memory" + ("" if opts.shape == "small" else f"-{opts.shape}")
             + ("-grad-checkpoint" if sweep else "") + ("-head-chunk" if opts.head_chunk else "")
+            + ("-mixers" if opts.mixers else "")
             + ("" if measured else "-hybrid-alone"))
     alone = {} if measured else {"table": table(rows, ["hybrid", "hybrid weights", "hybrid s"])}
     h.write_record(name, {**alone, "tables": tables, "layer_mb": layer, "model_mb": model,
                           "grad_checkpoint_mb": kept, "mlx_lm_mb": mlx_lm, "shape": opts.shape,
                           "families": families, "lora": LORA, "lora_targets": targets,
-                          "guard_mb": guard, "head_chunk": opts.head_chunk},
+                          "guard_mb": guard, "head_chunk": opts.head_chunk, "mixers": opts.mixers},
                    question="memory", reference="a plain qwen3 of the same width and depth",
                    ratio=round(rows[longest][pair[2]], 3) if measured else None,
                    smoke=opts.smoke,

@@ -40,7 +40,7 @@ from mlxlab import kernels
 from mlxlab.checkpoint import CheckpointManager
 from mlxlab.checkpoint.finished import clear_finished, mark_finished
 from mlxlab.data.base import DataModule
-from mlxlab.models.layers.grad_checkpoint import checkpoint_blocks
+from mlxlab.models.layers.grad_checkpoint import checkpoint_blocks, checkpoint_mixers
 from mlxlab.objectives import losses
 from mlxlab.objectives.base import (
     ObjectiveSetup,
@@ -148,7 +148,10 @@ class Fit(RunEnd):
         batching fitted to memory, the run's length, its checkpoint manager."""
         model, data, settings, objective = self.model, self.data, self.settings, self.objective
         kernels.set_mode(settings.fused_kernels)  # process-wide: the ops the step traces
-        if settings.grad_checkpoint:  # before the memory fit measures a step
+        if settings.grad_checkpoint == "mixers":  # before the memory fit measures a step
+            log.info("gradient checkpointing: %d recurrent mixers recompute their activations in "
+                     "the backward", checkpoint_mixers(model))
+        elif settings.grad_checkpoint:
             log.info("gradient checkpointing: %d blocks recompute their activations in the "
                      "backward", checkpoint_blocks(model))
         if settings.flush_denormals and mx.default_device() == mx.cpu:

@@ -1,6 +1,9 @@
-"""Gradient checkpointing (trainer.grad_checkpoint): each decoder block keeps only its input
-for the backward and recomputes its activations there, trading one more forward per block for
-the memory of every block's activations (long rows). mlx-lm's recipe (`mx.checkpoint` over the
+"""Gradient checkpointing (trainer.grad_checkpoint): each decoder block (true), or each
+recurrent sequence mixer (mixers), keeps only its input for the backward and recomputes its
+activations there, trading one more forward of it for the memory of its activations (long rows).
+A hybrid's gated-delta and Mamba mixers hold most of its activations (a gated-delta layer's
+projections are 4-8x the hidden width, each kept for the backward): recomputing them alone brings
+its step's memory to the plain model's and leaves its attention layers and MLPs as they are. mlx-lm's recipe (`mx.checkpoint` over the
 block's call), applied to these block instances only: each gets a subclass whose call is
 checkpointed, so its parameter names, other models and other blocks of the same class (a
 teacher's, an evaluation copy's) stay as they were.
@@ -76,3 +79,34 @@ def checkpoint_blocks(model: Model) -> int:
     for block in blocks:
         block.__class__ = _checkpointed(type(block))
     return len(blocks)
+
+
+def _outermost_first(named: tuple[str, nn.Module]) -> tuple[bool, int]:
+    return named[0] != "", named[0].count(".")
+
+
+def recurrent_mixers(model: Model) -> list[nn.Module]:
+    """The sequence mixers of the model's blocks that carry a recurrent state: gated delta nets
+    (Qwen3.5/3-Next, Kimi-Linear, OLMo-Hybrid, Ling) and Mamba mixers (Nemotron-H, Falcon-H1,
+    Granite-4.0-H, Mamba, Jamba), which all learn their state's decay as `A_log`."""
+    found: list[nn.Module] = []
+    for block in model.blocks():
+        taken: list[str] = []  # a mixer's own submodules are not mixers again
+        for name, module in sorted(block.named_modules(), key=_outermost_first):
+            if "A_log" in module and not any(t == "" or name.startswith(f"{t}.") for t in taken):
+                taken.append(name)
+                found.append(module)
+    return found
+
+
+def checkpoint_mixers(model: Model) -> int:
+    """Recompute each of the model's recurrent mixers (recurrent_mixers) in the backward;
+    returns how many. A model without one is one line: the setting would do nothing."""
+    mixers = recurrent_mixers(model)
+    if not mixers:
+        raise ConfigError(f"trainer.grad_checkpoint=mixers: a {type(model).__name__} has no "
+                          "recurrent (gated delta or Mamba) mixers to recompute; use true to "
+                          "recompute its blocks, or false")
+    for mixer in mixers:
+        mixer.__class__ = _checkpointed(type(mixer))
+    return len(mixers)
