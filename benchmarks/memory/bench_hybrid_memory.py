@@ -1,36 +1,29 @@
-"""A gated-delta hybrid's training memory: mlxlab's rule (models/layers/gated_delta.py) beside
-mlx-lm's token loop (`gated_delta_ops`), and a Qwen3.5-shaped hybrid beside a plain Qwen3 of the
-same width and depth. MLX peak memory (mx.get_peak_memory, the active buffers: independent of the
-box's load), one process, each case after mx.clear_cache and mx.reset_peak_memory.
+"""A hybrid's training memory and step: mlxlab's gated delta rule (models/layers/gated_delta.py)
+beside mlx-lm's token loop, and Qwen3.5-shaped and Mamba-2 hybrids beside a plain Qwen3 of the
+same width and depth. MLX peak memory (mx.get_peak_memory: the active buffers, independent of the
+box's load), each case after mx.clear_cache and mx.reset_peak_memory.
 
-1. One Qwen3.5 GatedDeltaNet layer (mlx-lm's class), forward + backward of all its weights, at
-   --layer-lengths tokens: mlx-lm's sequential path beside mlxlab's rule.
-2. An 8-layer, hidden-512 Qwen3.5-shaped hybrid (6 gated-delta + 2 attention layers) beside a plain
-   Qwen3 (8 attention layers) and the Mamba-2 families (Nemotron-H, Granite-4.0-H, Falcon-H1: 6
-   Mamba-2 + 2 attention mixers, or Falcon-H1's 8 parallel pairs; --families picks among them) of
-   the same width, MLP and vocabulary, built as mlxlab builds an mlx-lm model from its config
-   (MLXLMDecoder(hf_config=...): mlxlab's rule swapped in at load, mlxlab's LoRA on attention,
-   sequence-mixer projections and MLPs, rank 8), random weights, batch 1: one LoRA loss + gradient
-   at --model-lengths tokens; the hybrid and plain model also with grad_checkpoint
-   (models/layers/grad_checkpoint.py) at --checkpoint-lengths.
-3. mlx-lm's own path (its model, its LoRA, mlx_lm.tuner's loss; mlxlab never imported, so its
-   gated delta runs the token loop) at --mlx-lm-lengths, each in a subprocess a watchdog stops
-   once its resident memory passes --guard-mb.
+1. One Qwen3.5 GatedDeltaNet layer, forward + backward, at --layer-lengths: mlx-lm's loop beside
+   mlxlab's rule.
+2. An 8-layer, hidden-512 Qwen3.5-shaped hybrid (6 gated-delta + 2 attention layers), a plain
+   Qwen3 (8 attention layers) and the Mamba-2 families (Nemotron-H, Granite-4.0-H: 6 Mamba-2 + 2
+   attention mixers; Falcon-H1: 8 parallel pairs; --families picks), built as mlxlab builds an
+   mlx-lm model from its config (MLXLMDecoder(hf_config=...), LoRA rank 8 on attention, mixer
+   projections and MLPs), random weights, batch 1: one LoRA loss + gradient at --model-lengths;
+   the hybrid and plain model also with grad_checkpoint at --checkpoint-lengths.
+3. mlx-lm's own path (its model, LoRA and loss; mlxlab never imported) at --mlx-lm-lengths, each
+   in a subprocess a watchdog stops once its resident memory passes --guard-mb.
+--shape qwen3.5-0.8b takes Qwen3.5-0.8B's published text config instead (24 layers, hidden 1024,
+vocabulary 248,320; 18 gated delta + 6 attention layers) and a plain Qwen3 of that width, depth,
+heads, MLP and vocabulary, LoRA on mlxlab's default targets, for every sweep. A case whose peak,
+extrapolated from its shorter lengths (before any, from its weights and logits), would pass
+--guard-mb is skipped.
 
---shape qwen3.5-0.8b takes Qwen3.5-0.8B's published text config instead (24 layers, hidden
-1024, vocabulary 248,320; 18 gated delta + 6 attention layers) and a plain Qwen3 of the same
-width, depth, heads, MLP and vocabulary, LoRA on mlxlab's default targets (query, key, value,
-out), for the layer, model, grad_checkpoint and mlx-lm sweeps alike.
-
-A case whose peak, extrapolated from its shorter lengths (before any, from its weights and the
-float32 logits and their gradient), would pass --guard-mb is skipped.
-
---step-time times the step instead: the hybrid's and the plain model's loss + gradient at each
---model-lengths, each (model, length) in its own process (one model's compiled kernels and cache
-never help the other), --repeats rounds in alternating order (ABBA), the median of --steps steps
-after a warm-up; the figure is the hybrid's over the plain model's, per round. Denormals are
-flushed, as the training loop flushes them: the gates' products across a chunk make them.
---mixers: the hybrids with trainer.grad_checkpoint=mixers, the plain model as it is, either mode.
+--step-time times the step instead: the plain model's and --families' (the hybrid's) loss +
+gradient at each --model-lengths, each (model, length) in its own process (one model's compiled
+kernels and cache never help another), --repeats rounds in alternating order, the median of
+--steps steps after a warm-up; each figure over the plain model's, per round; denormals flushed.
+--mixers: the hybrids with trainer.grad_checkpoint=mixers (the plain model as it is), either mode.
 
     python benchmarks/memory/bench_hybrid_memory.py    (--help: each option's default)
     python benchmarks/memory/bench_hybrid_memory.py --step-time --model-lengths 2048,4096
@@ -291,9 +284,10 @@ def step_worker(family: str, length: int, steps: int, checkpoint: bool | str) ->
     print(median(seconds))
 
 
-def step_times(lengths: list[int], repeats: int, steps: int, smoke: bool, mixers: bool) -> None:
-    """--step-time: the plain model's and the hybrid's step, ABBA rounds of one process each."""
-    pair, rounds = (REFERENCE, "hybrid"), {n: [] for n in lengths}
+def step_times(lengths: list[int], repeats: int, steps: int, smoke: bool, mixers: bool,
+               families: list[str]) -> None:
+    """--step-time: the plain model's and the families' steps, a process each, alternating."""
+    pair, rounds = (REFERENCE, *families), {n: [] for n in lengths}
     for length, r in ((n, r) for n in lengths for r in range(repeats)):
         rounds[length].append(row := {family: float(subprocess.run(
             [sys.executable, __file__, "--step-worker", family, "--model-lengths", str(length),
@@ -302,18 +296,21 @@ def step_times(lengths: list[int], repeats: int, steps: int, smoke: bool, mixers
             for family in h.in_round(list(pair), r)})
         print(f"{length} round {r + 1}: " + "  ".join(f"{k} {v:.2f} s" for k, v in row.items()),
               flush=True)
-    ratios = {n: sorted(row[pair[1]] / row[pair[0]] for row in rounds[n]) for n in lengths}
-    shown = {"head": ["tokens", "plain qwen3 s / step", "hybrid s / step", "hybrid / plain"],
+    ratios = {(n, f): sorted(row[f] / row[REFERENCE] for row in rounds[n]) for n in lengths
+              for f in families}
+    shown = {"head": ["tokens", *(f"{f} s / step" for f in pair),
+                      *(f"{f} / plain" for f in families)],
              "rows": [[f"{n:,}", *(f"{median(r[f] for r in rounds[n]):.2f}" for f in pair),
-                       f"{median(ratios[n]):.2f}x ({ratios[n][0]:.2f}-{ratios[n][-1]:.2f})"]
-                      for n in lengths]}
+                       *(f"{median(x):.2f}x ({x[0]:.2f}-{x[-1]:.2f})"
+                         for x in (ratios[n, f] for f in families))] for n in lengths]}
     h.print_table(shown)
-    h.write_record("hybrid-step" + "-mixers" * mixers,
-                   {"rounds": rounds, "table": shown, "steps": steps},
-                   question="speed-mlx", reference="a plain qwen3 of the same width and depth",
-                   ratio=round(median(ratios[lengths[-1]]), 3), smoke=smoke,
-                   summary=f"LoRA step time (loss + gradient), Qwen3.5-shaped hybrid over plain "
-                           f"Qwen3, {lengths[-1]:,} tokens{' (mixers recomputed)' * mixers} "
+    first, others = families[0], "".join(f"-{f}" for f in families if f != "hybrid")
+    h.write_record("hybrid-step" + "-mixers" * mixers + others.replace("_", "-"),
+                   {"rounds": rounds, "table": shown, "steps": steps}, question="speed-mlx",
+                   reference="a plain qwen3 of the same width and depth", smoke=smoke,
+                   ratio=round(median(ratios[lengths[-1], first]), 3),
+                   summary=f"LoRA step time (loss + gradient), {first} over plain Qwen3, "
+                           f"{lengths[-1]:,} tokens{' (mixers recomputed)' * mixers} "
                            "(lower is better)")
 
 
@@ -353,16 +350,19 @@ def main() -> None:
     kernels.flush_denormals(True)  # as the training loop does (trainer.flush_denormals)
     if opts.shape not in SHAPES:
         parser.error(f"--shape {opts.shape}: one of {', '.join(SHAPES)}")
-    if opts.step_time and (opts.shape != "small" or opts.families):
-        parser.error("--step-time times the small shape's models alone: drop --shape, --families")
+    if opts.step_time and opts.shape != "small":
+        parser.error("--step-time times the small shape's models alone: drop --shape")
     if opts.step_worker:
         return step_worker(opts.step_worker, int(opts.model_lengths), opts.steps,
                            "mixers" if opts.mixers else False)
     if opts.step_time:
         if opts.smoke:
             opts.model_lengths, opts.repeats, opts.steps = "64", 1, 1
+        timed = [f for f in (opts.families or "hybrid").split(";") if f and f != REFERENCE]
+        if not timed or set(timed) - set(FAMILIES):
+            parser.error(f"--families: names from {'; '.join(FAMILIES)}")
         return step_times(lengths(opts.model_lengths), opts.repeats, opts.steps, opts.smoke,
-                          opts.mixers)
+                          opts.mixers, timed)
     shape = SHAPES[opts.shape]
     catalog = shape["families"] or FAMILIES
     names = [n for n in (opts.families or ";".join(catalog)).split(";") if n]

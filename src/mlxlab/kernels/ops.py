@@ -316,7 +316,8 @@ def depthwise_conv1d(x: mx.array, weight: mx.array, bias: mx.array | None = None
 
 
 def gated_delta(q: mx.array, k: mx.array, v: mx.array, log_g: mx.array, beta: mx.array,
-                state: mx.array, keep: mx.array | None = None) -> tuple[mx.array, mx.array] | None:
+                state: mx.array, keep: mx.array | None = None, delta: bool = True
+                ) -> tuple[mx.array, mx.array] | None:
     """The gated delta rule token by token (mlx-lm's `gated_delta_ops`, the gate as its
     logarithm): q, k (B, T, Hk, Dk), v (B, T, Hv, Dv), log_g (B, T, Hv) or (B, T, Hv, Dk), beta
     (B, T, Hv), state (B, Hv, Dv, Dk), keep (B, T) 1/0 or None -> (y (B, T, Hv, Dv), the final
@@ -324,12 +325,14 @@ def gated_delta(q: mx.array, k: mx.array, v: mx.array, log_g: mx.array, beta: mx
     rows at a time (csrc/gated_delta.cpp), with a backward that recomputes the states from the
     ones the forward kept every 64 tokens. None where the call takes MLX's path (not the CPU, not float32,
     the op skipped): the caller then computes the rule its own way (the chunked form,
-    models/layers/gated_delta.py), which has no kernel of its own to fall back to here."""
+    models/layers/gated_delta.py), which has no kernel of its own to fall back to here.
+    delta=False: gated linear attention, S <- g S + beta v k^T (no - S k term): Mamba-2's scan
+    (models/layers/ssm_scan.py), the backward the same walk with that term's gradients left out."""
     arrays = (q, k, v, log_g, beta, state) if keep is None else (q, k, v, log_g, beta, state, keep)
     module = fused("gated_delta", *arrays)
     if module is None:
         return None
-    return tuple(module.gated_delta(q, k, v, log_g, beta, state, keep))
+    return tuple(module.gated_delta(q, k, v, log_g, beta, state, keep, 0, delta))
 
 
 # The keys draws take instead of the global state's (same_draws), innermost last: each a list

@@ -87,8 +87,8 @@ NB_MODULE(_mlxlab_kernels, m) {
       "gated_delta",
       [](const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& log_g,
          const mx::array& beta, const mx::array& state, const std::optional<mx::array>& keep,
-         int span) {
-        auto out = mlxlab::gated_delta(q, k, v, log_g, beta, state, keep, span);
+         int span, bool delta) {
+        auto out = mlxlab::gated_delta(q, k, v, log_g, beta, state, keep, span, delta);
         return nb::make_tuple(out[0], out[1]);
       },
       "q"_a,
@@ -99,9 +99,11 @@ NB_MODULE(_mlxlab_kernels, m) {
       "state"_a,
       "keep"_a = nb::none(),
       "span"_a = 0,
+      "delta"_a = true,
       "The gated delta rule token by token over float32 q, k (B, T, Hk, Dk), v (B, T, Hv, Dv), "
       "log_g (B, T, Hv[, Dk]), beta (B, T, Hv), state (B, Hv, Dv, Dk), keep (B, T) -> (y, state); "
-      "the forward keeps a state every `span` tokens for the backward (0: the kernel's own).");
+      "the forward keeps a state every `span` tokens for the backward (0: the kernel's own); "
+      "delta=False: gated linear attention (S <- g S + beta v k^T, Mamba-2's scan).");
   m.def(
       "layer_norm",
       [](const mx::array& x, const mx::array& weight, const mx::array& bias, float eps) {

@@ -65,12 +65,13 @@ struct RuleDims {
   int64_t b, t, hk, hv, dk, dv;
   bool vec;    // the gate per key channel (B, T, Hv, Dk), else (B, T, Hv)
   bool masked; // a keep (B, T) input
+  bool delta;  // the delta rule's d = beta (v - S k); else gated linear attention's d = beta v
 };
 
-RuleDims rule_dims(const std::vector<mx::array>& in) {
+RuleDims rule_dims(const std::vector<mx::array>& in, bool delta) {
   const auto &q = in[0], &v = in[2], &lg = in[3];
   return {q.shape(0), q.shape(1), q.shape(2), v.shape(2), q.shape(3), v.shape(3),
-          lg.ndim() == 4, in.size() > 6 && in[6].ndim() == 2};
+          lg.ndim() == 4, in.size() > 6 && in[6].ndim() == 2, delta};
 }
 
 struct RuleInputs {
@@ -105,6 +106,7 @@ struct Token {
   const float *q, *k, *v;
   float beta, qk; // qk = q . k
   bool keep;
+  bool delta = true; // the delta rule's d = beta (v - u); false: d = beta v (u never read)
   std::vector<float> g, gk, gq; // gk = g * k, gq = g * q
   // the head's values of the rows walked, [first, first + count), copied: read in place, a row
   // of v sits 4 KB times the token away from the last, where its 4 KB offset can match a state
@@ -263,49 +265,54 @@ inline __attribute__((always_inline)) void step_four(const Token& tok, const Tok
   float* o2 = f.o[2];
   float* o3 = f.o[3];
 #define MLXLAB_DELTA(r)                                  \
-  const float d##r = (f.v[r] - f.u[r]) * tok.beta;       \
+  const float d##r = (f.v[r] - (tok.delta ? f.u[r] : 0.0f)) * tok.beta; \
   if (READ) {                                            \
     y[r] = std::fma(d##r, tok.qk, f.w[r]);               \
   }
   MLXLAB_ROWS4(MLXLAB_DELTA)
 #undef MLXLAB_DELTA
-  const float* nk = next ? next->gk.data() : nullptr;
+  // the next token's dot products: with gated k into f.u and with gated q into f.w (READ); without
+  // the delta term u is never read, and only q's are taken (into f.w), or none
+  const float* nk = next && tok.delta ? next->gk.data() : nullptr;
   const float* nq = next && READ ? next->gq.data() : nullptr;
+  const float* na = nk ? nk : nq;
+  const float* nb = nk ? nq : nullptr;
+  float* ua = nk ? f.u : f.w;
   if (!KEEP) {
     if (s0 != o0) {
 #define MLXLAB_KEEP(r) std::copy(s##r, s##r + dk, o##r);
       MLXLAB_ROWS4(MLXLAB_KEEP)
 #undef MLXLAB_KEEP
     }
-    if (next) {
-      dots_four(f.o, nk, nq, dk, f.u, f.w);
+    if (na) {
+      dots_four(f.o, na, nb, dk, ua, f.w);
     }
     return;
   }
 #if defined(__AVX2__) && defined(__FMA__)
-  if (next && dk % 8 == 0) {
+  if (na && dk % 8 == 0) {
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     __m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0;
     const __m256 e0 = _mm256_set1_ps(d0), e1 = _mm256_set1_ps(d1);
     const __m256 e2 = _mm256_set1_ps(d2), e3 = _mm256_set1_ps(d3);
     for (int64_t j = 0; j < dk; j += 8) {
       const __m256 gj = _mm256_loadu_ps(g + j), kj = _mm256_loadu_ps(k + j);
-      const __m256 x = _mm256_loadu_ps(nk + j);
-      const __m256 z = READ ? _mm256_loadu_ps(nq + j) : x;
+      const __m256 x = _mm256_loadu_ps(na + j);
+      const __m256 z = READ && nb ? _mm256_loadu_ps(nb + j) : x;
 #define MLXLAB_FUSED(r)                                                                    \
   {                                                                                        \
     const __m256 n = _mm256_fmadd_ps(kj, e##r, _mm256_mul_ps(_mm256_loadu_ps(s##r + j), gj)); \
     _mm256_storeu_ps(o##r + j, n);                                                         \
     a##r = _mm256_fmadd_ps(n, x, a##r);                                                    \
-    if (READ) {                                                                            \
+    if (READ && nb) {                                                                      \
       b##r = _mm256_fmadd_ps(n, z, b##r);                                                  \
     }                                                                                      \
   }
       MLXLAB_ROWS4(MLXLAB_FUSED)
 #undef MLXLAB_FUSED
     }
-    _mm_storeu_ps(f.u, sum_lanes(a0, a1, a2, a3));
-    if (READ) {
+    _mm_storeu_ps(ua, sum_lanes(a0, a1, a2, a3));
+    if (READ && nb) {
       _mm_storeu_ps(f.w, sum_lanes(b0, b1, b2, b3));
     }
     return;
@@ -318,8 +325,8 @@ inline __attribute__((always_inline)) void step_four(const Token& tok, const Tok
     MLXLAB_ROWS4(MLXLAB_NEXT)
 #undef MLXLAB_NEXT
   }
-  if (next) {
-    dots_four(f.o, nk, nq, dk, f.u, f.w);
+  if (na) {
+    dots_four(f.o, na, nb, dk, ua, f.w);
   }
 }
 
@@ -359,10 +366,10 @@ inline __attribute__((always_inline)) float grad_four(const Token& tok, Four& f,
     dots_four(f.e, k, nullptr, dk, f.c, nullptr);
   }
 #define MLXLAB_ROW(r)                                          \
-  const float res##r = f.v[r] - f.u[r], d##r = res##r * beta;  \
+  const float res##r = f.v[r] - (tok.delta ? f.u[r] : 0.0f), d##r = res##r * beta; \
   const float y##r = f.dy[r];                                  \
   const float dd##r = std::fma(y##r, tok.qk, KEEP ? f.c[r] : 0.0f); \
-  const float du##r = -beta * dd##r;                           \
+  const float du##r = tok.delta ? -beta * dd##r : 0.0f;        \
   dv[r] = beta * dd##r;                                        \
   dbeta = std::fma(res##r, dd##r, dbeta);
   MLXLAB_ROWS4(MLXLAB_ROW)
@@ -543,6 +550,7 @@ void forward_head(const RuleDims& d, const RuleInputs& a, int64_t b, int64_t h, 
                   float* s_out, float* kept, int64_t span) {
   const int64_t spans = (d.t + span - 1) / span;
   Token tok(d.dk, d.dv), next(d.dk, d.dv);
+  tok.delta = next.delta = d.delta;
   std::vector<float> pad(8 * d.dk), u(kRowBlock), w(kRowBlock);
   const int64_t state = (b * d.hv + h) * d.dv * d.dk;
   std::copy(a.s0 + state, a.s0 + state + d.dv * d.dk, s_out + state);
@@ -604,6 +612,7 @@ void backward_head(const RuleDims& d, const RuleInputs& a, const float* kept, co
     *g.dbeta = 0.0f;
   }
   Token tok(d.dk, d.dv), next(d.dk, d.dv);
+  tok.delta = next.delta = d.delta;
   const int64_t spans = (d.t + span - 1) / span, width = std::min(span, d.t);
   // one span's states, and each row's u, s . (g * k), token by token (the recompute carries it
   // from one token to the next; the token's backward reads it)
@@ -686,7 +695,7 @@ void check_rule_inputs(const std::vector<mx::array>& in) {
 std::vector<mx::array> gated_delta(const mx::array& q, const mx::array& k, const mx::array& v,
                                    const mx::array& log_g, const mx::array& beta,
                                    const mx::array& state, const std::optional<mx::array>& keep,
-                                   int span) {
+                                   int span, bool delta) {
   auto s = mx::to_stream(mx::Device::cpu);
   std::vector<mx::array> inputs;
   for (const auto* a : {&q, &k, &v, &log_g, &beta, &state}) {
@@ -699,14 +708,14 @@ std::vector<mx::array> gated_delta(const mx::array& q, const mx::array& k, const
   const int every = span > 0 ? span : kSpan, spans = (q.shape(1) + every - 1) / every;
   return mx::array::make_arrays(
       {v.shape(), state.shape(), {v.shape(0), v.shape(2), spans, v.shape(3), q.shape(3)}},
-      {mx::float32, mx::float32, mx::float32}, std::make_shared<GatedDelta>(s, every),
+      {mx::float32, mx::float32, mx::float32}, std::make_shared<GatedDelta>(s, every, delta),
       std::move(inputs));
 }
 
 void GatedDelta::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
   auto& encoder = mx::cpu::get_command_encoder(stream());
   set_arrays(encoder, inputs, outputs);
-  const RuleDims d = rule_dims(inputs);
+  const RuleDims d = rule_dims(inputs, delta_);
   encoder.dispatch([d, a = rule_inputs(inputs, d), y = outputs[0].data<float>(),
                     s1 = outputs[1].data<float>(), kept = outputs[2].data<float>(),
                     span = span_]() {
@@ -732,7 +741,7 @@ std::vector<mx::array> GatedDelta::vjp(const std::vector<mx::array>& primals,
   auto grads = mx::array::make_arrays(
       {per_value_head, per_value_head, v.shape(), primals[3].shape(), primals[4].shape(),
        primals[5].shape()},
-      std::vector<mx::Dtype>(6, mx::float32), std::make_shared<GatedDeltaGrad>(s, span_),
+      std::vector<mx::Dtype>(6, mx::float32), std::make_shared<GatedDeltaGrad>(s, span_, delta_),
       std::move(inputs));
   const int group = v.shape(2) / q.shape(2);
   for (int i : {0, 1}) { // the value heads reading one key head: their gradients summed
@@ -755,7 +764,7 @@ void GatedDeltaGrad::eval_cpu(const std::vector<mx::array>& inputs,
   set_arrays(encoder, inputs, outputs);
   const size_t n = inputs.size();
   const std::vector<mx::array> primals(inputs.begin(), inputs.end() - 3);
-  const RuleDims d = rule_dims(primals);
+  const RuleDims d = rule_dims(primals, delta_);
   GradOutputs o{outputs[0].data<float>(), outputs[1].data<float>(), outputs[2].data<float>(),
                 outputs[3].data<float>(), outputs[4].data<float>(), outputs[5].data<float>()};
   encoder.dispatch([d, a = rule_inputs(primals, d), kept = inputs[n - 3].data<float>(),

@@ -60,10 +60,12 @@ mx::array depthwise_conv1d(const mx::array& x, const mx::array& w,
 // was, its output still read from the step's update), all float32 -> (y (B, T, Hv, Dv), the final
 // state). Differentiable in all but keep: the forward keeps the state entering every `span`
 // tokens (0: gated_delta.cpp's kSpan) for the backward, which recomputes the others from them.
+// delta false: gated linear attention, S <- g S + beta v k^T (Mamba-2's scan with beta its time
+// step, k its B, q its C), not the delta rule's beta (v - S k) k^T.
 std::vector<mx::array> gated_delta(const mx::array& q, const mx::array& k, const mx::array& v,
                                    const mx::array& log_g, const mx::array& beta,
                                    const mx::array& state, const std::optional<mx::array>& keep,
-                                   int span = 0);
+                                   int span = 0, bool delta = true);
 
 // The exact GELU, x * (1 + erf(x / sqrt(2))) / 2, element-wise on float32 (BERT's, GPT-2's MLP).
 mx::array gelu(const mx::array& x);
@@ -458,35 +460,41 @@ class DepthwiseConv1dGrad : public CpuPrimitive {
 // span_ tokens (B, Hv, N, Dv, Dk)).
 class GatedDelta : public CpuPrimitive {
  public:
-  GatedDelta(mx::Stream stream, int span) : CpuPrimitive(stream), span_(span) {}
+  GatedDelta(mx::Stream stream, int span, bool delta)
+      : CpuPrimitive(stream), span_(span), delta_(delta) {}
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
   const char* name() const override {
     return "MlxlabGatedDelta";
   }
   bool is_equivalent(const mx::Primitive& other) const override {
-    return span_ == static_cast<const GatedDelta&>(other).span_;
+    const auto& o = static_cast<const GatedDelta&>(other);
+    return span_ == o.span_ && delta_ == o.delta_;
   }
   MLXLAB_VJP
 
  private:
   int span_;
+  bool delta_;
 };
 
 // Inputs: GatedDelta's, its kept states, then the cotangents of y and of the final state -> the
 // gradients of q and k per value head (B, T, Hv, Dk), of v, log_g, beta and the initial state.
 class GatedDeltaGrad : public CpuPrimitive {
  public:
-  GatedDeltaGrad(mx::Stream stream, int span) : CpuPrimitive(stream), span_(span) {}
+  GatedDeltaGrad(mx::Stream stream, int span, bool delta)
+      : CpuPrimitive(stream), span_(span), delta_(delta) {}
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
   const char* name() const override {
     return "MlxlabGatedDeltaGrad";
   }
   bool is_equivalent(const mx::Primitive& other) const override {
-    return span_ == static_cast<const GatedDeltaGrad&>(other).span_;
+    const auto& o = static_cast<const GatedDeltaGrad&>(other);
+    return span_ == o.span_ && delta_ == o.delta_;
   }
 
  private:
   int span_;
+  bool delta_;
 };
 
 #undef MLXLAB_PRIMITIVE_BODY

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxlab.models.decoders.mlx_lm_fused import _model_modules
+from mlxlab.models.decoders.mlx_lm_fused import wrap_in_modules
 from mlxlab.models.layers.gated_delta import chunked_gated_delta_update
 
 # wrapper -> mlx-lm's gated_delta_update it wraps: a second model of the type never wraps it again
@@ -47,11 +47,4 @@ def use_chunked_gated_delta(lm: nn.Module) -> int:
     returns how many of its model modules call it (0: no gated-delta layer)."""
     from mlx_lm.models import gated_delta
 
-    routed = 0
-    for module in _model_modules(lm):
-        names = vars(module)
-        if names.get("gated_delta_update") is gated_delta.gated_delta_update:
-            names["gated_delta_update"] = chunked_in_training(gated_delta.gated_delta_update)
-        if ORIGINALS.get(names.get("gated_delta_update")) is gated_delta.gated_delta_update:
-            routed += 1
-    return routed
+    return wrap_in_modules(lm, "gated_delta_update", gated_delta.gated_delta_update, chunked_in_training, ORIGINALS)

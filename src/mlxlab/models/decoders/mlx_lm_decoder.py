@@ -41,6 +41,7 @@ from mlxlab.models.decoders.draft_layers import (
 from mlxlab.models.decoders.gated_delta_swap import use_chunked_gated_delta
 from mlxlab.models.decoders.mlx_lm_fused import use_fused_kernels
 from mlxlab.models.decoders.packing import attention_segments, check_packable
+from mlxlab.models.decoders.ssm_swap import use_ssm_scan
 from mlxlab.models.hf import check_vocab, read_config
 from mlxlab.models.mlx_lm_classes import build_lazy, mlx_lm_config, mlx_lm_version, model_classes
 from mlxlab.models.quantized.quantized_cpu import use_fast_cpu_quantized
@@ -212,6 +213,7 @@ class MLXLMDecoder(PretrainedModel):
                               "file, ollama:NAME[:TAG] or a hub id ORG/NAME")
         self.lm = lm
         use_chunked_gated_delta(lm)  # its gated-delta layers (if any) train in chunks
+        use_ssm_scan(lm)  # its Mamba-2 layers (if any) scan through the kernel
         self._hf_config = dict(config)
         self.vocab_size = int(config.get("vocab_size")
                               or (config.get("text_config") or {}).get("vocab_size"))

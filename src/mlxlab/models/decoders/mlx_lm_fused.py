@@ -264,6 +264,21 @@ def _model_modules(lm: nn.Module) -> list[ModuleType]:
     return [sys.modules[n] for n in sorted(names) if n.startswith("mlx_lm.models.")]
 
 
+def wrap_in_modules(lm: nn.Module, name: str, original: Callable,
+                    wrap: Callable[[Callable], Callable], originals: dict) -> int:
+    """Replace `name` in `lm`'s model modules that call mlx-lm's `original` by `wrap(original)`,
+    a wrapper that records itself in `originals` (wrapper -> original), so a module already
+    wrapped is not wrapped again; returns how many modules call the wrapper."""
+    routed = 0
+    for module in _model_modules(lm):
+        names = vars(module)
+        if names.get(name) is original:
+            names[name] = wrap(original)
+        if originals.get(names.get(name)) is original:
+            routed += 1
+    return routed
+
+
 def use_fused_kernels(lm: nn.Module) -> int:
     """Route `lm` (an mlx-lm model) through the fused CPU kernels as the module docstring says;
     returns how many functions, norms, rotations, convolutions and modules' SiLUs now can take
