@@ -105,6 +105,25 @@ def test_the_step_peak_falls_where_the_mixers_hold_the_activations():
     assert after < 0.8 * before, (before, after)
 
 
+# each hybrid family as transformers saves it (tests/hybrid_families.py): its recurrent mixers'
+# class and count; LFM2's short convolutions and Gemma 4 carry no recurrent state
+FAMILY_MIXERS = {"qwen3_5": ("GatedDeltaNet", 1), "qwen3_next": ("Qwen3NextGatedDeltaNet", 1),
+                 "kimi_linear": ("KimiDeltaAttention", 1), "olmo_hybrid": ("GatedDeltaNet", 1),
+                 "nemotron_h": ("NemotronHMamba2Mixer", 1), "falcon_h1": ("FalconH1Mixer", 2),
+                 "granitemoehybrid": ("GraniteMoeHybridMamba2Mixer", 1),
+                 "mamba2": ("Mamba2Block", 2), "lfm2": (None, 0), "gemma4_text": (None, 0)}
+
+
+@pytest.mark.parametrize("kind", list(FAMILY_MIXERS))
+def test_each_familys_recurrent_mixers_are_found(kind, tmp_path):
+    folder = save_tiny_hybrid(kind, tmp_path / kind)
+    model = MLXLMDecoder(vocab_size=1, pretrained=str(folder))
+    name, count = FAMILY_MIXERS[kind]
+    mixers = recurrent_mixers(model)
+    assert len(mixers) == count
+    assert {type(m).__name__ for m in mixers} == ({name} if name else set())
+
+
 def test_a_model_without_recurrent_mixers_is_one_line():
     plain = MLXLMDecoder(vocab_size=128, hf_config={**WIDTH, "model_type": "qwen3", "rope_theta": 1e6})
     with pytest.raises(ConfigError, match="has no recurrent .* mixers to recompute; use true"):
