@@ -106,7 +106,6 @@ struct Token {
   const float *q, *k, *v;
   float beta, qk; // qk = q . k
   bool keep;
-  bool delta = true; // the delta rule's d = beta (v - u); false: d = beta v (u never read)
   std::vector<float> g, gk, gq; // gk = g * k, gq = g * q
   // the head's values of the rows walked, [first, first + count), copied: read in place, a row
   // of v sits 4 KB times the token away from the last, where its 4 KB offset can match a state
@@ -244,15 +243,53 @@ struct Four {
   float c[4]; // the backward's e . k
 };
 
+// The token's step over four rows without the delta term (gated linear attention: d = beta v,
+// Mamba-2's scan): the update, then the next token's dot products with its gated q alone (READ),
+// a second pass over the rows, which are in L1.
+template <bool KEEP, bool READ>
+inline void linear_step_four(const Token& tok, const Token* next, Four& f, float* y, int64_t dk) {
+  const float* __restrict k = tok.k;
+  const float* __restrict g = tok.g.data();
+  float d[4];
+  for (int r = 0; r < 4; ++r) {
+    d[r] = f.v[r] * tok.beta;
+    if (READ) {
+      y[r] = std::fma(d[r], tok.qk, f.w[r]);
+    }
+  }
+  for (int r = 0; r < 4; ++r) {
+    const float* s = f.s[r];
+    float* o = f.o[r];
+    if (!KEEP) {
+      if (s != o) {
+        std::copy(s, s + dk, o);
+      }
+      continue;
+    }
+    const float dr = d[r];
+#pragma omp simd
+    for (int64_t j = 0; j < dk; ++j) {
+      o[j] = std::fma(k[j], dr, s[j] * g[j]);
+    }
+  }
+  if (next && READ) {
+    dots_four(f.o, next->gq.data(), nullptr, dk, f.w, nullptr);
+  }
+}
+
 // The token's step over four rows (updated in place unless the step is masked): f.u and f.w hold
 // the rows' dot products with the token's gated k and q (taken by the token before, or by
 // dots_four where a walk starts), y[r] gets their outputs (READ): y_r = S'_r . q = (g * s_r) . q
 // + d_r (k . q). Where next is not null, the updated rows' dot products with the next token's
 // gated k (and q, READ) are taken in the same pass as the update and left in f.u (f.w): one pass
 // over the rows a token, and the sums of a group's next token are far from where they are read.
-template <bool KEEP, bool READ>
+template <bool KEEP, bool READ, bool DELTA>
 inline __attribute__((always_inline)) void step_four(const Token& tok, const Token* next, Four& f,
                                                      float* y, int64_t dk) {
+  if constexpr (!DELTA) {
+    linear_step_four<KEEP, READ>(tok, next, f, y, dk);
+    return;
+  }
   const float* __restrict k = tok.k;
   const float* __restrict g = tok.g.data();
   // o[r] may be s[r]: each j reads s[r][j] before it writes o[r][j], which omp simd allows
@@ -265,54 +302,49 @@ inline __attribute__((always_inline)) void step_four(const Token& tok, const Tok
   float* o2 = f.o[2];
   float* o3 = f.o[3];
 #define MLXLAB_DELTA(r)                                  \
-  const float d##r = (f.v[r] - (tok.delta ? f.u[r] : 0.0f)) * tok.beta; \
+  const float d##r = (f.v[r] - f.u[r]) * tok.beta;       \
   if (READ) {                                            \
     y[r] = std::fma(d##r, tok.qk, f.w[r]);               \
   }
   MLXLAB_ROWS4(MLXLAB_DELTA)
 #undef MLXLAB_DELTA
-  // the next token's dot products: with gated k into f.u and with gated q into f.w (READ); without
-  // the delta term u is never read, and only q's are taken (into f.w), or none
-  const float* nk = next && tok.delta ? next->gk.data() : nullptr;
+  const float* nk = next ? next->gk.data() : nullptr;
   const float* nq = next && READ ? next->gq.data() : nullptr;
-  const float* na = nk ? nk : nq;
-  const float* nb = nk ? nq : nullptr;
-  float* ua = nk ? f.u : f.w;
   if (!KEEP) {
     if (s0 != o0) {
 #define MLXLAB_KEEP(r) std::copy(s##r, s##r + dk, o##r);
       MLXLAB_ROWS4(MLXLAB_KEEP)
 #undef MLXLAB_KEEP
     }
-    if (na) {
-      dots_four(f.o, na, nb, dk, ua, f.w);
+    if (next) {
+      dots_four(f.o, nk, nq, dk, f.u, f.w);
     }
     return;
   }
 #if defined(__AVX2__) && defined(__FMA__)
-  if (na && dk % 8 == 0) {
+  if (next && dk % 8 == 0) {
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     __m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0;
     const __m256 e0 = _mm256_set1_ps(d0), e1 = _mm256_set1_ps(d1);
     const __m256 e2 = _mm256_set1_ps(d2), e3 = _mm256_set1_ps(d3);
     for (int64_t j = 0; j < dk; j += 8) {
       const __m256 gj = _mm256_loadu_ps(g + j), kj = _mm256_loadu_ps(k + j);
-      const __m256 x = _mm256_loadu_ps(na + j);
-      const __m256 z = READ && nb ? _mm256_loadu_ps(nb + j) : x;
+      const __m256 x = _mm256_loadu_ps(nk + j);
+      const __m256 z = READ ? _mm256_loadu_ps(nq + j) : x;
 #define MLXLAB_FUSED(r)                                                                    \
   {                                                                                        \
     const __m256 n = _mm256_fmadd_ps(kj, e##r, _mm256_mul_ps(_mm256_loadu_ps(s##r + j), gj)); \
     _mm256_storeu_ps(o##r + j, n);                                                         \
     a##r = _mm256_fmadd_ps(n, x, a##r);                                                    \
-    if (READ && nb) {                                                                      \
+    if (READ) {                                                                            \
       b##r = _mm256_fmadd_ps(n, z, b##r);                                                  \
     }                                                                                      \
   }
       MLXLAB_ROWS4(MLXLAB_FUSED)
 #undef MLXLAB_FUSED
     }
-    _mm_storeu_ps(ua, sum_lanes(a0, a1, a2, a3));
-    if (READ && nb) {
+    _mm_storeu_ps(f.u, sum_lanes(a0, a1, a2, a3));
+    if (READ) {
       _mm_storeu_ps(f.w, sum_lanes(b0, b1, b2, b3));
     }
     return;
@@ -325,8 +357,8 @@ inline __attribute__((always_inline)) void step_four(const Token& tok, const Tok
     MLXLAB_ROWS4(MLXLAB_NEXT)
 #undef MLXLAB_NEXT
   }
-  if (na) {
-    dots_four(f.o, na, nb, dk, ua, f.w);
+  if (next) {
+    dots_four(f.o, nk, nq, dk, f.u, f.w);
   }
 }
 
@@ -343,7 +375,7 @@ struct TokenGrads {
 // gradient. With G = dS' (e + dy q; dy q where the step is masked and e passes through),
 // G . k = e . k + dy (q . k): a first pass takes e . k (the state's dot products are the
 // recompute's), the second everything else.
-template <bool KEEP>
+template <bool KEEP, bool DELTA>
 inline __attribute__((always_inline)) float grad_four(const Token& tok, Four& f, float* dv,
                                                       const TokenGrads& out,
                                                       float* __restrict gsum, int64_t dk) {
@@ -366,10 +398,10 @@ inline __attribute__((always_inline)) float grad_four(const Token& tok, Four& f,
     dots_four(f.e, k, nullptr, dk, f.c, nullptr);
   }
 #define MLXLAB_ROW(r)                                          \
-  const float res##r = f.v[r] - (tok.delta ? f.u[r] : 0.0f), d##r = res##r * beta; \
+  const float res##r = DELTA ? f.v[r] - f.u[r] : f.v[r], d##r = res##r * beta; \
   const float y##r = f.dy[r];                                  \
   const float dd##r = std::fma(y##r, tok.qk, KEEP ? f.c[r] : 0.0f); \
-  const float du##r = tok.delta ? -beta * dd##r : 0.0f;        \
+  const float du##r = DELTA ? -beta * dd##r : 0.0f;            \
   dv[r] = beta * dd##r;                                        \
   dbeta = std::fma(res##r, dd##r, dbeta);
   MLXLAB_ROWS4(MLXLAB_ROW)
@@ -493,6 +525,7 @@ void first_dots(const Token& tok, const RowBlock& rb, float* u, float* w) {
 // The token's step over a row block (updated in place unless masked): u and w (the block's rows)
 // hold the rows' dot products with its gated k and q, replaced by next's where next is not null;
 // y (the head's output row) gets the rows' outputs when not null (w is then read, else unused).
+template <bool DELTA>
 void step_rows(const Token& tok, const Token* next, const RowBlock& rb, float* y, float* u,
                float* w) {
   rb.each_four(tok, nullptr, [&](Four& f, int64_t i, int64_t n) {
@@ -500,12 +533,12 @@ void step_rows(const Token& tok, const Token* next, const RowBlock& rb, float* y
     load_four(f.w, y ? w + i : nullptr, n);
     float out[4];
     if (y) {
-      tok.keep ? step_four<true, true>(tok, next, f, out, rb.dk)
-               : step_four<false, true>(tok, next, f, out, rb.dk);
+      tok.keep ? step_four<true, true, DELTA>(tok, next, f, out, rb.dk)
+               : step_four<false, true, DELTA>(tok, next, f, out, rb.dk);
       store_four(y + rb.r0 + i, out, n);
     } else {
-      tok.keep ? step_four<true, false>(tok, next, f, out, rb.dk)
-               : step_four<false, false>(tok, next, f, out, rb.dk);
+      tok.keep ? step_four<true, false, DELTA>(tok, next, f, out, rb.dk)
+               : step_four<false, false, DELTA>(tok, next, f, out, rb.dk);
     }
     if (next) {
       store_four(u + i, f.u, n);
@@ -520,14 +553,15 @@ void step_rows(const Token& tok, const Token* next, const RowBlock& rb, float* y
 // the cotangent of the state after it (replaced by the one before it), dy the head's output
 // cotangent row, u the block's rows' s . (g * k) (the recompute's); gsum (Dk) collects
 // sum_i dA_i * S_i per channel.
+template <bool DELTA>
 void step_rows_grad(const Token& tok, const RowBlock& rb, const float* dy, const float* u,
                     const TokenGrads& out, float* gsum) {
   float dbeta = 0.0f;
   rb.each_four(tok, dy, [&](Four& f, int64_t i, int64_t n) {
     float dv[4];
     load_four(f.u, u + i, n);
-    dbeta += tok.keep ? grad_four<true>(tok, f, dv, out, gsum, rb.dk)
-                      : grad_four<false>(tok, f, dv, out, gsum, rb.dk);
+    dbeta += tok.keep ? grad_four<true, DELTA>(tok, f, dv, out, gsum, rb.dk)
+                      : grad_four<false, DELTA>(tok, f, dv, out, gsum, rb.dk);
     store_four(out.dv + rb.r0 + i, dv, n);
   });
   *out.dbeta += dbeta;
@@ -546,11 +580,11 @@ struct GradOutputs {
 
 // The forward of one (batch row, head): its rows a block at a time over all tokens; kept (B,
 // Hv, N, Dv, Dk) gets the state entering every span of `span` tokens.
+template <bool DELTA>
 void forward_head(const RuleDims& d, const RuleInputs& a, int64_t b, int64_t h, float* y,
                   float* s_out, float* kept, int64_t span) {
   const int64_t spans = (d.t + span - 1) / span;
   Token tok(d.dk, d.dv), next(d.dk, d.dv);
-  tok.delta = next.delta = d.delta;
   std::vector<float> pad(8 * d.dk), u(kRowBlock), w(kRowBlock);
   const int64_t state = (b * d.hv + h) * d.dv * d.dk;
   std::copy(a.s0 + state, a.s0 + state + d.dv * d.dk, s_out + state);
@@ -573,7 +607,7 @@ void forward_head(const RuleDims& d, const RuleInputs& a, int64_t b, int64_t h, 
           Token::prefetch(d, a, b, h, t + 2);
         }
       }
-      step_rows(tok, more ? &next : nullptr, rb, y + value_row(d, b, h, t),
+      step_rows<DELTA>(tok, more ? &next : nullptr, rb, y + value_row(d, b, h, t),
                 u.data(), w.data());
       if (more) {
         std::swap(tok, next);
@@ -601,6 +635,7 @@ void add_gate_grad(const Token& tok, const float* gsum, float* dlg, bool vec, in
 
 // The backward of one (batch row, head): kept the forward's states a span apart (B, Hv, N, Dv,
 // Dk), ds_in its final state's cotangent (B, Hv, Dv, Dk), dy the outputs' (B, T, Hv, Dv).
+template <bool DELTA>
 void backward_head(const RuleDims& d, const RuleInputs& a, const float* kept, const float* dy,
                    const float* ds_in, const GradOutputs& o, int64_t b, int64_t h, int64_t span) {
   const int64_t state = (b * d.hv + h) * d.dv * d.dk, lg_width = d.vec ? d.dk : 1;
@@ -612,7 +647,6 @@ void backward_head(const RuleDims& d, const RuleInputs& a, const float* kept, co
     *g.dbeta = 0.0f;
   }
   Token tok(d.dk, d.dv), next(d.dk, d.dv);
-  tok.delta = next.delta = d.delta;
   const int64_t spans = (d.t + span - 1) / span, width = std::min(span, d.t);
   // one span's states, and each row's u, s . (g * k), token by token (the recompute carries it
   // from one token to the next; the token's backward reads it)
@@ -643,8 +677,8 @@ void backward_head(const RuleDims& d, const RuleInputs& a, const float* kept, co
         if (t + 2 < t1) {
           Token::prefetch(d, a, b, h, t + 2);
         }
-        step_rows(tok, &next, block(next_state - size, next_state, nullptr), nullptr, u.data(),
-                  nullptr);
+        step_rows<DELTA>(tok, &next, block(next_state - size, next_state, nullptr), nullptr,
+                         u.data(), nullptr);
         std::swap(tok, next);
       }
       for (int64_t t = t1 - 1; t >= t0; --t) {
@@ -658,7 +692,7 @@ void backward_head(const RuleDims& d, const RuleInputs& a, const float* kept, co
         float* entering = span_states.data() + (t - t0) * size;
         const float* dy_t = dy + value_row(d, b, h, t);
         std::copy(dy_t + r0, dy_t + r0 + rows, dy_row.begin() + r0); // as Token copies v's
-        step_rows_grad(tok, block(entering, entering, ds.data()), dy_row.data(),
+        step_rows_grad<DELTA>(tok, block(entering, entering, ds.data()), dy_row.data(),
                        us.data() + (t - t0) * rows, g, gsum.data());
         add_gate_grad(tok, gsum.data(), g.dlg, d.vec, d.dk);
       }
@@ -721,7 +755,11 @@ void GatedDelta::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::
                     span = span_]() {
     parallel_for(d.b * d.hv, d.t * d.dv * d.dk, [&](int64_t begin, int64_t end) {
       for (int64_t job = begin; job < end; ++job) {
-        forward_head(d, a, job / d.hv, job % d.hv, y, s1, kept, span);
+        if (d.delta) {
+          forward_head<true>(d, a, job / d.hv, job % d.hv, y, s1, kept, span);
+        } else {
+          forward_head<false>(d, a, job / d.hv, job % d.hv, y, s1, kept, span);
+        }
       }
     });
   });
@@ -772,7 +810,11 @@ void GatedDeltaGrad::eval_cpu(const std::vector<mx::array>& inputs,
                     span = span_]() {
     parallel_for(d.b * d.hv, 4 * d.t * d.dv * d.dk, [&](int64_t begin, int64_t end) {
       for (int64_t job = begin; job < end; ++job) {
-        backward_head(d, a, kept, dy, ds, o, job / d.hv, job % d.hv, span);
+        if (d.delta) {
+          backward_head<true>(d, a, kept, dy, ds, o, job / d.hv, job % d.hv, span);
+        } else {
+          backward_head<false>(d, a, kept, dy, ds, o, job / d.hv, job % d.hv, span);
+        }
       }
     });
   });
