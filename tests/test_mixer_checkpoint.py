@@ -34,7 +34,8 @@ CONFIGS = {  # model_type -> (its config, its recurrent mixers' class, how many)
                     "use_bias": False, "use_conv_bias": True}, "NemotronHMamba2Mixer", 2),
     # Falcon-H1: a Mamba-2 mixer beside the attention in every layer
     "falcon_h1": ({**WIDTH, "model_type": "falcon_h1", "mamba_n_heads": 8, "mamba_d_head": 16,
-                   "mamba_d_ssm": 128, "mamba_d_state": 16, "mamba_n_groups": 2}, "FalconH1Mixer", 4),
+                   "mamba_d_ssm": 128, "mamba_d_state": 16, "mamba_n_groups": 2},
+                  "FalconH1Mixer", 4),
 }
 LORA = {"rank": 4, "alpha": 8.0, "targets": ["query", "key", "value", "out", "in_proj_qkv",
                                               "in_proj_z", "in_proj", "gate_proj", "down_proj"]}
@@ -125,7 +126,8 @@ def test_each_familys_recurrent_mixers_are_found(kind, tmp_path):
 
 
 def test_a_model_without_recurrent_mixers_is_one_line():
-    plain = MLXLMDecoder(vocab_size=128, hf_config={**WIDTH, "model_type": "qwen3", "rope_theta": 1e6})
+    plain = MLXLMDecoder(vocab_size=128,
+                         hf_config={**WIDTH, "model_type": "qwen3", "rope_theta": 1e6})
     with pytest.raises(ConfigError, match="has no recurrent .* mixers to recompute; use true"):
         checkpoint_mixers(plain)
 

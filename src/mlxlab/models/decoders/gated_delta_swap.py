@@ -47,4 +47,5 @@ def use_chunked_gated_delta(lm: nn.Module) -> int:
     returns how many of its model modules call it (0: no gated-delta layer)."""
     from mlx_lm.models import gated_delta
 
-    return wrap_in_modules(lm, "gated_delta_update", gated_delta.gated_delta_update, chunked_in_training, ORIGINALS)
+    return wrap_in_modules(lm, "gated_delta_update", gated_delta.gated_delta_update,
+                           chunked_in_training, ORIGINALS)

@@ -1,4 +1,5 @@
-"""mlx-lm's Mamba-2 layers scan through the gated linear attention kernel (models/layers/ssm_scan.py).
+"""mlx-lm's Mamba-2 layers scan through the gated linear attention kernel
+(models/layers/ssm_scan.py).
 
 mlx-lm's Nemotron-H, Falcon-H1, Granite-4.0-H, Mamba-2 and PLaMo-2 mixers call their module's
 `ssm_update`, which without Metal (and for every prompt longer than a token) is `ssm_attn`: the

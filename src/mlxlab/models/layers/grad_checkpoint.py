@@ -1,12 +1,12 @@
-"""Gradient checkpointing (trainer.grad_checkpoint): each decoder block (true), or each
-recurrent sequence mixer (mixers), keeps only its input for the backward and recomputes its
-activations there, trading one more forward of it for the memory of its activations (long rows).
-A hybrid's gated-delta and Mamba mixers hold most of its activations (a gated-delta layer's
-projections are 4-8x the hidden width, each kept for the backward): recomputing them alone brings
-its step's memory to the plain model's and leaves its attention layers and MLPs as they are. mlx-lm's recipe (`mx.checkpoint` over the
-block's call), applied to these block instances only: each gets a subclass whose call is
-checkpointed, so its parameter names, other models and other blocks of the same class (a
-teacher's, an evaluation copy's) stay as they were.
+"""Gradient checkpointing (trainer.grad_checkpoint): each decoder block (true), or each recurrent
+sequence mixer (mixers), keeps only its input for the backward and recomputes its activations
+there, trading one more forward of it for the memory of its activations (long rows). A hybrid's
+gated-delta and Mamba mixers hold most of its activations (a gated-delta layer's projections are
+4-8x the hidden width, each kept for the backward): recomputing them alone brings its step's
+memory to the plain model's and leaves its attention layers and MLPs as they are. mlx-lm's
+recipe (`mx.checkpoint` over the block's call), applied to these instances only (blocks or
+mixers): each gets a subclass whose call is checkpointed, so its parameter names, other models
+and other blocks of the same class (a teacher's, an evaluation copy's) stay as they were.
 
 `recomputed` is the checkpoint every recomputing part uses (these blocks, CachedMNRL's
 mini-batches, FSDP's units): the recompute draws the forward's dropout masks (a key drawn once
