@@ -418,6 +418,28 @@ def test_the_kernels_backward_from_states_kept_a_span_apart(span, dv, dk, vector
 
 
 @pytest.mark.usefixtures("fused_kernels_on")
+@pytest.mark.parametrize("delta", [True, False], ids=["delta-rule", "linear-attention"])
+def test_the_backward_alone_from_the_kept_states_is_the_vjps(delta):
+    """kernels.gated_delta_grad (what a replayed mixer's recompute calls: models/layers/replay.py)
+    from the states the forward returned with_kept, a span of 16 over 70 masked tokens: the
+    gradients mx.vjp gives through the kernel, to the bit (the same primitive); kept states of
+    the wrong count are refused in one line."""
+    q, k, v, g, beta, state = rule_inputs(70, False, seed=4)
+    primals = [q, k, v, mx.log(g), beta, state, padding_mask(70).astype(mx.float32)]
+    mx.random.seed(5)
+    dy, ds = mx.random.normal(v.shape), mx.random.normal(state.shape)
+    y, final, kept = kernels.gated_delta(*primals, delta=delta, with_kept=True, span=16)
+    assert kept.shape == (B, HV, 5, DV, DK)
+    got = kernels.gated_delta_grad(primals, kept, dy, ds, delta=delta, span=16)
+    _, want = mx.vjp(lambda *xs: list(kernels.gated_delta(*xs, delta=delta, span=16)),
+                     primals, [dy, ds])
+    for name, a, b in zip(NAMES[2:], got, want[:6]):
+        assert mx.array_equal(a, b), name
+    with pytest.raises(ValueError, match="expected kept"):
+        kernels.gated_delta_grad(primals, kept[:, :, :4], dy, ds, delta=delta, span=16)
+
+
+@pytest.mark.usefixtures("fused_kernels_on")
 def test_the_kernel_refuses_shapes_it_does_not_read():
     """A beta or a state that does not match q, k and v: one line naming the expected shapes."""
     q, k, v, g, beta, state = rule_inputs(9, False, seed=9)

@@ -150,7 +150,8 @@ def test_a_loaded_hybrids_silu_calls_take_the_kernel(kind, tmp_path, monkeypatch
     """A tiny transformers-saved hybrid of each family loaded by mlxlab: the mlx-lm module
     holding its short convolutions sees ROUTED_NN as `nn` (once: routing it again changes
     nothing); with the kernels on, each nn.silu call mlx-lm's code makes (as many as the
-    unrouted module makes) is kernels.silu, with the logits, loss and every gradient of the
+    unrouted module makes) is kernels.silu, or where its input is the routed convolution's
+    output the convolution with its SiLU fused, with the logits, loss and every gradient of the
     unrouted model to the bit (each SiLU's input is a convolution's or a projection's output
     used by nothing else); with the kernels off or the op skipped, no kernel call and the
     unrouted model's bits."""
@@ -164,12 +165,20 @@ def test_a_loaded_hybrids_silu_calls_take_the_kernel(kind, tmp_path, monkeypatch
     routed = use_fused_kernels(model.lm)  # a second routing (another model) wraps nothing again
     assert use_fused_kernels(model.lm) == routed and routed_modules(model) == modules
     ids = mx.array(np.random.default_rng(0).integers(0, model.vocab_size, (2, 29)))
-    fused_calls, mlx_calls = [], []
-    silu = kernels.silu
+    fused_calls, mlx_calls, paired = [], [], []
+    silu, conv = kernels.silu, kernels.depthwise_conv1d
     monkeypatch.setattr(kernels, "silu", lambda x: fused_calls.append(1) or silu(x))
+
+    def fused_conv(*arrays: mx.array, silu: bool = False) -> mx.array:
+        if silu:  # a SiLU of the convolution that ran last: both in one kernel call
+            fused_calls.append(1)
+            paired.append(1)
+        return conv(*arrays, silu=silu)
+
+    monkeypatch.setattr(kernels, "depthwise_conv1d", fused_conv)
     fused = logits_loss_grads(model, ids)
     want = unrouted(model, ids, modules, monkeypatch, mlx_calls)
-    assert fused_calls and len(fused_calls) == len(mlx_calls)
+    assert fused_calls and len(fused_calls) == len(mlx_calls) and paired
     assert_same(fused, want)
     kernels.set_skip(["silu"])
     try:

@@ -23,7 +23,8 @@ extrapolated from its shorter lengths (before any, from its weights and logits),
 gradient at each --model-lengths, each (model, length) in its own process (one model's compiled
 kernels and cache never help another), --repeats rounds in alternating order, the median of
 --steps steps after a warm-up; each figure over the plain model's, per round; denormals flushed.
---mixers: the hybrids with trainer.grad_checkpoint=mixers (the plain model as it is), either mode.
+--mixers MODE: the hybrids with trainer.grad_checkpoint=MODE, mixers or cores (the plain model as
+it is), either mode.
 
     python benchmarks/memory/bench_hybrid_memory.py    (--help: each option's default)
     python benchmarks/memory/bench_hybrid_memory.py --step-time --model-lengths 2048,4096
@@ -188,13 +189,14 @@ def model_step(config: dict, length: int, checkpoint: bool | str = False,
                targets: list[str] = LORA_TARGETS, head_chunk: int = 0
                ) -> tuple[Callable[[], object], float]:
     """mlxlab's mlx-lm decoder built from `config` with LoRA on `targets` (its blocks recomputed
-    in the backward with `checkpoint`, its recurrent mixers with "mixers"): one loss + gradient
+    in the backward with `checkpoint`, its recurrent mixers with "mixers" or "cores"): one loss +
+    gradient
     at `length`, and the MB its weights (base and adapters) hold. The loss is a run's
     (objective.head_chunk=`head_chunk`)."""
     vocab = vocabulary(config)
     model = MLXLMDecoder(vocab_size=vocab, hf_config=config, lora={**LORA, "targets": targets})
-    if checkpoint == "mixers" and grad_checkpoint.recurrent_mixers(model):
-        grad_checkpoint.checkpoint_mixers(model)
+    if checkpoint in ("mixers", "cores") and grad_checkpoint.recurrent_mixers(model):
+        grad_checkpoint.checkpoint_mixers(model, cores=checkpoint == "cores")
     elif checkpoint is True:
         grad_checkpoint.checkpoint_blocks(model)
     mx.eval(model.train().parameters())
@@ -284,14 +286,14 @@ def step_worker(family: str, length: int, steps: int, checkpoint: bool | str) ->
     print(median(seconds))
 
 
-def step_times(lengths: list[int], repeats: int, steps: int, smoke: bool, mixers: bool,
+def step_times(lengths: list[int], repeats: int, steps: int, smoke: bool, mixers: str,
                families: list[str]) -> None:
     """--step-time: the plain model's and the families' steps, a process each, alternating."""
     pair, rounds = (REFERENCE, *families), {n: [] for n in lengths}
     for length, r in ((n, r) for n in lengths for r in range(repeats)):
         rounds[length].append(row := {family: float(subprocess.run(
             [sys.executable, __file__, "--step-worker", family, "--model-lengths", str(length),
-             "--steps", str(steps), *(["--mixers"] if mixers else [])],
+             "--steps", str(steps), *(["--mixers", mixers] if mixers else [])],
             capture_output=True, text=True, check=True).stdout.split()[-1])
             for family in h.in_round(list(pair), r)})
         print(f"{length} round {r + 1}: " + "  ".join(f"{k} {v:.2f} s" for k, v in row.items()),
@@ -305,12 +307,12 @@ def step_times(lengths: list[int], repeats: int, steps: int, smoke: bool, mixers
                          for x in (ratios[n, f] for f in families))] for n in lengths]}
     h.print_table(shown)
     first, others = families[0], "".join(f"-{f}" for f in families if f != "hybrid")
-    h.write_record("hybrid-step" + "-mixers" * mixers + others.replace("_", "-"),
+    h.write_record("hybrid-step" + f"-{mixers}" * bool(mixers) + others.replace("_", "-"),
                    {"rounds": rounds, "table": shown, "steps": steps}, question="speed-mlx",
                    reference="a plain qwen3 of the same width and depth", smoke=smoke,
                    ratio=round(median(ratios[lengths[-1], first]), 3),
                    summary=f"LoRA step time (loss + gradient), {first} over plain Qwen3, "
-                           f"{lengths[-1]:,} tokens{' (mixers recomputed)' * mixers} "
+                           f"{lengths[-1]:,} tokens{f' (grad_checkpoint={mixers})' * bool(mixers)} "
                            "(lower is better)")
 
 
@@ -342,7 +344,7 @@ def main() -> None:
                   families=(None, f"the model sweep's families (separated by ;; the small shape's: "
                                   f"{'; '.join(FAMILIES)}); default all the shape's"),
                   step_time=(False, "time the plain and hybrid steps at --model-lengths instead"),
-                  mixers=(False, "the hybrids with grad_checkpoint=mixers"),
+                  mixers=("", "the hybrids with grad_checkpoint=MODE: mixers or cores"),
                   repeats=(3, "--step-time's rounds"), steps=(3, "--step-time's timed steps"),
                   head_chunk=(0, "objective.head_chunk (MLX's memory limit then --guard-mb)"))
     parser.add_argument("--step-worker", help=argparse.SUPPRESS)
@@ -354,7 +356,7 @@ def main() -> None:
         parser.error("--step-time times the small shape's models alone: drop --shape")
     if opts.step_worker:
         return step_worker(opts.step_worker, int(opts.model_lengths), opts.steps,
-                           "mixers" if opts.mixers else False)
+                           opts.mixers or False)
     if opts.step_time:
         if opts.smoke:
             opts.model_lengths, opts.repeats, opts.steps = "64", 1, 1
@@ -379,7 +381,7 @@ def main() -> None:
     build = {"targets": targets, "head_chunk": opts.head_chunk}
     mx.set_memory_limit(int(guard * MB) if opts.head_chunk else mx.get_memory_limit())
     model = guarded_sweep(families, lengths(opts.model_lengths), guard, "model",
-                          checkpoint="mixers" if opts.mixers else False, **build)
+                          checkpoint=opts.mixers or False, **build)
     kept = guarded_sweep({n: catalog[n] for n in (REFERENCE, "hybrid") if n in families},
                          lengths(opts.checkpoint_lengths), guard, "grad_checkpoint",
                          checkpoint=True, **build)
@@ -408,7 +410,7 @@ def main() -> None:
     # one summary row per shape and sweep (the page shows each name's newest record)
     name = ("hybrid-memory" + ("" if opts.shape == "small" else f"-{opts.shape}")
             + ("-grad-checkpoint" if sweep else "") + ("-head-chunk" if opts.head_chunk else "")
-            + ("-mixers" if opts.mixers else "")
+            + (f"-{opts.mixers}" if opts.mixers else "")
             + ("" if measured else "-hybrid-alone"))
     alone = {} if measured else {"table": table(rows, ["hybrid", "hybrid weights", "hybrid s"])}
     h.write_record(name, {**alone, "tables": tables, "layer_mb": layer, "model_mb": model,

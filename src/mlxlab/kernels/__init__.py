@@ -5,8 +5,9 @@ mask: `causal_additive_mask`), `rms_norm`,
 `layer_norm`, `dropout`, `rope`, `split_heads`/`merge_heads`, `depthwise_conv1d` (a hybrid's short
 causal convolution, optionally with its SiLU), `silu` (nn.silu: the SiLU mlx-lm's hybrids apply
 after that convolution), `gated_delta` (the gated delta rule token by token, which the hybrids'
-gated-delta layers train through on the CPU; None off it) and `dequantize` (a 4/8-bit weight for the float
-GEMM: models/quantized/quantized_cpu.py) here, and the trainer's AdamW is `AdamW` (adamw.py); each
+gated-delta layers train through on the CPU; None off it; `gated_delta_grad` its backward
+alone) and `dequantize` (a 4/8-bit weight for the float GEMM: models/quantized/quantized_cpu.py)
+here, and the trainer's AdamW is `AdamW` (adamw.py); each
 call picks the fused primitive or the composed MLX ops. Why: on x86, MLX's CPU exp/sigmoid run
 scalar on one thread, so the vocabulary softmax, the attention softmax and the SiLU of a small
 transformer cost several times PyTorch's, its erf (the exact GELU) is a scalar libm call that took
@@ -67,6 +68,7 @@ from mlxlab.kernels.ops import (
     dequantize,
     dropout,
     gated_delta,
+    gated_delta_grad,
     gelu,
     gelu_gate,
     layer_norm,
@@ -85,7 +87,7 @@ from mlxlab.kernels.ops import (
 )
 
 __all__ = ["MODES", "OPS", "AdamW", "attention", "bf16_matmul", "bf16_product", "causal_additive_mask", "cross_entropy", "depthwise_conv1d", "dequantize", "dropout", "extension",
-           "flush_denormals", "gated_delta", "gelu", "gelu_gate",
+           "flush_denormals", "gated_delta", "gated_delta_grad", "gelu", "gelu_gate",
            "isa_level", "layer_norm", "merge_heads", "mlx_cross_entropy", "mlx_depthwise_conv1d", "mlx_gelu_gate", "mode", "next_key", "quantized_product", "rms_norm", "rope",
            "same_draws", "set_mode", "set_skip", "set_threads", "silu", "skipped", "split_heads", "status", "swiglu",
            "threads"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxlab.kernels.dispatch import fused, skipped
+from mlxlab.kernels.dispatch import extension, fused, skipped
 from mlxlab.runtime.compute import bf16, blas
 
 
@@ -316,8 +316,8 @@ def depthwise_conv1d(x: mx.array, weight: mx.array, bias: mx.array | None = None
 
 
 def gated_delta(q: mx.array, k: mx.array, v: mx.array, log_g: mx.array, beta: mx.array,
-                state: mx.array, keep: mx.array | None = None, delta: bool = True
-                ) -> tuple[mx.array, mx.array] | None:
+                state: mx.array, keep: mx.array | None = None, delta: bool = True,
+                with_kept: bool = False, span: int = 0) -> tuple[mx.array, ...] | None:
     """The gated delta rule token by token (mlx-lm's `gated_delta_ops`, the gate as its
     logarithm): q, k (B, T, Hk, Dk), v (B, T, Hv, Dv), log_g (B, T, Hv) or (B, T, Hv, Dk), beta
     (B, T, Hv), state (B, Hv, Dv, Dk), keep (B, T) 1/0 or None -> (y (B, T, Hv, Dv), the final
@@ -327,12 +327,26 @@ def gated_delta(q: mx.array, k: mx.array, v: mx.array, log_g: mx.array, beta: mx
     the op skipped): the caller then computes the rule its own way (the chunked form,
     models/layers/gated_delta.py), which has no kernel of its own to fall back to here.
     delta=False: gated linear attention, S <- g S + beta v k^T (no - S k term): Mamba-2's scan
-    (models/layers/ssm_scan.py), the backward the same walk with that term's gradients left out."""
+    (models/layers/ssm_scan.py), the backward the same walk with that term's gradients left out.
+    with_kept: a third output, the states the forward keeps for its backward, one every `span`
+    tokens (0: the kernel's 64), (B, Hv, T / span rounded up, Dv, Dk): what gated_delta_grad
+    takes."""
     arrays = (q, k, v, log_g, beta, state) if keep is None else (q, k, v, log_g, beta, state, keep)
     module = fused("gated_delta", *arrays)
     if module is None:
         return None
-    return tuple(module.gated_delta(q, k, v, log_g, beta, state, keep, 0, delta))
+    return tuple(module.gated_delta(q, k, v, log_g, beta, state, keep, span, delta, with_kept))
+
+
+def gated_delta_grad(primals: list[mx.array], kept: mx.array, dy: mx.array, d_state: mx.array,
+                     delta: bool = True, span: int = 0) -> tuple[mx.array, ...]:
+    """gated_delta's backward without its forward: primals its float32 inputs (q, k, v, log_g,
+    beta, state[, keep]), kept the states its call with_kept returned, dy and d_state the
+    cotangents of y and of the final state -> the gradients of q, k, v, log_g, beta and the
+    state, what its VJP computes (a recompute that kept the forward's outputs calls it, and the
+    rule's forward runs once), `span` the forward's. Only where gated_delta took the fused path
+    for the same inputs."""
+    return tuple(extension().gated_delta_grad(primals, kept, dy, d_state, span, delta))
 
 
 # The keys draws take instead of the global state's (same_draws), innermost last: each a list

@@ -148,9 +148,11 @@ class Fit(RunEnd):
         batching fitted to memory, the run's length, its checkpoint manager."""
         model, data, settings, objective = self.model, self.data, self.settings, self.objective
         kernels.set_mode(settings.fused_kernels)  # process-wide: the ops the step traces
-        if settings.grad_checkpoint == "mixers":  # before the memory fit measures a step
+        if settings.grad_checkpoint in ("mixers", "cores"):  # before the memory fit's step
+            cores = settings.grad_checkpoint == "cores"
             log.info("gradient checkpointing: %d recurrent mixers recompute their activations in "
-                     "the backward", checkpoint_mixers(model))
+                     "the backward%s", checkpoint_mixers(model, cores),
+                     ", their projections' and rule's outputs kept" if cores else "")
         elif settings.grad_checkpoint:
             log.info("gradient checkpointing: %d blocks recompute their activations in the "
                      "backward", checkpoint_blocks(model))

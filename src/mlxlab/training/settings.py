@@ -93,7 +93,8 @@ class TrainerSettings:
     precision: str = "auto"           # auto (fp32 on CPU, bf16 where faster) | fp32 | bf16 | fp16
     compile: bool = True              # mx.compile the step
     # recompute activations in the backward: true, each decoder block's; mixers, each recurrent
-    # (gated delta or Mamba) mixer's, a hybrid's memory at the plain model's (grad_checkpoint.py)
+    # (gated delta or Mamba) mixer's, a hybrid's memory at the plain model's; cores, each such
+    # mixer's but its projections' and rule's, kept (grad_checkpoint.py, replay.py)
     grad_checkpoint: bool | str = False
     # rows per forward/backward pass: None = batch_size; N (dividing batch_size x grad_accum);
     # "auto" = the largest power of two whose step fits trainer.memory_limit (micro_batch.py).
@@ -129,7 +130,8 @@ class TrainerSettings:
         check_choice("trainer.quantize_bits", self.quantize_bits, QUANTIZE_BITS)
         check_choice("trainer.requeue", self.requeue, (None, True, False))
         check_choice("trainer.flush_denormals", self.flush_denormals, (True, False))
-        check_choice("trainer.grad_checkpoint", self.grad_checkpoint, (True, False, "mixers"))
+        check_choice("trainer.grad_checkpoint", self.grad_checkpoint,
+                     (True, False, "mixers", "cores"))
         if str(self.fused_kernels).lower() not in (*kernels.MODES, "true", "false"):
             raise ConfigError(f"trainer.fused_kernels={self.fused_kernels!r}: expected auto, on "
                               "or off")

@@ -87,9 +87,10 @@ NB_MODULE(_mlxlab_kernels, m) {
       "gated_delta",
       [](const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& log_g,
          const mx::array& beta, const mx::array& state, const std::optional<mx::array>& keep,
-         int span, bool delta) {
+         int span, bool delta, bool with_kept) {
         auto out = mlxlab::gated_delta(q, k, v, log_g, beta, state, keep, span, delta);
-        return nb::make_tuple(out[0], out[1]);
+        return with_kept ? nb::make_tuple(out[0], out[1], out[2])
+                         : nb::make_tuple(out[0], out[1]);
       },
       "q"_a,
       "k"_a,
@@ -100,10 +101,28 @@ NB_MODULE(_mlxlab_kernels, m) {
       "keep"_a = nb::none(),
       "span"_a = 0,
       "delta"_a = true,
+      "with_kept"_a = false,
       "The gated delta rule token by token over float32 q, k (B, T, Hk, Dk), v (B, T, Hv, Dv), "
       "log_g (B, T, Hv[, Dk]), beta (B, T, Hv), state (B, Hv, Dv, Dk), keep (B, T) -> (y, state); "
-      "the forward keeps a state every `span` tokens for the backward (0: the kernel's own); "
-      "delta=False: gated linear attention (S <- g S + beta v k^T, Mamba-2's scan).");
+      "the forward keeps a state every `span` tokens for the backward (0: the kernel's own), "
+      "returned third with `with_kept`; delta=False: gated linear attention (S <- g S + beta v "
+      "k^T, Mamba-2's scan).");
+  m.def(
+      "gated_delta_grad",
+      [](const std::vector<mx::array>& primals, const mx::array& kept, const mx::array& dy,
+         const mx::array& ds, int span, bool delta) {
+        auto g = mlxlab::gated_delta_grad(primals, kept, dy, ds, span, delta);
+        return nb::make_tuple(g[0], g[1], g[2], g[3], g[4], g[5]);
+      },
+      "primals"_a,
+      "kept"_a,
+      "dy"_a,
+      "ds"_a,
+      "span"_a = 0,
+      "delta"_a = true,
+      "gated_delta's backward from its inputs (q, k, v, log_g, beta, state[, keep]), the states "
+      "it kept (with_kept's third output) and the cotangents of y and the state -> the gradients "
+      "of q, k, v, log_g, beta and the state.");
   m.def(
       "layer_norm",
       [](const mx::array& x, const mx::array& weight, const mx::array& bias, float eps) {

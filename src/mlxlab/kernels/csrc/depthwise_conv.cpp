@@ -13,6 +13,7 @@
 // pass, its backward recomputing z (K multiply-adds a value) rather than keeping it.
 #include "common.h"
 #include "kernels.h"
+#include "mlx_math.h"
 
 #include <algorithm>
 #include <stdexcept>
@@ -60,19 +61,21 @@ inline void conv_row(const float* __restrict x, const float* __restrict wt,
   }
 }
 
+// silu.cpp's formulas (MLX's sigmoid op for op): the fused SiLU's values are kernels.silu's of
+// the convolution's, so nn.silu's to the bit, and its gradient silu.cpp's.
 inline void silu_row(float* __restrict z, int64_t c) {
 #pragma omp simd
   for (int64_t j = 0; j < c; ++j) {
-    z[j] = z[j] * sigmoid(z[j]);
+    z[j] = z[j] * mlx_sigmoid(z[j]);
   }
 }
 
-// dz = dy silu'(z) in place of z: silu'(z) = s (1 + z (1 - s)), s = sigmoid(z).
+// dz = dy silu'(z) in place of z, summed as silu.cpp sums it: dy s + (dy z) (s (1 - s)).
 inline void silu_grad_row(float* __restrict z, const float* __restrict dy, int64_t c) {
 #pragma omp simd
   for (int64_t j = 0; j < c; ++j) {
-    const float zj = z[j], s = sigmoid(zj);
-    z[j] = dy[j] * (s * (1.0f + zj * (1.0f - s)));
+    const float zj = z[j], gj = dy[j], s = mlx_sigmoid(zj);
+    z[j] = gj * s + (gj * zj) * (s * (1.0f - s));
   }
 }
 

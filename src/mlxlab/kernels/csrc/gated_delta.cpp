@@ -765,33 +765,54 @@ void GatedDelta::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::
   });
 }
 
+std::vector<mx::array> gated_delta_grad(const std::vector<mx::array>& primals,
+                                        const mx::array& kept, const mx::array& dy,
+                                        const mx::array& ds, int span, bool delta) {
+  auto s = mx::to_stream(mx::Device::cpu);
+  std::vector<mx::array> inputs;
+  for (const auto& a : primals) {
+    inputs.push_back(mx::contiguous(a, false, s));
+  }
+  check_rule_inputs(inputs);
+  const int every = span > 0 ? span : kSpan;
+  const auto &q = inputs[0], &v = inputs[2];
+  const mx::Shape kept_shape{v.shape(0), v.shape(2), (q.shape(1) + every - 1) / every,
+                             v.shape(3), q.shape(3)};
+  if (kept.shape() != kept_shape || dy.shape() != v.shape() ||
+      ds.shape() != inputs[5].shape()) {
+    throw std::invalid_argument(
+        "gated_delta_grad: expected kept (B, Hv, ceil(T / span), Dv, Dk) as gated_delta "
+        "returned it, dy as y and ds as the state");
+  }
+  const mx::Shape per_value_head{q.shape(0), q.shape(1), v.shape(2), q.shape(3)};
+  const mx::Shape q_shape = q.shape();
+  const int group = v.shape(2) / q.shape(2);
+  std::vector<mx::Shape> shapes{per_value_head, per_value_head, v.shape(), inputs[3].shape(),
+                                inputs[4].shape(), inputs[5].shape()};
+  inputs.push_back(mx::contiguous(kept, false, s));
+  inputs.push_back(mx::contiguous(dy, false, s));
+  inputs.push_back(mx::contiguous(ds, false, s));
+  auto grads = mx::array::make_arrays(std::move(shapes), std::vector<mx::Dtype>(6, mx::float32),
+                                      std::make_shared<GatedDeltaGrad>(s, every, delta),
+                                      std::move(inputs));
+  for (int i : {0, 1}) { // the value heads reading one key head: their gradients summed
+    if (group > 1) {
+      grads[i] = mx::sum(
+          mx::reshape(grads[i], {q_shape[0], q_shape[1], q_shape[2], group, q_shape[3]}, s), 3,
+          false, s);
+    }
+  }
+  return grads;
+}
+
 std::vector<mx::array> GatedDelta::vjp(const std::vector<mx::array>& primals,
                                        const std::vector<mx::array>& cotangents,
                                        const std::vector<int>& argnums,
                                        const std::vector<mx::array>& outputs) {
-  auto s = stream();
-  std::vector<mx::array> inputs = primals;
-  inputs.push_back(outputs[2]); // the states a span apart
-  inputs.push_back(mx::contiguous(cotangents[0], false, s));
-  inputs.push_back(mx::contiguous(cotangents[1], false, s));
-  const auto &q = primals[0], &v = primals[2];
-  const mx::Shape per_value_head{q.shape(0), q.shape(1), v.shape(2), q.shape(3)};
-  auto grads = mx::array::make_arrays(
-      {per_value_head, per_value_head, v.shape(), primals[3].shape(), primals[4].shape(),
-       primals[5].shape()},
-      std::vector<mx::Dtype>(6, mx::float32), std::make_shared<GatedDeltaGrad>(s, span_, delta_),
-      std::move(inputs));
-  const int group = v.shape(2) / q.shape(2);
-  for (int i : {0, 1}) { // the value heads reading one key head: their gradients summed
-    if (group > 1) {
-      grads[i] = mx::sum(mx::reshape(grads[i], {q.shape(0), q.shape(1), q.shape(2), group,
-                                                q.shape(3)}, s),
-                         3, false, s);
-    }
-  }
+  auto grads = gated_delta_grad(primals, outputs[2], cotangents[0], cotangents[1], span_, delta_);
   std::vector<mx::array> out;
   for (int arg : argnums) {
-    out.push_back(arg < 6 ? grads[arg] : mx::zeros_like(primals[arg], s));
+    out.push_back(arg < 6 ? grads[arg] : mx::zeros_like(primals[arg], stream()));
   }
   return out;
 }

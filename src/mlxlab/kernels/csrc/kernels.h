@@ -67,6 +67,15 @@ std::vector<mx::array> gated_delta(const mx::array& q, const mx::array& k, const
                                    const mx::array& state, const std::optional<mx::array>& keep,
                                    int span = 0, bool delta = true);
 
+// gated_delta's backward from what its forward returned: primals its inputs (q, k, v, log_g,
+// beta, state[, keep]), kept its third output (the states a span apart, (B, Hv, ceil(T / span),
+// Dv, Dk)), dy and ds the cotangents of y and of the final state -> the gradients of q, k, v,
+// log_g, beta and the initial state. What its VJP computes; called directly by a recompute that
+// kept the forward's outputs and so never runs the forward again.
+std::vector<mx::array> gated_delta_grad(const std::vector<mx::array>& primals,
+                                        const mx::array& kept, const mx::array& dy,
+                                        const mx::array& ds, int span = 0, bool delta = true);
+
 // The exact GELU, x * (1 + erf(x / sqrt(2))) / 2, element-wise on float32 (BERT's, GPT-2's MLP).
 mx::array gelu(const mx::array& x);
 

@@ -31,9 +31,12 @@ loaded model is routed through the same kernels:
   kernels.silu's values are nn.silu's to the bit, so generation on the CPU in float32 computes
   what mlx-lm's code computes). Why the module's `nn`: mlx-lm looks `silu` up through it at each
   call, and it is the one name those calls read; replacing mlx.nn.silu itself would reroute
-  every caller in the process (MLX's own layers, mlxlab's fallbacks), the convolution kernel's
-  fused SiLU (silu=True) cannot know that its output goes to nn.silu, and subclasses calling it
-  would copy mlx-lm's mixers' __call__ bodies;
+  every caller in the process (MLX's own layers, mlxlab's fallbacks), and subclasses would copy
+  mlx-lm's mixers' __call__ bodies. Where the SiLU's input is the output of the routed
+  convolution that ran last, the wrapper computes both at once instead (kernels.depthwise_conv1d
+  with silu=True, the same values to the bit: one pass each way, and the backward keeps the
+  convolution's input, not its output; the convolution's own result is then never evaluated);
+
 - the gated-delta layers' norms (Qwen3-Next, Qwen3.5, OLMo-Hybrid): `normalize_qk` (q and k
   l2-normalized as mx.fast.rms_norm with no weight, which MLX's CPU runs as composed
   single-threaded ops) becomes a wrapper over kernels.rms_norm with a weight of ones, and the
@@ -191,6 +194,9 @@ class DepthwiseConv1d(nn.Conv1d):
     the input itself) and the fused path takes the call; else (another dtype or device, kernels
     off, a conv made grouped otherwise after loading) nn.Conv1d's own call."""
 
+    # the last fused call's (output, input, weight, bias): fused_silu reads and clears it
+    last: tuple | None = None
+
     @staticmethod
     def takes(conv: nn.Conv1d) -> bool:
         """Whether `conv` is depthwise and causal: weight (C, K, 1) over groups=C, stride 1,
@@ -204,7 +210,9 @@ class DepthwiseConv1d(nn.Conv1d):
         arrays = (x, self.weight) if bias is None else (x, self.weight, bias)
         if not self.takes(self) or fused("depthwise_conv1d", *arrays) is None:
             return super().__call__(x)
-        return kernels.depthwise_conv1d(x, self.weight, bias)
+        y = kernels.depthwise_conv1d(x, self.weight, bias)
+        DepthwiseConv1d.last = (y, x, self.weight, bias)  # for the SiLU that may follow
+        return y
 
 
 def fused_silu(original: Callable) -> Callable:
@@ -213,6 +221,9 @@ def fused_silu(original: Callable) -> Callable:
     def silu(x: mx.array) -> mx.array:
         if fused("silu", x) is None:
             return original(x)
+        last, DepthwiseConv1d.last = DepthwiseConv1d.last, None
+        if last is not None and last[0] is x:  # silu(conv(x)): both in one pass
+            return kernels.depthwise_conv1d(*last[1:], silu=True)
         return kernels.silu(x)
 
     ORIGINALS[silu] = original

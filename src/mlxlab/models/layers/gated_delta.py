@@ -57,8 +57,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlxlab import kernels
-from mlxlab.models.layers import gate_decay
+from mlxlab.models.layers import gate_decay, replay
 
 CHUNK_SIZE = 64  # flash-linear-attention's chunk; the triangular solve is C x C per head
 # a scalar gate's rule batches chunks up to this many (batch x head x chunk) C x C matrices at
@@ -296,8 +295,8 @@ def chunked_rule(q: mx.array, k: mx.array, v: mx.array, log_g: mx.array, beta: m
     if state is None:
         state = mx.zeros((batch, hv, dv, dk), dtype=mx.float32)
     keep = None if mask is None else mask.astype(mx.float32)
-    fused = kernels.gated_delta(*(x.astype(mx.float32) for x in (q, k, v, log_g, beta, state)),
-                                keep)
+    fused = replay.gated_delta(*(x.astype(mx.float32) for x in (q, k, v, log_g, beta, state)),
+                               keep)
     if fused is not None:  # the CPU: token by token, four rows of a head's state at a time
         return fused[0].astype(q.dtype), fused[1]
     if (repeat := hv // hk) > 1:

@@ -23,9 +23,11 @@ import mlx.nn as nn
 from mlxlab import kernels
 from mlxlab.errors import ConfigError
 from mlxlab.models.base import Model
+from mlxlab.models.layers import replay
 from mlxlab.models.layers.blocks import Dropout
 
 _CHECKPOINTED: dict[type, type] = {}  # a block class -> its checkpointed subclass
+_REPLAYED: dict[type, type] = {}  # a mixer class -> its subclass checkpointed with a tape
 
 
 def recomputed(fn: Callable, module: nn.Module) -> Callable:
@@ -99,14 +101,46 @@ def recurrent_mixers(model: Model) -> list[nn.Module]:
     return found
 
 
-def checkpoint_mixers(model: Model) -> int:
-    """Recompute each of the model's recurrent mixers (recurrent_mixers) in the backward;
-    returns how many. A model without one is one line: the setting would do nothing."""
+def _replayed(cls: type) -> type:
+    """`cls` (a recurrent mixer) checkpointed with a tape (replay.py): its forward keeps its
+    projections' and rule's outputs, and the recompute in the backward replays them."""
+    if cls in _REPLAYED.values():
+        return cls
+    if cls not in _REPLAYED:
+        def __call__(self, *args, **kwargs):
+            tape = replay.Tape()
+
+            def inner(params, *args, **kwargs):
+                self.update(params)
+                tape.at = 0
+                with replay.taping(tape):
+                    out = cls.__call__(self, *args, **kwargs)
+                if not tape.replaying:  # the forward; the next run is the recompute
+                    tape.drop_output(out)
+                    tape.replaying = True
+                return out
+
+            return recomputed(inner, self)(self.trainable_parameters(), *args, **kwargs)
+
+        _REPLAYED[cls] = type(f"Replayed{cls.__name__}", (cls,), {"__call__": __call__})
+    return _REPLAYED[cls]
+
+
+def checkpoint_mixers(model: Model, cores: bool = False) -> int:
+    """Recompute each of the model's recurrent mixers (recurrent_mixers) in the backward: all
+    of it, or with `cores` (grad_checkpoint=cores) all but its projections and rule, whose
+    outputs the forward keeps (replay.py). Returns how many. A model without one is one line:
+    the setting would do nothing."""
+    setting = "cores" if cores else "mixers"
     mixers = recurrent_mixers(model)
     if not mixers:
-        raise ConfigError(f"trainer.grad_checkpoint=mixers: a {type(model).__name__} has no "
+        raise ConfigError(f"trainer.grad_checkpoint={setting}: a {type(model).__name__} has no "
                           "recurrent (gated delta or Mamba) mixers to recompute; use true to "
                           "recompute its blocks, or false")
     for mixer in mixers:
-        mixer.__class__ = _checkpointed(type(mixer))
+        if cores:
+            replay.replay_projections(mixer)
+            mixer.__class__ = _replayed(type(mixer))
+        else:
+            mixer.__class__ = _checkpointed(type(mixer))
     return len(mixers)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from mlxlab import kernels
+from mlxlab.models.layers import replay
 
 
 def ssm_scan(x: mx.array, A_log: mx.array, B: mx.array, C: mx.array, D: mx.array,
@@ -35,7 +35,7 @@ def ssm_scan(x: mx.array, A_log: mx.array, B: mx.array, C: mx.array, D: mx.array
     step = compute_dt(dt, dt_bias, time_step_limit)  # float32, as mlx-lm's
     log_gate = step * -mx.exp(A_log.astype(step.dtype))
     start = mx.zeros((b, h, dh, B.shape[-1]), mx.float32) if state is None else state
-    out = kernels.gated_delta(C, B, x, log_gate, step, start, delta=False)
+    out = replay.gated_delta(C, B, x, log_gate, step, start, None, delta=False)
     if out is None:
         return None
     y, final = out
