@@ -23,8 +23,7 @@ extrapolated from its shorter lengths (before any, from its weights and logits),
 gradient at each --model-lengths, each (model, length) in its own process (one model's compiled
 kernels and cache never help another), --repeats rounds in alternating order, the median of
 --steps steps after a warm-up; each figure over the plain model's, per round; denormals flushed.
---mixers MODE: the hybrids with trainer.grad_checkpoint=MODE, mixers or cores (the plain model as
-it is), either mode.
+--mixers MODE: the hybrids with trainer.grad_checkpoint=MODE, mixers or cores; either mode.
 
     python benchmarks/memory/bench_hybrid_memory.py    (--help: each option's default)
     python benchmarks/memory/bench_hybrid_memory.py --step-time --model-lengths 2048,4096
@@ -189,8 +188,7 @@ def model_step(config: dict, length: int, checkpoint: bool | str = False,
                targets: list[str] = LORA_TARGETS, head_chunk: int = 0
                ) -> tuple[Callable[[], object], float]:
     """mlxlab's mlx-lm decoder built from `config` with LoRA on `targets` (its blocks recomputed
-    in the backward with `checkpoint`, its recurrent mixers with "mixers" or "cores"): one loss +
-    gradient
+    in the backward with `checkpoint`, its recurrent mixers with "mixers" or "cores"): loss + gradient
     at `length`, and the MB its weights (base and adapters) hold. The loss is a run's
     (objective.head_chunk=`head_chunk`)."""
     vocab = vocabulary(config)
