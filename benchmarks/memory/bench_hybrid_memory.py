@@ -188,7 +188,7 @@ def model_step(config: dict, length: int, checkpoint: bool | str = False,
                targets: list[str] = LORA_TARGETS, head_chunk: int = 0
                ) -> tuple[Callable[[], object], float]:
     """mlxlab's mlx-lm decoder built from `config` with LoRA on `targets` (its blocks recomputed
-    in the backward with `checkpoint`, its recurrent mixers with "mixers" or "cores"): loss + gradient
+    in the backward with `checkpoint`, its mixers with "mixers" or "cores"): loss + gradient
     at `length`, and the MB its weights (base and adapters) hold. The loss is a run's
     (objective.head_chunk=`head_chunk`)."""
     vocab = vocabulary(config)
