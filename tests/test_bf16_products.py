@@ -18,6 +18,7 @@ import pytest
 
 from mlxlab import kernels
 from mlxlab.data.batching import Batching
+from mlxlab.models.layers import replay
 from mlxlab.models.layers.bf16_linear import Bf16Linear, bf16_products, rounded
 from mlxlab.objectives.supervised.supervised import Supervised
 from mlxlab.runtime.compute import bf16
@@ -115,6 +116,22 @@ def test_linear_layers_switch_for_the_block_only(bf16_units):
     hidden = nn.relu(rounded(x) @ rounded(first.weight).T + first.bias)
     want = rounded(hidden) @ rounded(last.weight).T
     assert y.shape == (5, 3, 4) and mx.allclose(y, want, rtol=1e-5, atol=1e-5).item()
+
+
+def test_a_replayed_mixers_projection_switches_and_keeps_its_replay(bf16_units):
+    """A projection trainer.grad_checkpoint=cores replays (replay.py) computes in bf16 within the
+    block as a replayed Bf16Linear, and is its replayed nn.Linear again after it."""
+    model = nn.Sequential(nn.Linear(16, 8))
+    replayed = replay.replayed_projection(nn.Linear)
+    model.layers[0].__class__ = replayed
+    x = mx.random.normal((5, 16), key=mx.random.key(4))
+    with bf16_products(model) as switched:
+        layer = model.layers[0]
+        assert switched == 1 and type(layer) is replay.replayed_projection(Bf16Linear)
+        y = model(x)
+    assert type(model.layers[0]) is replayed
+    want = rounded(x) @ rounded(layer.weight).T + layer.bias
+    assert mx.allclose(y, want, rtol=1e-5, atol=1e-5).item()
 
 
 def losses_of(make_cfg, tmp_path, precision: str, seed: int, steps: int = 16) -> list[float]:

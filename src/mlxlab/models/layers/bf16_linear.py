@@ -9,9 +9,10 @@ autocast computes a Linear. Everything else (norms, softmax, attention, the loss
 and keeps the fused kernels, which take float32 only.
 
 `bf16_products(model)` switches the model's nn.Linear layers (the exact class: a subclass may
-compute something else) to Bf16Linear for the length of a `with` block and back after it, so
-the layers are plain nn.Linear to everything outside the loss (checkpoints, export,
-evaluation). Bf16Linear is a subclass: the same parameters under the same names.
+compute something else; or a replayed mixer's projection, replay.py) to Bf16Linear for the length
+of a `with` block and back after it, so the layers are plain nn.Linear to everything outside the
+loss (checkpoints, export, evaluation). Bf16Linear is a subclass: the same parameters under the
+same names.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlxlab import kernels
+from mlxlab.models.layers import replay
 
 
 def rounded(x: mx.array) -> mx.array:
@@ -42,12 +44,15 @@ class Bf16Linear(nn.Linear):
 
 @contextmanager
 def bf16_products(model: nn.Module) -> Iterator[int]:
-    """Within the block, `model`'s nn.Linear layers compute as Bf16Linear; yields how many."""
-    switched = [m for _, m in model.named_modules() if type(m) is nn.Linear]
-    for module in switched:
-        module.__class__ = Bf16Linear
+    """Within the block, `model`'s nn.Linear layers compute as Bf16Linear (a projection a
+    replayed mixer keeps, as its replayed subclass: replay.py); yields how many."""
+    as_bf16 = {nn.Linear: Bf16Linear,
+               replay.replayed_projection(nn.Linear): replay.replayed_projection(Bf16Linear)}
+    switched = [(m, type(m)) for _, m in model.named_modules() if type(m) in as_bf16]
+    for module, cls in switched:
+        module.__class__ = as_bf16[cls]
     try:
         yield len(switched)
     finally:
-        for module in switched:
-            module.__class__ = nn.Linear
+        for module, cls in switched:
+            module.__class__ = cls

@@ -105,7 +105,7 @@ def _kept_call(output: mx.array, inputs: list[mx.array],
     return kept(*inputs)
 
 
-def _replayed_projection(cls: type) -> type:
+def replayed_projection(cls: type) -> type:
     """`cls` (a projection: Linear, a quantized one, a LoRA / DoRA layer) whose call, under a
     mixer's tape, keeps its output (the forward) or gives the kept one back with its VJP (the
     recompute)."""
@@ -159,7 +159,7 @@ def replay_projections(mixer: nn.Module) -> int:
     for name, module in sorted(mixer.named_modules(), key=lambda m: m[0].count(".")):
         if name and _projection(module) and not any(name.startswith(f"{f}.") for f in found):
             found.append(name)
-            module.__class__ = _replayed_projection(type(module))
+            module.__class__ = replayed_projection(type(module))
     return len(found)
 
 
