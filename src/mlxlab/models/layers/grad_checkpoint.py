@@ -108,6 +108,8 @@ def _replayed(cls: type) -> type:
         return cls
     if cls not in _REPLAYED:
         def __call__(self, *args, **kwargs):
+            if not self.training:  # evaluation, generation: no backward, nothing to keep
+                return cls.__call__(self, *args, **kwargs)
             tape = replay.Tape()
 
             def inner(params, *args, **kwargs):
