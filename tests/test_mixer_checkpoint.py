@@ -122,26 +122,24 @@ def test_the_step_peak_falls_where_the_mixers_hold_the_activations():
     assert recomputed < replayed < 0.9 * as_is, (as_is, recomputed, replayed)
 
 
-def test_an_evaluation_forward_with_cores_keeps_what_the_model_keeps():
-    """In eval mode (evaluation, generation) a cores mixer runs as the model's: its forward's MLX
-    peak at 1,024 tokens is the unchanged model's, nothing kept for a backward that never
-    comes."""
-    config = {"model_type": "qwen3_5", "text_config": {
-        **WIDTH, **GATED, "full_attention_interval": 4, "model_type": "qwen3_5_text"}}
-    ids = mx.array(np.random.default_rng(5).integers(0, 128, size=(2, 1024)))
-
-    def peak(model):
-        mx.synchronize()
-        mx.clear_cache()
-        mx.reset_peak_memory()
-        mx.eval(model(ids))
-        return mx.get_peak_memory()
-
+def test_an_evaluation_forward_with_cores_keeps_nothing(monkeypatch):
+    """In eval mode (evaluation, generation) a cores mixer runs as the model's: no tape, so no
+    projection output held and the rule not asked for the states its backward would need; the
+    logits are the unchanged model's."""
+    config = CONFIGS["qwen3_5"][0]
+    ids = mx.array(np.random.default_rng(5).integers(0, 128, size=(2, 40)))
+    tapes, asked = [], []
+    monkeypatch.setattr(replay, "Tape", lambda cls=replay.Tape: tapes.append(1) or cls())
+    original = replay.kernels.gated_delta
+    monkeypatch.setattr(replay.kernels, "gated_delta",
+                        lambda *a, **k: asked.append(k.get("with_kept")) or original(*a, **k))
     plain, cores = build(config).eval(), build(config)
     checkpoint_mixers(cores, cores=True)
-    cores.eval()
-    peak(plain), peak(cores)  # anything built once per process (masks, kernels) built here
-    assert peak(cores) == peak(plain)
+    logits = cores.eval()(ids)
+    assert mx.array_equal(logits, plain(ids)).item()
+    assert not tapes and not any(asked)
+    loss_and_grad(cores.train(), 40)  # training: one tape a mixer call, the states asked for
+    assert tapes and any(asked)
 
 
 @pytest.mark.parametrize("kind", ["qwen3_5", "nemotron_h"])
