@@ -55,6 +55,7 @@ not apply, so another mlx-lm model of that type in the process computes what it 
 from __future__ import annotations
 
 import sys
+import weakref
 from collections.abc import Callable
 from types import ModuleType
 
@@ -194,7 +195,8 @@ class DepthwiseConv1d(nn.Conv1d):
     the input itself) and the fused path takes the call; else (another dtype or device, kernels
     off, a conv made grouped otherwise after loading) nn.Conv1d's own call."""
 
-    # the last fused call's (output, input, weight, bias): fused_silu reads and clears it
+    # the last fused call's output, input and module (weak references): fused_silu reads and
+    # clears it
     last: tuple | None = None
 
     @staticmethod
@@ -211,7 +213,8 @@ class DepthwiseConv1d(nn.Conv1d):
         if not self.takes(self) or fused("depthwise_conv1d", *arrays) is None:
             return super().__call__(x)
         y = kernels.depthwise_conv1d(x, self.weight, bias)
-        DepthwiseConv1d.last = (y, x, self.weight, bias)  # for the SiLU that may follow
+        # for the SiLU that may follow; weak: a convolution no SiLU follows holds nothing
+        DepthwiseConv1d.last = (weakref.ref(y), weakref.ref(x), weakref.ref(self))
         return y
 
 
@@ -222,8 +225,9 @@ def fused_silu(original: Callable) -> Callable:
         if fused("silu", x) is None:
             return original(x)
         last, DepthwiseConv1d.last = DepthwiseConv1d.last, None
-        if last is not None and last[0] is x:  # silu(conv(x)): both in one pass
-            return kernels.depthwise_conv1d(*last[1:], silu=True)
+        y, conv_input, conv = (ref() for ref in last) if last is not None else (None,) * 3
+        if y is x and conv_input is not None and conv is not None:  # silu(conv(...)): one pass
+            return kernels.depthwise_conv1d(conv_input, conv.weight, conv.get("bias"), silu=True)
         return kernels.silu(x)
 
     ORIGINALS[silu] = original
