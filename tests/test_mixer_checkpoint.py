@@ -19,7 +19,7 @@ from mlx.utils import tree_flatten
 from hybrid_families import save_tiny_hybrid
 from mlxlab.errors import ConfigError
 from mlxlab.models.decoders.mlx_lm_decoder import MLXLMDecoder
-from mlxlab.models.layers import replay
+from mlxlab.models.layers import grad_checkpoint, replay
 from mlxlab.models.layers.grad_checkpoint import checkpoint_mixers, recurrent_mixers
 from mlxlab.training.settings import TrainerSettings
 
@@ -95,6 +95,43 @@ def test_the_mixers_recompute_with_the_same_gradients_and_nothing_else_changes(k
         scale = float(mx.abs(value).max())
         assert scale > 0, name
         assert float(mx.abs(got[name] - value).max()) <= 1e-5 * scale, name
+
+
+def test_a_checkpointed_part_keeps_its_input_not_its_output(monkeypatch):
+    """grad_checkpoint.checkpoint orders a part's recompute after its cotangent arrives: unlike
+    mx.checkpoint, which orders it after the part's outputs and so keeps each of them until the
+    part's backward, a chain of 12 checkpointed blocks keeps none of their outputs (2 MB each
+    here): its peak is at least 10 outputs below mx.checkpoint's (15 measured), with the same
+    gradients."""
+    mx.random.seed(0)
+    blocks = [nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256))
+              for _ in range(12)]
+    mx.eval([b.parameters() for b in blocks])
+    x = mx.random.normal((2048, 256))
+
+    def grads_and_peak():
+        calls = [grad_checkpoint.recomputed(lambda p, h, b=b: (b.update(p), b(h))[1], b)
+                 for b in blocks]
+
+        def loss(params):
+            h = x
+            for call, p in zip(calls, params):
+                h = h + call(p, h)
+            return (h * h).mean()
+
+        mx.synchronize()
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        grads = mx.grad(loss)([b.trainable_parameters() for b in blocks])
+        mx.eval(grads)
+        return grads, mx.get_peak_memory()
+
+    ours, peak = grads_and_peak()
+    monkeypatch.setattr(grad_checkpoint, "checkpoint", mx.checkpoint)
+    theirs, their_peak = grads_and_peak()
+    assert peak <= their_peak - 10 * x.nbytes, (peak, their_peak)
+    for (_, a), (_, b) in zip(tree_flatten(ours), tree_flatten(theirs)):
+        assert mx.allclose(a, b, rtol=1e-5, atol=1e-7).item()
 
 
 def test_the_step_peak_falls_where_the_mixers_hold_the_activations():

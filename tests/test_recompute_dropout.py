@@ -1,8 +1,8 @@
 """Gradient checkpointing with dropout on: the backward's recompute draws the masks the forward
 drew, so the gradient is that of the loss the forward computed. The reference is the same model,
-seed and draws with MLX's recompute taken away (mx.checkpoint as the identity: the gradient of
-the forward as it ran); before recomputes drew their own keys, they drew new masks and the two
-gradients differed by a few percent (trainer.grad_checkpoint's blocks, CachedMNRL's
+seed and draws with the recompute taken away (grad_checkpoint.checkpoint as the identity: the
+gradient of the forward as it ran); before recomputes drew their own keys, they drew new masks
+and the two gradients differed by a few percent (trainer.grad_checkpoint's blocks, CachedMNRL's
 mini-batches, FSDP's units)."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from embedder_fixtures import write_tiny_folder
 from mlxlab.data.sentence_pairs import column_keys
 from mlxlab.models.decoders.transformer import Transformer
 from mlxlab.models.embedders.embedder_model import EmbedderModel
+from mlxlab.models.layers import grad_checkpoint
 from mlxlab.models.layers.grad_checkpoint import checkpoint_blocks
 from mlxlab.objectives.embedding.cached_mnrl import CachedMultipleNegativesRankingLoss
 from mlxlab.runtime.cluster import distributed
@@ -38,7 +39,7 @@ def same_gradient(model: nn.Module, loss, monkeypatch) -> tuple[float, float, fl
     model.train()
     value, grads = value_and_grads(model, loss)
     with monkeypatch.context() as patched:
-        patched.setattr(mx, "checkpoint", lambda fn: fn)
+        patched.setattr(grad_checkpoint, "checkpoint", lambda fn: fn)
         plain_value, plain = value_and_grads(model, loss)
     assert value == plain_value  # the same draws in the forward
     largest = max(float(np.abs(np.array(g)).max()) for g in plain.values())

@@ -3,15 +3,19 @@ sequence mixer (mixers), keeps only its input for the backward and recomputes it
 there, trading one more forward of it for the memory of its activations (long rows). A hybrid's
 gated-delta and Mamba mixers hold most of its activations (a gated-delta layer's projections are
 4-8x the hidden width, each kept for the backward): recomputing them alone brings its step's
-memory to the plain model's and leaves its attention layers and MLPs as they are. mlx-lm's
-recipe (`mx.checkpoint` over the block's call), applied to these instances only (blocks or
-mixers): each gets a subclass whose call is checkpointed, so its parameter names, other models
-and other blocks of the same class (a teacher's, an evaluation copy's) stay as they were.
+memory to the plain model's and leaves its attention layers and MLPs as they are; with cores,
+all of them but their projections and rule (replay.py). mlx-lm's recipe (a checkpoint over the
+block's call), applied to these instances only (blocks or mixers): each gets a subclass whose
+call is checkpointed, so its parameter names, other models and other blocks of the same class
+(a teacher's, an evaluation copy's) stay as they were.
 
-`recomputed` is the checkpoint every recomputing part uses (these blocks, CachedMNRL's
-mini-batches, FSDP's units): the recompute draws the forward's dropout masks (a key drawn once
-per call, split in the same order both times: kernels.same_draws), so the gradient is that of
-the loss the forward computed, with dropout on as with it off."""
+`checkpoint` is mx.checkpoint with the recompute ordered after the part's cotangent arrives
+rather than after its outputs, which mx.checkpoint keeps alive until the part's backward for that
+(a chain of checkpointed parts then holds every part's output at its peak). `recomputed` is the
+checkpoint every recomputing part uses (these blocks, CachedMNRL's mini-batches, FSDP's units):
+the recompute draws the forward's dropout masks (a key drawn once per call, split in the same
+order both times: kernels.same_draws), so the gradient is that of the loss the forward computed,
+with dropout on as with it off."""
 
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from collections.abc import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_map
 
 from mlxlab import kernels
 from mlxlab.errors import ConfigError
@@ -30,8 +35,53 @@ _CHECKPOINTED: dict[type, type] = {}  # a block class -> its checkpointed subcla
 _REPLAYED: dict[type, type] = {}  # a mixer class -> its subclass checkpointed with a tape
 
 
+def checkpoint(fn: Callable) -> Callable:
+    """mx.checkpoint(fn), its recompute ordered after the cotangents arrive rather than after the
+    forward's outputs: MLX's keeps a part's outputs alive until the part's backward (a mixer's,
+    a block's: the hidden width a token each), and so reached a hybrid's peak with them."""
+    slot = object()
+
+    def call(*args, **kwargs):
+        arrays: list[mx.array] = []
+
+        def take(leaf):
+            if isinstance(leaf, mx.array):
+                arrays.append(leaf)
+                return slot
+            return leaf
+
+        template = tree_map(take, (list(args), kwargs))  # empty lists and dicts kept
+
+        returned: list[type] = []  # what fn returned: an array, or a tuple or list of them
+
+        def flat_fn(*xs: mx.array) -> list[mx.array]:
+            given = iter(xs)
+            a, k = tree_map(lambda leaf: next(given) if leaf is slot else leaf, template)
+            out = fn(*a, **k)
+            returned.append(type(out))
+            return [out] if isinstance(out, mx.array) else list(out)
+
+        @mx.custom_function
+        def forward(*xs: mx.array) -> list[mx.array]:
+            return flat_fn(*xs)
+
+        @forward.vjp
+        def backward(primals, cotangents, _):
+            # MLX passes a function of one input its primal alone, of one output its cotangent
+            primals = list(primals) if isinstance(primals, tuple) else [primals]
+            cotangents = list(cotangents) if isinstance(cotangents, (tuple, list)) else [
+                cotangents]
+            return mx.vjp(flat_fn, mx.depends(primals, cotangents), cotangents)[1]
+
+        out = forward(*arrays)
+        kind = returned[0]
+        return out[0] if issubclass(kind, mx.array) else kind(out)
+
+    return call
+
+
 def recomputed(fn: Callable, module: nn.Module) -> Callable:
-    """mx.checkpoint(fn), `module` the part it runs: while a dropout of it is on, each call
+    """checkpoint(fn), `module` the part it runs: while a dropout of it is on, each call
     draws one key (from the global state, or the enclosing recompute's) and runs `fn` under it,
     in the forward and in the backward's recompute alike. MLX's own nn.Dropout layers of
     `module` become mlxlab's (the same masks, drawn through kernels.dropout)."""
@@ -44,14 +94,14 @@ def recomputed(fn: Callable, module: nn.Module) -> Callable:
 
     def call(*args, **kwargs):
         if not any(d.training and d._p_1 < 1 for d in dropouts):
-            return mx.checkpoint(fn)(*args, **kwargs)
+            return checkpoint(fn)(*args, **kwargs)
         key = kernels.next_key()
 
         def keyed(*args, **kwargs):
             with kernels.same_draws(key):
                 return fn(*args, **kwargs)
 
-        return mx.checkpoint(keyed)(*args, **kwargs)
+        return checkpoint(keyed)(*args, **kwargs)
 
     return call
 
