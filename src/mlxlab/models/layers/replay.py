@@ -32,8 +32,8 @@ from mlxlab import kernels
 
 # the rule's kept states, one every KEPT_SPAN tokens (its own backward keeps one every 64): at
 # 256 a quarter of the memory, for a seventh more of the kernels' time (each span's recomputed
-# states no longer fit L2; a Qwen3.5-shaped hybrid's 2,048-token step at hidden 512: 1,137 MB
-# and 3.32 s, against 1,209 MB and 3.15 s at 64)
+# states no longer fit L2; a Qwen3.5-shaped hybrid's 2,048-token step at hidden 512: 72 MB less
+# than at 64, 3.32 s against 3.15)
 KEPT_SPAN = 256
 _TAPES: list[Tape] = []  # the tapes of the mixers running, innermost last
 _REPLAYED: dict[type, type] = {}  # a projection class -> its subclass that the tape replays
