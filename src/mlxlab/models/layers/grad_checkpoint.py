@@ -31,8 +31,8 @@ from mlxlab.models.base import Model
 from mlxlab.models.layers import replay
 from mlxlab.models.layers.blocks import Dropout
 
-_CHECKPOINTED: dict[type, type] = {}  # a block class -> its checkpointed subclass
-_REPLAYED: dict[type, type] = {}  # a mixer class -> its subclass checkpointed with a tape
+# (a block or mixer class, taped) -> its checkpointed subclass
+_CHECKPOINTED: dict[tuple[type, bool], type] = {}
 
 
 def checkpoint(fn: Callable) -> Callable:
@@ -106,19 +106,35 @@ def recomputed(fn: Callable, module: nn.Module) -> Callable:
     return call
 
 
-def _checkpointed(cls: type) -> type:
+def _checkpointed(cls: type, taped: bool = False) -> type:
+    """`cls` whose call is recomputed in the backward. `taped` (a recurrent mixer, cores): with a
+    tape (replay.py), its forward keeps its projections' and rule's outputs and the recompute
+    replays them; in eval mode (evaluation, generation: no backward) it runs as `cls`."""
     if cls in _CHECKPOINTED.values():
         return cls
-    if cls not in _CHECKPOINTED:
+    if (cls, taped) not in _CHECKPOINTED:
         def __call__(self, *args, **kwargs):
+            if taped and not self.training:  # nothing to keep for a backward that never comes
+                return cls.__call__(self, *args, **kwargs)
+            tape = replay.Tape() if taped else None
+
             def inner(params, *args, **kwargs):
                 self.update(params)
-                return cls.__call__(self, *args, **kwargs)
+                if tape is None:
+                    return cls.__call__(self, *args, **kwargs)
+                tape.at = 0
+                with replay.taping(tape):
+                    out = cls.__call__(self, *args, **kwargs)
+                if not tape.replaying:  # the forward; the next run is the recompute
+                    tape.drop_output(out)
+                    tape.replaying = True
+                return out
 
             return recomputed(inner, self)(self.trainable_parameters(), *args, **kwargs)
 
-        _CHECKPOINTED[cls] = type(f"Checkpointed{cls.__name__}", (cls,), {"__call__": __call__})
-    return _CHECKPOINTED[cls]
+        name = f"{'Replayed' if taped else 'Checkpointed'}{cls.__name__}"
+        _CHECKPOINTED[cls, taped] = type(name, (cls,), {"__call__": __call__})
+    return _CHECKPOINTED[cls, taped]
 
 
 def checkpoint_blocks(model: Model) -> int:
@@ -151,33 +167,6 @@ def recurrent_mixers(model: Model) -> list[nn.Module]:
     return found
 
 
-def _replayed(cls: type) -> type:
-    """`cls` (a recurrent mixer) checkpointed with a tape (replay.py): its forward keeps its
-    projections' and rule's outputs, and the recompute in the backward replays them."""
-    if cls in _REPLAYED.values():
-        return cls
-    if cls not in _REPLAYED:
-        def __call__(self, *args, **kwargs):
-            if not self.training:  # evaluation, generation: no backward, nothing to keep
-                return cls.__call__(self, *args, **kwargs)
-            tape = replay.Tape()
-
-            def inner(params, *args, **kwargs):
-                self.update(params)
-                tape.at = 0
-                with replay.taping(tape):
-                    out = cls.__call__(self, *args, **kwargs)
-                if not tape.replaying:  # the forward; the next run is the recompute
-                    tape.drop_output(out)
-                    tape.replaying = True
-                return out
-
-            return recomputed(inner, self)(self.trainable_parameters(), *args, **kwargs)
-
-        _REPLAYED[cls] = type(f"Replayed{cls.__name__}", (cls,), {"__call__": __call__})
-    return _REPLAYED[cls]
-
-
 def checkpoint_mixers(model: Model, cores: bool = False) -> int:
     """Recompute each of the model's recurrent mixers (recurrent_mixers) in the backward: all
     of it, or with `cores` (grad_checkpoint=cores) all but its projections and rule, whose
@@ -192,7 +181,5 @@ def checkpoint_mixers(model: Model, cores: bool = False) -> int:
     for mixer in mixers:
         if cores:
             replay.replay_projections(mixer)
-            mixer.__class__ = _replayed(type(mixer))
-        else:
-            mixer.__class__ = _checkpointed(type(mixer))
+        mixer.__class__ = _checkpointed(type(mixer), taped=cores)
     return len(mixers)
