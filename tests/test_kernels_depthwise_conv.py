@@ -86,6 +86,46 @@ def test_values_and_gradients_equal_nn_conv1d(shape, bias, silu):
     assert_close(got, want)
 
 
+@pytest.mark.parametrize("silu", [False, True], ids=["conv", "conv+silu"])
+@pytest.mark.parametrize("fused", [True, False], ids=["kernel", "mlx"])
+def test_packed_rows_equal_each_row_alone(fused, silu):
+    """With `positions` (each token's place in its packed row) the rows of one sequence, rows
+    shorter than the kernel's reach among them, give each row's own values and gradients in x:
+    to the bit through the kernel (the taps left are summed from the same zero), to rounding
+    through MLX's ops; the weight's and bias's gradients sum the rows' in another order."""
+    c, k, lengths = 21, 4, [5, 1, 2, 9, 3]
+    conv = conv_module(c, k, True, seed=3)
+    keys = mx.random.split(mx.random.key(4))
+    x = mx.random.normal((1, sum(lengths), c), key=keys[0])
+    cot = mx.random.normal((1, sum(lengths), c), key=keys[1])
+    positions = mx.array([[i for n in lengths for i in range(n)]], mx.int32)
+    starts = np.cumsum([0, *lengths])
+
+    def pad(x: mx.array) -> mx.array:
+        return mx.concatenate([mx.zeros((1, k - 1, c)), x], axis=1)
+
+    def packed(x: mx.array) -> mx.array:
+        return kernels.depthwise_conv1d(pad(x), conv.weight, conv.bias, silu, positions)
+
+    def alone(x: mx.array) -> mx.array:
+        return mx.concatenate([kernels.depthwise_conv1d(pad(x[:, a:a + n]), conv.weight,
+                                                        conv.bias, silu)
+                               for a, n in zip(starts, lengths)], axis=1)
+
+    if not fused:
+        kernels.set_mode("off")
+    try:
+        got, want = (value_and_grads(f, conv, x, cot) for f in (packed, alone))
+        mixed = value_and_grads(lambda x: kernels.depthwise_conv1d(
+            pad(x), conv.weight, conv.bias, silu), conv, x, cot)
+    finally:
+        kernels.set_mode("on")
+    if fused:
+        assert all(np.array_equal(got[n], want[n]) for n in ("out", "x", "x only"))
+    assert_close(got, want)
+    assert np.abs(mixed["out"] - want["out"]).max() > 0.1  # the rows' own: not the sequence's
+
+
 def test_the_fused_primitive_runs_only_where_dispatch_takes_the_call():
     """Kernels on, float32 on the CPU: the extension's primitive; kernels off, another dtype or
     the op skipped: MLX's convolution, nn.Conv1d's values to the bit."""

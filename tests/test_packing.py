@@ -287,7 +287,7 @@ def test_packed_run_trains_and_refusals(tmp_path):
     assert tags["mlxlab.compiles"] == "1"  # every packed batch: batch_size x max_length
     lfm2 = save_tiny_model("lfm2", tmp_path / "lfm2", chat="chatml")
     for overrides, line in (
-            ([f"model.pretrained={lfm2}"], "lfm2's attention .* set data.pack=false"),
+            ([f"model.pretrained={lfm2}"], "lfm2's layers .* set data.pack=false"),
             ([f"model.pretrained={folder}", "callbacks=per_example_losses"],
              "per_example_losses records one loss per batch row")):
         cfg = compose_cfg(tmp_path / "cfg", ["experiment=finetune_chat", "data.pack=true",

@@ -4,13 +4,12 @@ of mlxlab (unpacked, packed) beside mlx_lm.lora and PyTorch + PEFT, SmolLM2-135M
     python benchmarks/speed/bench_sizes.py [--sizes llama-3b --modes lora --work DIR]  (--help)
     python benchmarks/speed/bench_sizes.py --sharded --sizes llama-1b --steps 4 [--threads N]
 
-Models: the packaged SmolLM2 GGUF and random weights in the published configs (CONFIGS; float32
-on the CPU, bfloat16 on a GPU; 4-bit group 64 for QLoRA), with SmolLM2's tokenizer. The shipped
-one-reply chats, LoRA rank 8 (alpha 16) on q/k/v/o, Adam at 1e-4; unpacked batch 4 (padded as
-mlxlab pads by default; mlxlab-b128: to multiples of 128 anywhere), packed 1 x 256; each
-tool in its own process at equal BLAS. results.json under --work keeps every stage; the equal-
-count table gives every run at mlxlab's count of trained tokens.
-"""
+Models: the packaged SmolLM2 GGUF, random weights in the published configs (CONFIGS, Qwen3.5-0.8B
+a hybrid; float32 on the CPU, bf16 on a GPU; 4-bit group 64 for QLoRA), SmolLM2's tokenizer. The
+shipped one-reply chats, LoRA rank 8 (alpha 16) on q/k/v/o, Adam at 1e-4; unpacked batch 4 (padded
+as mlxlab pads by default; mlxlab-b128: to multiples of 128), packed 1 x 256; each tool in its own
+process at equal BLAS. results.json under --work keeps every stage; the equal-count table gives
+every run at mlxlab's count of trained tokens."""
 
 from __future__ import annotations
 
@@ -28,6 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 from benchmarks.harness import add_options, in_round, print_table, run_with_peak_rss, write_record  # noqa: E402
+from benchmarks.memory.bench_hybrid_memory import SHAPES  # noqa: E402
 from benchmarks.speed import bench_lora  # noqa: E402
 
 SEQ, BATCH, RANK, ALPHA, LR = 256, 4, 8, 16.0, 1e-4
@@ -43,8 +43,7 @@ CONFIGS = {
     "qwen3-1.7b": {"model_type": "qwen3", "hidden_size": 2048, "intermediate_size": 6144,
                    "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8,
                    "head_dim": 128, "vocab_size": 151936, "tie_word_embeddings": True,
-                   "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
-                   "max_position_embeddings": 40960},
+                   "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "max_position_embeddings": 40960},
     # --smoke: the same path on a toy of the Llama shape
     "toy": {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -57,6 +56,7 @@ CONFIGS["llama-3b"] = {**CONFIGS["llama-1b"], "hidden_size": 3072, "num_hidden_l
 CONFIGS["llama-8b"] = {**CONFIGS["llama-3b"], "hidden_size": 4096, "intermediate_size": 14336,
                        "num_hidden_layers": 32, "num_attention_heads": 32,
                        "tie_word_embeddings": False, "rope_scaling": {**LLAMA32_ROPE, "factor": 8.0}}
+CONFIGS["qwen3.5-0.8b"] = SHAPES["qwen3.5-0.8b"]["families"]["hybrid"]  # a gated-delta hybrid
 SIZES = ("smollm2", "llama-1b", "qwen3-1.7b", "llama-3b", "llama-8b")
 TOOLS = ("mlxlab", "mlxlab-packed", "mlx-lm", "torch-peft")  # and mlxlab-b128, on request
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -220,7 +220,7 @@ def mlxlab_steps(data: Path, tokenizer: Path, packed: bool, steps: int, seed: in
     """(chats, trained tokens) of each of a bench_sizes mlxlab run's first `steps` steps."""
     from mlxlab.data.batching import Batching
 
-    module = chat_module(data, tokenizer, pack=packed, seed=seed)
+    module = chat_module(data, tokenizer, pack=packed, seed=seed, pack_length=SEQ if packed else None)
     out = []
     for _, batch in zip(range(steps), module.train_batches(Batching(1 if packed else rows), 0)):
         chats = int(batch["segment_ids"].max(axis=1).sum()) if packed else batch["input_ids"].shape[0]

@@ -287,32 +287,45 @@ def silu(x: mx.array) -> mx.array:
 
 
 def mlx_depthwise_conv1d(x: mx.array, weight: mx.array, bias: mx.array | None = None,
-                         silu: bool = False) -> mx.array:
+                         silu: bool = False, positions: mx.array | None = None) -> mx.array:
     """depthwise_conv1d with MLX's ops: nn.Conv1d(C, C, K, groups=C)'s convolution and bias
-    (mx.conv1d, then + bias), then nn.silu when `silu`."""
-    y = mx.conv1d(x, weight, groups=x.shape[-1])
+    (mx.conv1d, then + bias), then nn.silu when `silu`; with `positions`, the sum of the taps
+    inside each output's row instead of mx.conv1d."""
+    if positions is None:
+        y = mx.conv1d(x, weight, groups=x.shape[-1])
+    else:
+        k, t = weight.shape[1], x.shape[1] - weight.shape[1] + 1
+        y = None
+        for tap in range(k):  # tap k reads k - (K - 1) tokens back: inside the row or not
+            inside = (positions >= k - 1 - tap)[..., None]
+            term = mx.where(inside, x[:, tap:tap + t], 0) * weight[:, tap, 0]
+            y = term if y is None else y + term
     if bias is not None:
         y = y + bias
     return nn.silu(y) if silu else y
 
 
 def depthwise_conv1d(x: mx.array, weight: mx.array, bias: mx.array | None = None,
-                     silu: bool = False) -> mx.array:
+                     silu: bool = False, positions: mx.array | None = None) -> mx.array:
     """The causal depthwise convolution of a hybrid's short convolution (Qwen3.5's gated-delta
     conv1d, Mamba-2's mixer conv, ...): x (B, T + K - 1, C) already left-padded by K - 1 rows,
     weight (C, K, 1) as nn.Conv1d(C, C, K, groups=C) holds it, bias (C,) or None -> (B, T, C),
-    then silu(y) when `silu`. Fused: one vectorized, multi-threaded pass each way (the backward
-    gives x's, the weight's and the bias's gradients together, recomputing the SiLU's input),
-    nn.Conv1d's values and gradients to float32 rounding; MLX's CPU grouped convolution runs
-    one output at a time on one thread. Else mlx_depthwise_conv1d."""
+    then silu(y) when `silu`. `positions` (B, T), each token's place in its row of a packed
+    sequence (models/layers/packed_rows.py): no output reads a token before its row's first,
+    as a row of its own reads its left padding. Fused: one vectorized, multi-threaded pass each
+    way (the backward gives x's, the weight's and the bias's gradients together, recomputing
+    the SiLU's input), nn.Conv1d's values and gradients to float32 rounding; MLX's CPU grouped
+    convolution runs one output at a time on one thread. Else mlx_depthwise_conv1d."""
     channels = x.shape[-1] if x.ndim == 3 else -1
     shaped = (weight.ndim == 3 and weight.shape[0] == channels and weight.shape[2] == 1
               and x.shape[1] >= weight.shape[1] and (bias is None or bias.shape == (channels,)))
     arrays = (x, weight) if bias is None else (x, weight, bias)
     module = fused("depthwise_conv1d", *arrays) if shaped else None
     if module is None:
-        return mlx_depthwise_conv1d(x, weight, bias, silu)
-    return module.depthwise_conv1d(x, weight, bias, silu)
+        return mlx_depthwise_conv1d(x, weight, bias, silu, positions)
+    if positions is None:
+        return module.depthwise_conv1d(x, weight, bias, silu)
+    return module.depthwise_conv1d(x, weight, bias, silu, positions.astype(mx.int32))
 
 
 def gated_delta(q: mx.array, k: mx.array, v: mx.array, log_g: mx.array, beta: mx.array,

@@ -76,13 +76,17 @@ NB_MODULE(_mlxlab_kernels, m) {
   m.def(
       "depthwise_conv1d",
       [](const mx::array& x, const mx::array& w, const std::optional<mx::array>& bias,
-         bool silu) { return mlxlab::depthwise_conv1d(x, w, bias, silu); },
+         bool silu, const std::optional<mx::array>& positions) {
+        return mlxlab::depthwise_conv1d(x, w, bias, silu, positions);
+      },
       "x"_a,
       "weight"_a,
       "bias"_a = nb::none(),
       "silu"_a = false,
+      "positions"_a = nb::none(),
       "The causal depthwise convolution of float32 x (B, T + K - 1, C) by weight (C, K[, 1]) "
-      "(+ bias (C,)) -> (B, T, C), then silu when asked.");
+      "(+ bias (C,)) -> (B, T, C), then silu when asked; with positions (B, T) int32 (each "
+      "token's place in its packed row) no output reads an input before its row.");
   m.def(
       "gated_delta",
       [](const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& log_g,

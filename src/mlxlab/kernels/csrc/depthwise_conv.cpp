@@ -11,6 +11,12 @@
 // bit beside MLX's bundled BLAS; the BLAS mlxlab binds to MLX, runtime/compute/blas.py, sums
 // MLX's convolution in another order). With `silu`, silu(z) = z sigmoid(z) follows in the same
 // pass, its backward recomputing z (K multiply-adds a value) rather than keeping it.
+//
+// With `positions` (B, T) int32, each token's place in its own row of a packed sequence (0 at a
+// row's first token), an output reads no input before its row's first token: tap k of output t
+// is left out where t + k - (K - 1) precedes t - positions[t], as the zeros a row of its own is
+// padded with multiply to nothing. The taps left are summed in the same order from the same
+// zero, so a packed row's values and gradients are those of the row alone, to the bit.
 #include "common.h"
 #include "kernels.h"
 #include "mlx_math.h"
@@ -38,14 +44,18 @@ std::vector<float> taps_by_row(const float* w, int64_t c, int64_t k) {
   return wt;
 }
 
-// z = sum_k x[k] wt[k] (+ bias) of one output row: x points at its first input row.
+// z = sum_k x[k] wt[k] (+ bias) of one output row, over taps k0 <= k < K: x points at its first
+// input row.
 inline void conv_row(const float* __restrict x, const float* __restrict wt,
-                     const float* __restrict bias, float* __restrict z, int64_t c, int64_t k) {
+                     const float* __restrict bias, float* __restrict z, int64_t c, int64_t k,
+                     int64_t k0 = 0) {
+  const float* __restrict x0 = x + k0 * c;
+  const float* __restrict w0 = wt + k0 * c;
 #pragma omp simd
   for (int64_t j = 0; j < c; ++j) {
-    z[j] = 0.0f + x[j] * wt[j]; // 0 + the first product, as an accumulator from 0 sums
+    z[j] = 0.0f + x0[j] * w0[j]; // 0 + the first product, as an accumulator from 0 sums
   }
-  for (int64_t ki = 1; ki < k; ++ki) {
+  for (int64_t ki = k0 + 1; ki < k; ++ki) {
     const float* __restrict xr = x + ki * c;
     const float* __restrict wr = wt + ki * c;
 #pragma omp simd
@@ -84,14 +94,20 @@ struct ConvShape {
   int64_t b, l, t, c, k;
 };
 
+// The first tap output t reads: 0, or with a packed row's positions (the batch row's) the first
+// inside its row.
+inline int64_t first_tap(const int32_t* positions, int64_t t, int64_t k) {
+  return positions ? std::max<int64_t>(0, k - 1 - positions[t]) : 0;
+}
+
 // The gradients of one batch row's input rows [s0, s1): dx[s] = sum_k dz[s - k] wt[k] over the
 // output rows 0 <= s - k < T, and (dw not null) the output rows t in [s0, s1) added into dw
 // (K, C) and db (C). dz is dy (times silu'(z), z recomputed, with `silu`); the K - 1 output rows
 // before s0 that dx reads are recomputed, not added (the part before owns them). `ring` holds K
 // rows of C.
-void grad_rows(const float* x, const float* wt, const float* bias, const float* dy, float* dx,
-               float* dw, float* db, float* ring, const ConvShape& sh, int64_t s0, int64_t s1,
-               bool silu) {
+void grad_rows(const float* x, const float* wt, const float* bias, const int32_t* positions,
+               const float* dy, float* dx, float* dw, float* db, float* ring, const ConvShape& sh,
+               int64_t s0, int64_t s1, bool silu) {
   const int64_t c = sh.c, k = sh.k;
   // dz of output row t: a row of dy, or (silu) its slot in the ring, filled here
   auto make_dz = [&](int64_t t) -> const float* {
@@ -100,7 +116,7 @@ void grad_rows(const float* x, const float* wt, const float* bias, const float* 
       return g;
     }
     float* z = ring + (t % k) * c;
-    conv_row(x + t * c, wt, bias, z, c, k);
+    conv_row(x + t * c, wt, bias, z, c, k, first_tap(positions, t, k));
     silu_grad_row(z, g, c);
     return z;
   };
@@ -113,7 +129,7 @@ void grad_rows(const float* x, const float* wt, const float* bias, const float* 
   for (int64_t s = s0; s < s1; ++s) {
     const float* __restrict g = s < sh.t ? make_dz(s) : nullptr;
     if (g && dw) {
-      for (int64_t ki = 0; ki < k; ++ki) {
+      for (int64_t ki = first_tap(positions, s, k); ki < k; ++ki) {
         const float* __restrict xr = x + (s + ki) * c;
         float* __restrict dwr = dw + ki * c;
 #pragma omp simd
@@ -130,7 +146,7 @@ void grad_rows(const float* x, const float* wt, const float* bias, const float* 
     std::fill(out, out + c, 0.0f);
     for (int64_t ki = 0; ki < k; ++ki) {
       const int64_t t = s - ki;
-      if (t < 0 || t >= sh.t) {
+      if (t < 0 || t >= sh.t || ki < first_tap(positions, t, k)) {
         continue;
       }
       const float* __restrict gt = dz_row(t);
@@ -152,6 +168,7 @@ ConvShape conv_shape(const mx::array& x, const mx::array& w) {
 // not give them.
 struct GradArrays {
   const float *x, *w, *bias, *dy;
+  const int32_t* positions; // (B, T), or null
   float *dx, *dw, *db;
   ConvShape sh;
   bool silu;
@@ -171,7 +188,8 @@ void conv_grad(const GradArrays& a) {
     // the part's input rows, a batch row's span at a time
     for (int64_t r = part * block, end = std::min(rows, (part + 1) * block); r < end;) {
       const int64_t bi = r / l, s0 = r % l, s1 = std::min(l, s0 + end - r);
-      grad_rows(a.x ? a.x + bi * l * c : nullptr, wt.data(), a.bias, a.dy + bi * a.sh.t * c,
+      grad_rows(a.x ? a.x + bi * l * c : nullptr, wt.data(), a.bias,
+                a.positions ? a.positions + bi * a.sh.t : nullptr, a.dy + bi * a.sh.t * c,
                 a.dx + bi * l * c, dw, dw ? dw + k * c : nullptr, ring, a.sh, s0, s1, a.silu);
       r += s1 - s0;
     }
@@ -198,7 +216,8 @@ void conv_grad(const GradArrays& a) {
 } // namespace
 
 mx::array depthwise_conv1d(const mx::array& x, const mx::array& w,
-                           const std::optional<mx::array>& bias, bool silu) {
+                           const std::optional<mx::array>& bias, bool silu,
+                           const std::optional<mx::array>& positions) {
   check_cpu_float32(x, "depthwise_conv1d");
   check_cpu_float32(w, "depthwise_conv1d weight");
   if (x.ndim() != 3 || w.ndim() < 2 || w.shape(0) != x.shape(2) ||
@@ -218,16 +237,26 @@ mx::array depthwise_conv1d(const mx::array& x, const mx::array& w,
     }
     inputs.push_back(mx::contiguous(*bias, false, s));
   }
+  if (positions) {
+    if (positions->dtype() != mx::int32 ||
+        positions->shape() != mx::Shape{x.shape(0), x.shape(1) - w.shape(1) + 1}) {
+      throw std::invalid_argument("depthwise_conv1d: expected positions (B, T) int32");
+    }
+    inputs.push_back(mx::contiguous(*positions, false, s));
+  }
   return mx::array({x.shape(0), x.shape(1) - w.shape(1) + 1, x.shape(2)}, mx::float32,
-                   std::make_shared<DepthwiseConv1d>(s, silu), std::move(inputs));
+                   std::make_shared<DepthwiseConv1d>(s, silu, positions.has_value()),
+                   std::move(inputs));
 }
 
 void DepthwiseConv1d::eval_cpu(const std::vector<mx::array>& inputs,
                                std::vector<mx::array>& outputs) {
   auto& encoder = mx::cpu::get_command_encoder(stream());
   set_arrays(encoder, inputs, outputs);
+  const bool has_bias = inputs.size() > (rows_ ? 3u : 2u);
   encoder.dispatch([px = inputs[0].data<float>(), pw = inputs[1].data<float>(),
-                    pb = inputs.size() > 2 ? inputs[2].data<float>() : nullptr,
+                    pb = has_bias ? inputs[2].data<float>() : nullptr,
+                    pp = rows_ ? inputs.back().data<int32_t>() : nullptr,
                     py = outputs[0].data<float>(), sh = conv_shape(inputs[0], inputs[1]),
                     silu = silu_]() {
     const std::vector<float> wt = taps_by_row(pw, sh.c, sh.k);
@@ -235,7 +264,8 @@ void DepthwiseConv1d::eval_cpu(const std::vector<mx::array>& inputs,
       for (int64_t r = begin; r < end; ++r) {
         const int64_t bi = r / sh.t, ti = r % sh.t;
         float* z = py + r * sh.c;
-        conv_row(px + (bi * sh.l + ti) * sh.c, wt.data(), pb, z, sh.c, sh.k);
+        conv_row(px + (bi * sh.l + ti) * sh.c, wt.data(), pb, z, sh.c, sh.k,
+                 first_tap(pp ? pp + bi * sh.t : nullptr, ti, sh.k));
         if (silu) {
           silu_row(z, sh.c);
         }
@@ -250,26 +280,31 @@ std::vector<mx::array> DepthwiseConv1d::vjp(const std::vector<mx::array>& primal
                                             const std::vector<mx::array>&) {
   // x's gradient alone (the weight frozen: LoRA) reads only the weight and dy, so x need not
   // live until the backward unless the SiLU's input is recomputed from it.
-  const bool params = std::any_of(argnums.begin(), argnums.end(), [](int a) { return a > 0; });
+  const int floats = static_cast<int>(primals.size()) - (rows_ ? 1 : 0); // x, w (, bias)
+  const bool params = std::any_of(argnums.begin(), argnums.end(),
+                                  [floats](int a) { return a > 0 && a < floats; });
   const bool reads_x = params || silu_;
   std::vector<mx::array> inputs;
   if (reads_x) {
-    inputs = primals;
+    inputs.assign(primals.begin(), primals.begin() + floats);
   } else {
     inputs.push_back(primals[1]);
   }
+  if (rows_) {
+    inputs.push_back(primals.back());
+  }
   inputs.push_back(mx::contiguous(cotangents[0], false, stream()));
   std::vector<mx::Shape> shapes;
-  for (size_t i = 0; i < (params ? primals.size() : 1); ++i) {
+  for (int i = 0; i < (params ? floats : 1); ++i) {
     shapes.push_back(primals[i].shape());
   }
   const auto count = shapes.size();
   auto grads = mx::array::make_arrays(
       std::move(shapes), std::vector<mx::Dtype>(count, mx::float32),
-      std::make_shared<DepthwiseConv1dGrad>(stream(), silu_, params), std::move(inputs));
+      std::make_shared<DepthwiseConv1dGrad>(stream(), silu_, params, rows_), std::move(inputs));
   std::vector<mx::array> out;
   for (int arg : argnums) {
-    out.push_back(grads[arg]);
+    out.push_back(arg < floats ? grads[arg] : mx::zeros_like(primals[arg], stream()));
   }
   return out;
 }
@@ -278,7 +313,8 @@ void DepthwiseConv1dGrad::eval_cpu(const std::vector<mx::array>& inputs,
                                    std::vector<mx::array>& outputs) {
   auto& encoder = mx::cpu::get_command_encoder(stream());
   set_arrays(encoder, inputs, outputs);
-  const bool reads_x = params_ || silu_, has_bias = reads_x && inputs.size() == 4;
+  const bool reads_x = params_ || silu_;
+  const bool has_bias = reads_x && inputs.size() == (rows_ ? 5u : 4u);
   const mx::array& w = inputs[reads_x ? 1 : 0];
   const mx::array& dy = inputs.back();
   const int64_t c = dy.shape(2), k = w.size() / c;
@@ -286,6 +322,7 @@ void DepthwiseConv1dGrad::eval_cpu(const std::vector<mx::array>& inputs,
                w.data<float>(),
                has_bias ? inputs[2].data<float>() : nullptr,
                dy.data<float>(),
+               rows_ ? inputs[inputs.size() - 2].data<int32_t>() : nullptr,
                outputs[0].data<float>(),
                params_ ? outputs[1].data<float>() : nullptr,
                params_ && has_bias ? outputs[2].data<float>() : nullptr,

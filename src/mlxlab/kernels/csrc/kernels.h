@@ -51,7 +51,8 @@ void set_blas_local_threads(uintptr_t address);
 // groups=C)'s values to float32 rounding), then silu(y) when `silu`. Differentiable in x, the
 // weight and the bias.
 mx::array depthwise_conv1d(const mx::array& x, const mx::array& w,
-                           const std::optional<mx::array>& bias, bool silu);
+                           const std::optional<mx::array>& bias, bool silu,
+                           const std::optional<mx::array>& positions = std::nullopt);
 
 // The gated delta rule token by token (mlx-lm's gated_delta_ops; gated_delta.cpp): q, k
 // (B, T, Hk, Dk), v (B, T, Hv, Dv) with Hk dividing Hv (value head h reads key head
@@ -428,41 +429,45 @@ class LayerNormGrad : public CpuPrimitive {
   MLXLAB_PRIMITIVE_BODY(LayerNormGrad)
 };
 
-// Inputs: x, weight (, bias) -> y (depthwise_conv1d).
+// Inputs: x, weight (, bias) (, positions: `rows`) -> y (depthwise_conv1d).
 class DepthwiseConv1d : public CpuPrimitive {
  public:
-  DepthwiseConv1d(mx::Stream stream, bool silu) : CpuPrimitive(stream), silu_(silu) {}
+  DepthwiseConv1d(mx::Stream stream, bool silu, bool rows)
+      : CpuPrimitive(stream), silu_(silu), rows_(rows) {}
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
   const char* name() const override {
     return "MlxlabDepthwiseConv1d";
   }
   bool is_equivalent(const mx::Primitive& other) const override {
-    return silu_ == static_cast<const DepthwiseConv1d&>(other).silu_;
+    auto& o = static_cast<const DepthwiseConv1d&>(other);
+    return silu_ == o.silu_ && rows_ == o.rows_;
   }
   MLXLAB_VJP
 
  private:
-  bool silu_;
+  bool silu_, rows_;
 };
 
-// Inputs: x, weight (, bias), cotangent -> (d x, d weight (, d bias)); without `params` (only
-// x's gradient asked for) -> d x, and without the SiLU too, from the weight and cotangent alone.
+// Inputs: x, weight (, bias) (, positions: `rows`), cotangent -> (d x, d weight (, d bias));
+// without `params` (only x's gradient asked for) -> d x, and without the SiLU too, from the
+// weight (, positions) and cotangent alone.
 class DepthwiseConv1dGrad : public CpuPrimitive {
  public:
-  DepthwiseConv1dGrad(mx::Stream stream, bool silu, bool params)
-      : CpuPrimitive(stream), silu_(silu), params_(params) {}
+  DepthwiseConv1dGrad(mx::Stream stream, bool silu, bool params, bool rows)
+      : CpuPrimitive(stream), silu_(silu), params_(params), rows_(rows) {}
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
   const char* name() const override {
     return "MlxlabDepthwiseConv1dGrad";
   }
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const DepthwiseConv1dGrad&>(other);
-    return silu_ == o.silu_ && params_ == o.params_;
+    return silu_ == o.silu_ && params_ == o.params_ && rows_ == o.rows_;
   }
 
  private:
   bool silu_;
   bool params_; // the weight's and bias's gradients too
+  bool rows_;   // a packed sequence's positions
 };
 
 // Inputs: q, k, v, log_g, beta, state (, keep) -> (y, final state, the states entering every

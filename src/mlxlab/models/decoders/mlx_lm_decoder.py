@@ -345,6 +345,9 @@ class MLXLMDecoder(PretrainedModel):
         path, config = model_source(node["pretrained"], node.get("revision"))
         lm = build_lazy(config, path)
         use_fused_kernels(lm)  # mlx-lm's masks go through packed_mask
+        use_chunked_gated_delta(lm)  # a hybrid's rules and scans as training runs them
+        use_ssm_scan(lm)
+        lm.train()
         model_type = str(config.get("model_type"))
         check_packable(lm, model_type)
         ids = mx.zeros((1, 4), mx.int32)

@@ -65,6 +65,7 @@ import mlx.nn as nn
 from mlxlab import kernels
 from mlxlab.kernels.dispatch import fused
 from mlxlab.models.decoders.packing import count_packed_mask, packed_mask
+from mlxlab.models.layers import packed_rows
 from mlxlab.models.layers.blocks import RMSNorm
 
 # wrapper -> the mlx-lm function it wraps: a second model of the type never wraps it again
@@ -210,11 +211,17 @@ class DepthwiseConv1d(nn.Conv1d):
     def __call__(self, x: mx.array) -> mx.array:
         bias = self.get("bias")
         arrays = (x, self.weight) if bias is None else (x, self.weight, bias)
-        if not self.takes(self) or fused("depthwise_conv1d", *arrays) is None:
+        takes = self.takes(self)
+        # a packed pass: no output reads a token of the example before its own (packed_rows.py)
+        rows = packed_rows.positions_for(x.shape[1] - self.weight.shape[1] + 1) if takes else None
+        if rows is not None and fused("depthwise_conv1d", *arrays) is None:
+            return kernels.depthwise_conv1d(x, self.weight, bias, positions=rows)
+        if not takes or fused("depthwise_conv1d", *arrays) is None:
             return super().__call__(x)
-        y = kernels.depthwise_conv1d(x, self.weight, bias)
+        y = (kernels.depthwise_conv1d(x, self.weight, bias) if rows is None else
+             kernels.depthwise_conv1d(x, self.weight, bias, positions=rows))
         # for the SiLU that may follow; weak: a convolution no SiLU follows holds nothing
-        DepthwiseConv1d.last = (weakref.ref(y), weakref.ref(x), weakref.ref(self))
+        DepthwiseConv1d.last = (weakref.ref(y), weakref.ref(x), weakref.ref(self), rows)
         return y
 
 
@@ -225,9 +232,11 @@ def fused_silu(original: Callable) -> Callable:
         if fused("silu", x) is None:
             return original(x)
         last, DepthwiseConv1d.last = DepthwiseConv1d.last, None
-        y, conv_input, conv = (ref() for ref in last) if last is not None else (None,) * 3
+        y, conv_input, conv = (ref() for ref in last[:3]) if last is not None else (None,) * 3
         if y is x and conv_input is not None and conv is not None:  # silu(conv(...)): one pass
-            return kernels.depthwise_conv1d(conv_input, conv.weight, conv.get("bias"), silu=True)
+            rows = {} if last[3] is None else {"positions": last[3]}
+            return kernels.depthwise_conv1d(conv_input, conv.weight, conv.get("bias"), silu=True,
+                                            **rows)
         return kernels.silu(x)
 
     ORIGINALS[silu] = original

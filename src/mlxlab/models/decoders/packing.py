@@ -18,8 +18,12 @@ Why RoPE models need no position restart: a rotary score depends on the two posi
 only, so an example starting at position p scores as it would at 0 (the tests check the packed
 logits against the unpacked ones on real models). Sliding windows are relative too: the window
 mask mlx-lm builds is AND-ed with the segment mask. Learned absolute positions are not relative
-(mlx-lm's GPT-2-style models are refused; mlxlab's own Transformer restarts them), nor are
-recurrent or convolutional layers between the attentions (refused by the layer count).
+(mlx-lm's GPT-2-style models are refused; mlxlab's own Transformer restarts them). A hybrid's
+short convolutions and gated-delta or Mamba-2 rules carry each token into the next; they start
+each example afresh through models/layers/packed_rows.py (inside attention_segments), and each
+rule that did counts as its layer. A model whose layers keep rows apart otherwise, or not at
+all (a latent attention, parallel attention and Mamba, layers without a sequence mixer,
+convolution-only layers), is refused by that count.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlxlab.errors import ConfigError
+from mlxlab.models.layers import packed_rows
+from mlxlab.models.layers.packed_rows import positions_in_rows
 
 # module names that hold learned absolute position embeddings in mlx-lm's and mlxlab's models
 POSITION_EMBEDDINGS = ("wpe", "embed_positions", "position_embeddings", "pos_embed")
@@ -47,14 +53,8 @@ def segment_mask(segment_ids: mx.array, dtype: mx.Dtype = mx.float32) -> mx.arra
     return mx.where(allowed, mx.array(0.0, dtype), mx.array(-mx.inf, dtype))
 
 
-def segment_positions(segment_ids: mx.array) -> mx.array:
-    """(B, T) each position's index inside its own segment (0 at every segment's first token)."""
-    t = segment_ids.shape[1]
-    index = mx.broadcast_to(mx.arange(t), segment_ids.shape)
-    first = mx.concatenate([mx.ones_like(segment_ids[:, :1], dtype=mx.bool_),
-                            segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
-    start = mx.cummax(mx.where(first, index, 0), axis=1)
-    return index - start
+# (B, T) each position's index inside its own segment (0 at every segment's first token)
+segment_positions = positions_in_rows
 
 
 def combine_masks(segments: mx.array, mask: mx.array | str | None) -> mx.array:
@@ -102,20 +102,25 @@ def count_packed_mask(mask: object) -> None:
 @contextmanager
 def attention_segments(segment_ids: mx.array, layers: int, model_type: str) -> Iterator[None]:
     """Within this context mlx-lm's attention masks are combined with `segment_ids`'
-    block-diagonal mask (packed_mask); on leaving, fewer than `layers` attention calls having
-    received one is a ConfigError (the rows of a packed batch would have seen each other)."""
+    block-diagonal mask (packed_mask), and a hybrid's convolutions and gated-delta or Mamba-2
+    rules start each row afresh (models/layers/packed_rows.py); on leaving, a count of attention
+    calls that received that mask and rules that reset their state other than `layers` is a
+    ConfigError (the rows of a packed batch would have seen each other)."""
     if _ACTIVE.mask is not None:
         raise RuntimeError("attention_segments does not nest")
     _ACTIVE.mask, _ACTIVE.made, _ACTIVE.calls = segment_mask(segment_ids), [], 0
+    packed_rows.rules_reset(clear=True)
     try:
-        yield
-        calls = _ACTIVE.calls
+        with packed_rows.rows(segment_ids):
+            yield
+        calls, rules = _ACTIVE.calls, packed_rows.rules_reset(clear=True)
     finally:
         _ACTIVE.mask, _ACTIVE.made = None, []
-    if calls != layers:
+    if calls + rules != layers:
+        kept = f"{calls} attention" + (f" and {rules} recurrent" if rules else "")
         raise ConfigError(
-            f"data.pack=true: {model_type}'s attention is not computed where packed rows can be "
-            f"kept apart ({calls} of {layers} layers applied the rows' mask: its layers mix "
+            f"data.pack=true: {model_type}'s layers are not computed where packed rows can be "
+            f"kept apart ({kept} of {layers} layers kept the rows apart: its layers mix "
             "positions in other ways); set data.pack=false for this model")
 
 

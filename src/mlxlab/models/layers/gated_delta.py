@@ -57,7 +57,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlxlab.models.layers import gate_decay, replay
+from mlxlab.models.layers import gate_decay, packed_rows, replay
 
 CHUNK_SIZE = 64  # flash-linear-attention's chunk; the triangular solve is C x C per head
 # a scalar gate's rule batches chunks up to this many (batch x head x chunk) C x C matrices at
@@ -292,6 +292,8 @@ def chunked_rule(q: mx.array, k: mx.array, v: mx.array, log_g: mx.array, beta: m
     """gated_delta_chunked with the gate as its logarithm (what the layers compute first)."""
     batch, _, hk, dk = q.shape
     hv, dv = v.shape[-2:]
+    log_g = packed_rows.reset_log_gate(log_g)  # a packed pass: each example from a zero state
+    packed_rows.rule_reset(log_g)
     if state is None:
         state = mx.zeros((batch, hv, dv, dk), dtype=mx.float32)
     keep = None if mask is None else mask.astype(mx.float32)

@@ -28,7 +28,7 @@ from mlx.utils import tree_map
 from mlxlab import kernels
 from mlxlab.errors import ConfigError
 from mlxlab.models.base import Model
-from mlxlab.models.layers import replay
+from mlxlab.models.layers import packed_rows, replay
 from mlxlab.models.layers.blocks import Dropout
 
 # (a block or mixer class, taped) -> its checkpointed subclass
@@ -53,11 +53,13 @@ def checkpoint(fn: Callable) -> Callable:
         template = tree_map(take, (list(args), kwargs))  # empty lists and dicts kept
 
         returned: list[type] = []  # what fn returned: an array, or a tuple or list of them
+        rows = packed_rows.current()  # a packed pass's rows, for the recompute after it
 
         def flat_fn(*xs: mx.array) -> list[mx.array]:
             given = iter(xs)
             a, k = tree_map(lambda leaf: next(given) if leaf is slot else leaf, template)
-            out = fn(*a, **k)
+            with packed_rows.rows(positions=rows):
+                out = fn(*a, **k)
             returned.append(type(out))
             return [out] if isinstance(out, mx.array) else list(out)
 

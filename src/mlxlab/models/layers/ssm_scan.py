@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from mlxlab.models.layers import replay
+from mlxlab.models.layers import packed_rows, replay
 
 
 def ssm_scan(x: mx.array, A_log: mx.array, B: mx.array, C: mx.array, D: mx.array,
@@ -33,10 +33,12 @@ def ssm_scan(x: mx.array, A_log: mx.array, B: mx.array, C: mx.array, D: mx.array
 
     b, _, h, dh = x.shape
     step = compute_dt(dt, dt_bias, time_step_limit)  # float32, as mlx-lm's
-    log_gate = step * -mx.exp(A_log.astype(step.dtype))
+    # in a packed pass each example starts from a zero state (packed_rows.py)
+    log_gate = packed_rows.reset_log_gate(step * -mx.exp(A_log.astype(step.dtype)))
     start = mx.zeros((b, h, dh, B.shape[-1]), mx.float32) if state is None else state
     out = replay.gated_delta(C, B, x, log_gate, step, start, None, delta=False)
     if out is None:
         return None
+    packed_rows.rule_reset(log_gate)
     y, final = out
     return (y + x * D.reshape(1, 1, h, 1)).astype(x.dtype), final
