@@ -169,10 +169,11 @@ def _rows_losses_of_packed(model, batch, packed) -> list[float]:
 
 
 # A tiny random folder of each (scripts/tiny_hf_model.py): gemma3_text has a 16-token sliding
-# window (rows longer than it), qwen3_moe routed experts; gemma2 (its own attention), lfm2
-# (convolution layers) and deepseek_v3 (latent attention) cannot keep rows apart.
-PACKS = ["llama", "gemma3_text", "qwen3_moe", "phi3"]
-REFUSED = ["gemma2", "lfm2"]
+# window (rows longer than it), qwen3_moe routed experts, lfm2 convolution layers (each row's
+# own: models/layers/packed_rows.py); gemma2 (its own attention) and deepseek_v3 (latent
+# attention) cannot keep rows apart.
+PACKS = ["llama", "gemma3_text", "qwen3_moe", "phi3", "lfm2"]
+REFUSED = ["gemma2"]
 
 
 @pytest.mark.parametrize("kind", PACKS + REFUSED)
@@ -272,8 +273,9 @@ def _train(root: Path, *overrides: str):
 
 def test_packed_run_trains_and_refusals(tmp_path):
     """A chat fine-tune with data.pack=true trains through the real entry (3 steps, each of
-    2 packed sequences, one compiled shape); an LFM2 folder (convolution layers) and the per-example-loss callback
-    (one loss per batch row) refuse data.pack=true in one line before anything is created."""
+    2 packed sequences, one compiled shape); a Gemma 2 folder (its own attention) and the
+    per-example-loss callback (one loss per batch row) refuse data.pack=true in one line before
+    anything is created."""
     from conftest import compose_cfg
     from hf_helpers import save_tiny_model
     from mlxlab.config.checks import validate
@@ -285,9 +287,9 @@ def test_packed_run_trains_and_refusals(tmp_path):
     assert [s for s, _ in logged["train/loss"]][-1] == 3
     tags = json.loads((run_dir / "tracking" / "tags.json").read_text())
     assert tags["mlxlab.compiles"] == "1"  # every packed batch: batch_size x max_length
-    lfm2 = save_tiny_model("lfm2", tmp_path / "lfm2", chat="chatml")
+    gemma2 = save_tiny_model("gemma2", tmp_path / "gemma2", chat="chatml")
     for overrides, line in (
-            ([f"model.pretrained={lfm2}"], "lfm2's layers .* set data.pack=false"),
+            ([f"model.pretrained={gemma2}"], "gemma2's layers .* set data.pack=false"),
             ([f"model.pretrained={folder}", "callbacks=per_example_losses"],
              "per_example_losses records one loss per batch row")):
         cfg = compose_cfg(tmp_path / "cfg", ["experiment=finetune_chat", "data.pack=true",

@@ -1,12 +1,12 @@
-"""Packed batches of hybrid models (data.pack=true; models/layers/packed_rows.py): in the
-families whose every layer is one attention or one recurrent mixer (Qwen3.5, Qwen3-Next,
-OLMo-Hybrid, Granite-4.0-H, Mamba-2) each packed row's logits and every gradient equal those of
-the row run alone, the same sequences without their rows differ by far more, and so do they
-with the rule's reset or the convolution's row positions taken away; with gradient
-checkpointing (mixers, cores) and with the fused kernels off (the chunked rule, MLX's
-convolution) too. The families whose layers mix otherwise are refused in one line before a run:
-parallel attention and Mamba (Falcon-H1), layers without a mixer (Nemotron-H), a latent
-attention (Kimi-Linear), convolution layers (LFM2), and a Mamba-2 scan without the kernels."""
+"""Packed batches of hybrid models (data.pack=true; models/layers/packed_rows.py): in Qwen3.5,
+Qwen3-Next, OLMo-Hybrid, Nemotron-H (layers of an MLP alone among its mixers), Falcon-H1
+(attention and Mamba side by side), Granite-4.0-H, Mamba-2 and LFM2 (convolution layers) each
+packed row's logits and every gradient equal those of the row run alone, the same sequences
+without their rows differ by far more, and so do they with the rule's reset or the
+convolution's row positions taken away; with gradient checkpointing (mixers, cores) and with
+the fused kernels off (the chunked rule, MLX's convolution) too. Where a layer still mixes rows
+the model is refused in one line before a run: Kimi-Linear (its latent attention), and a Mamba-2
+scan without the kernels (mlx-lm's)."""
 
 from __future__ import annotations
 
@@ -20,8 +20,9 @@ from mlx.utils import tree_flatten
 
 from mlxlab.errors import ConfigError
 
-PACKS = ["qwen3_5", "qwen3_next", "olmo_hybrid", "granitemoehybrid", "mamba2"]
-REFUSED = ["nemotron_h", "falcon_h1", "kimi_linear", "lfm2"]
+PACKS = ["qwen3_5", "qwen3_next", "olmo_hybrid", "nemotron_h", "falcon_h1", "granitemoehybrid",
+         "mamba2", "lfm2"]
+REFUSED = ["kimi_linear"]
 LENGTHS = [7, 20, 13, 25]  # rows shorter than the convolution's reach (4) included
 
 
@@ -91,7 +92,7 @@ def test_packed_hybrid_rows_equal_each_row_alone(kind, folders):
 
 
 @pytest.mark.parametrize("kind,mode", [("qwen3_5", "mixers"), ("qwen3_5", "cores"),
-                                       ("mamba2", "cores")])
+                                       ("mamba2", "cores"), ("falcon_h1", "mixers")])
 def test_packed_hybrid_rows_with_checkpointed_mixers(kind, mode, folders):
     """The recompute after the packed pass runs the mixers on the pass's rows."""
     from mlxlab.models.layers.grad_checkpoint import checkpoint_mixers
@@ -113,7 +114,7 @@ def test_packed_hybrid_rows_without_the_kernels(folders, kernel_mode):
     gap, leak, grad_gap = _gaps(model, vocab)
     assert gap < 1e-4 < leak and grad_gap < 1e-4, (gap, leak, grad_gap)
     with pytest.raises(ConfigError,
-                       match=r"granitemoehybrid's layers .*\(1 attention of 2 layers"):
+                       match=r"granitemoehybrid's layers .*\(1 attention, 1 convolution of 3 "):
         _model(folders["granitemoehybrid"])
 
 

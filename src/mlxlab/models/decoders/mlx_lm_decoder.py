@@ -40,7 +40,7 @@ from mlxlab.models.decoders.draft_layers import (
 )
 from mlxlab.models.decoders.gated_delta_swap import use_chunked_gated_delta
 from mlxlab.models.decoders.mlx_lm_fused import use_fused_kernels
-from mlxlab.models.decoders.packing import attention_segments, check_packable
+from mlxlab.models.decoders.packing import attention_segments, check_packable, sequence_mixers
 from mlxlab.models.decoders.ssm_swap import use_ssm_scan
 from mlxlab.models.hf import check_vocab, read_config
 from mlxlab.models.mlx_lm_classes import build_lazy, mlx_lm_config, mlx_lm_version, model_classes
@@ -351,7 +351,7 @@ class MLXLMDecoder(PretrainedModel):
         model_type = str(config.get("model_type"))
         check_packable(lm, model_type)
         ids = mx.zeros((1, 4), mx.int32)
-        with attention_segments(mx.array([[1, 1, 2, 2]]), len(lm.layers), model_type):
+        with attention_segments(mx.array([[1, 1, 2, 2]]), sequence_mixers(lm.layers), model_type):
             lm(ids)  # a graph only: never evaluated
 
     @property
@@ -386,7 +386,7 @@ class MLXLMDecoder(PretrainedModel):
         if segment_ids is not None:
             model_type = str(self._hf_config.get("model_type"))
             check_packable(self.lm, model_type)
-            with attention_segments(segment_ids, len(self.lm.layers), model_type):
+            with attention_segments(segment_ids, sequence_mixers(self.lm.layers), model_type):
                 return self._forward(input_ids, cache)
         return self._forward(input_ids, cache)
 
@@ -403,7 +403,7 @@ class MLXLMDecoder(PretrainedModel):
             if segment_ids is None:
                 return text["model"](input_ids)
             check_packable(self.lm, str(self._hf_config.get("model_type")))
-            with attention_segments(segment_ids, len(self.lm.layers),
+            with attention_segments(segment_ids, sequence_mixers(self.lm.layers),
                                     str(self._hf_config.get("model_type"))):
                 return text["model"](input_ids)
 

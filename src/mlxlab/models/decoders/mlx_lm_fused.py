@@ -214,6 +214,8 @@ class DepthwiseConv1d(nn.Conv1d):
         takes = self.takes(self)
         # a packed pass: no output reads a token of the example before its own (packed_rows.py)
         rows = packed_rows.positions_for(x.shape[1] - self.weight.shape[1] + 1) if takes else None
+        if rows is not None:
+            packed_rows.convolution_kept()
         if rows is not None and fused("depthwise_conv1d", *arrays) is None:
             return kernels.depthwise_conv1d(x, self.weight, bias, positions=rows)
         if not takes or fused("depthwise_conv1d", *arrays) is None:

@@ -104,24 +104,50 @@ def attention_segments(segment_ids: mx.array, layers: int, model_type: str) -> I
     """Within this context mlx-lm's attention masks are combined with `segment_ids`'
     block-diagonal mask (packed_mask), and a hybrid's convolutions and gated-delta or Mamba-2
     rules start each row afresh (models/layers/packed_rows.py); on leaving, a count of attention
-    calls that received that mask and rules that reset their state other than `layers` is a
-    ConfigError (the rows of a packed batch would have seen each other)."""
+    calls that received that mask and rules that reset their state other than `layers`
+    (sequence_mixers) is a ConfigError (the rows of a packed batch would have seen each other)."""
     if _ACTIVE.mask is not None:
         raise RuntimeError("attention_segments does not nest")
     _ACTIVE.mask, _ACTIVE.made, _ACTIVE.calls = segment_mask(segment_ids), [], 0
-    packed_rows.rules_reset(clear=True)
+    packed_rows.kept_apart(clear=True)
     try:
         with packed_rows.rows(segment_ids):
             yield
-        calls, rules = _ACTIVE.calls, packed_rows.rules_reset(clear=True)
+        calls, (rules, convolutions) = _ACTIVE.calls, packed_rows.kept_apart(clear=True)
     finally:
         _ACTIVE.mask, _ACTIVE.made = None, []
-    if calls + rules != layers:
-        kept = f"{calls} attention" + (f" and {rules} recurrent" if rules else "")
+    if calls + rules + convolutions != layers:
+        kept = ", ".join(f"{n} {kind}" for n, kind in ((calls, "attention"), (rules, "recurrent"),
+                                                       (convolutions, "convolution")) if n)
         raise ConfigError(
             f"data.pack=true: {model_type}'s layers are not computed where packed rows can be "
-            f"kept apart ({kept} of {layers} layers kept the rows apart: its layers mix "
-            "positions in other ways); set data.pack=false for this model")
+            f"kept apart ({kept or 'none'} of {layers} sequence mixers kept the rows apart: "
+            "its layers mix positions in other ways); set data.pack=false for this model")
+
+
+def _outermost(names: list[str]) -> list[str]:
+    return [n for n in names if not any(n != o and n.startswith(f"{o}.") for o in names)]
+
+
+def sequence_mixers(layers: list[nn.Module]) -> int:
+    """How many calls a packed pass through `layers` must see keep its rows apart: one a layer;
+    in a hybrid (a layer with a recurrent mixer, a module holding `A_log` as every gated-delta
+    and Mamba mixer does, or with a convolution), layer by layer its recurrent mixers, its
+    convolutions and its attention modules (mlx-lm names their classes *Attention): none in a
+    layer of an MLP alone (Nemotron-H), a rule and a convolution in a gated-delta layer, an
+    attention and Mamba's rule and convolution side by side in Falcon-H1's."""
+    found = [list(layer.named_modules()) for layer in layers]
+    if not any("A_log" in m or isinstance(m, nn.Conv1d) for ms in found for _, m in ms):
+        return len(layers)
+    count = 0
+    for modules in found:
+        recurrent = _outermost([name for name, module in modules if "A_log" in module])
+        attention = _outermost([
+            name for name, module in modules if type(module).__name__.endswith("Attention")
+            and not any(name == r or name.startswith(f"{r}.") for r in recurrent)])
+        convolutions = [name for name, module in modules if isinstance(module, nn.Conv1d)]
+        count += len(recurrent) + len(attention) + len(convolutions)
+    return count
 
 
 def check_packable(model: nn.Module, model_type: str) -> None:

@@ -12,8 +12,10 @@ sequence of its own:
 - a rule's log gate at an example's first token is RESET, whose exp is 0 in float32: the state
   that token multiplies is dropped, exactly as the zero state a sequence starts from, and the
   gate's gradient there is 0, as it is at a sequence's first token (which multiplies zeros).
-  Each rule that did so is counted (`rules_reset`), so the packed pass can tell a model whose
-  every layer kept its examples apart from one whose layers mix them some other way.
+
+Each rule and convolution that did so is counted (`kept_apart`), so the packed pass can tell a
+model whose every sequence mixer kept its examples apart from one whose layers mix them some
+other way.
 
 Gradient checkpointing's recompute runs after the pass has left `rows`; it takes the rows its
 forward saw (grad_checkpoint.checkpoint).
@@ -35,6 +37,7 @@ RESET = -1e30
 class _Rows(threading.local):
     positions: mx.array | None = None  # (B, T) each token's place in its example, or None
     rules: int = 0                     # rules that reset their state at each example's start
+    convolutions: int = 0              # convolutions that read no earlier example
 
 
 _ACTIVE = _Rows()
@@ -92,9 +95,16 @@ def rule_reset(log_g: mx.array) -> None:
         _ACTIVE.rules += 1
 
 
-def rules_reset(clear: bool = False) -> int:
-    """How many rules reset their state at the examples' starts since the count was cleared."""
-    count = _ACTIVE.rules
+def convolution_kept() -> None:
+    """Counts a convolution that ran on positions_for's positions, in a packed pass."""
+    if _ACTIVE.positions is not None:
+        _ACTIVE.convolutions += 1
+
+
+def kept_apart(clear: bool = False) -> tuple[int, int]:
+    """(rules that reset their state at the examples' starts, convolutions that read no earlier
+    example) since the counts were cleared."""
+    counts = _ACTIVE.rules, _ACTIVE.convolutions
     if clear:
-        _ACTIVE.rules = 0
-    return count
+        _ACTIVE.rules = _ACTIVE.convolutions = 0
+    return counts
