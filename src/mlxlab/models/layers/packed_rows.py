@@ -86,7 +86,8 @@ def reset_log_gate(log_g: mx.array) -> mx.array:
     if positions is None:
         return log_g
     starts = (positions == 0).reshape(*positions.shape, *(1,) * (log_g.ndim - 2))
-    return mx.where(starts, mx.array(RESET, log_g.dtype), log_g)
+    # float32, as the rules compute: RESET is -inf in float16
+    return mx.where(starts, mx.array(RESET, mx.float32), log_g.astype(mx.float32))
 
 
 def rule_reset(log_g: mx.array) -> None:
