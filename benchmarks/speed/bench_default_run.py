@@ -4,14 +4,14 @@
 
 Rows, each a fresh process timed from outside, in alternating rounds: `readme` (`mlxlab-train`
 as README.md runs it: a fresh MLflow store, progress bar on), `bare` (`tracking=none`, no bar),
-`openblas` (`bare` with MLXLAB_BLAS=openblas: where MKL serves MLX, what it gains),
+`openblas` (`bare` with MLXLAB_BLAS=openblas), `bare+K=V` (`bare` with K=V in its environment),
 `twin` (torch_bert_run.py: the same BERT in plain PyTorch on the batches mlxlab's data module
 makes for all epochs, the same optimizer, schedule, clip and per-epoch evaluation, in a process
 without mlxlab or MLX). Per row: wall, training loop (from the log's timestamps), first epoch,
 steps, best and last validation accuracy; ratios per round. `--epochs` shortens the mlxlab rows
 (the twin left out) to locate a difference between them with less drift. `--bf16`: every row in
 bf16 products, the mlxlab rows with `trainer.precision=bf16` (MKL's bf16 GEMM on a CPU with bf16
-units), the twin under `torch.autocast("cpu", dtype=torch.bfloat16)`, PyTorch's CPU mixed precision.
+units), the twin under `torch.autocast("cpu", dtype=torch.bfloat16)`: PyTorch's mixed precision.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: benchmarks.*
@@ -87,11 +88,10 @@ def run_mlxlab(extra: list[str], tmp: Path, env: dict[str, str] | None = None) -
     first = stamp(evals[0].group(1)) - begin
     best = re.search(r"validation \(best checkpoint, step \d+\):.*val/accuracy ([\d.]+)",
                      done.stdout)
-    steps = int(evals[-1].group(2))
-    loop = stamp(evals[-1].group(1)) - begin
+    steps, loop = int(evals[-1].group(2)), stamp(evals[-1].group(1)) - begin
     return {"wall_s": done.wall_s, "cpu_s": done.cpu_s, "loop_s": loop, "first_epoch_s": first,
-            "step_ms": None, "steps": steps,
-            "best_accuracy": float(best.group(1)), "last_accuracy": float(evals[-1].group(4))}
+            "step_ms": None, "steps": steps, "best_accuracy": float(best.group(1)),
+            "last_accuracy": float(evals[-1].group(4))}
 
 
 def run_twin(data: Path, threads: int, bf16: bool = False) -> dict:
@@ -100,15 +100,14 @@ def run_twin(data: Path, threads: int, bf16: bool = False) -> dict:
     done, _ = h.run_with_peak_rss(cmd, what=cmd[1], env={**os.environ, "PYTHONPATH": str(HERE)})
     res = json.loads(done.stdout.strip().splitlines()[-1])
     return {"wall_s": done.wall_s, "cpu_s": done.cpu_s, "loop_s": res["loop_s"], "first_epoch_s": None,
-            "steps": len(res["step_s"]),
-            "step_ms": 1000 * statistics.median(res["step_s"]),
+            "steps": len(res["step_s"]), "step_ms": 1000 * statistics.median(res["step_s"]),
             "best_accuracy": res["best_accuracy"], "last_accuracy": res["last_accuracy"]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     h.add_options(parser, repeats=3, threads=len(os.sched_getaffinity(0)),
-                  rows=("readme,bare,twin", "a subset, in this order (also: openblas)"),
+                  rows=("readme,bare,twin", "a subset, in this order (also: openblas, bare+K=V)"),
                   epochs=(None, "trainer.max_epochs for the mlxlab rows (the default run's 40 when "
                           "not given; not with the twin)", int))
     parser.add_argument("--bf16", action="store_true", help="bf16 products in every row: "
@@ -122,15 +121,16 @@ def main() -> None:
     if args.dump:
         return dump(Path(args.dump), extra)
     names = args.rows.split(",")
-    if not set(names) <= {"readme", "bare", "openblas", "twin"} or not names:
-        parser.error(f"--rows {args.rows}: choose from readme, bare, openblas, twin")
+    if not {n.split("+")[0] for n in names} <= {"readme", "bare", "openblas", "twin"} or not names:
+        parser.error(f"--rows {args.rows}: choose from readme, bare, bare+K=V, openblas, twin")
     if args.epochs and "twin" in names and not args.smoke:
         parser.error("--epochs shortens the mlxlab rows only: leave the twin out (--rows readme,bare)")
     tmp = Path(tempfile.mkdtemp(prefix="bench-default-run-"))
     every = {"readme": lambda: run_mlxlab(extra, tmp), "bare": lambda: run_mlxlab(BARE + extra, tmp),
              "openblas": lambda: run_mlxlab(BARE + extra, tmp, {**os.environ, "MLXLAB_BLAS": "openblas"}),
              "twin": lambda: run_twin(data, args.threads, args.bf16)}
-    rows = {name: every[name] for name in names}
+    rows = {name: every.get(name) or partial(run_mlxlab, BARE + extra, tmp, {
+        **os.environ, **dict([name[5:].split("=", 1)])}) for name in names}
     data = tmp / "twin-data"
     if "twin" in rows:
         data.mkdir()
@@ -138,8 +138,7 @@ def main() -> None:
                         *([f"--epochs={args.epochs}"] if args.smoke else [])], check=True,
                        capture_output=True)
     results = interleave(rows, args.repeats)
-    shown = table(results)
-    h.print_table(shown)
+    h.print_table(shown := table(results))
     ours = "readme" if "readme" in results else "bare" if "bare" in results else None
     ratio = (statistics.median(x["wall_s"] / y["wall_s"] for x, y in zip(results[ours], results["twin"]))
              if ours and "twin" in results else None)
@@ -182,7 +181,8 @@ def table(results: dict[str, list[dict]]) -> dict:
                      f"{statistics.median(1000 * r['loop_s'] / r['steps'] for r in runs):.1f}",
                      "/".join(f"{100 * r['best_accuracy']:.1f}" for r in runs),
                      "/".join(f"{100 * r['last_accuracy']:.1f}" for r in runs)])
-    for a, b in (("readme", "twin"), ("bare", "twin"), ("readme", "bare"), ("bare", "openblas")):
+    for a, b in (("readme", "twin"), ("bare", "twin"), ("readme", "bare"), ("bare", "openblas"),
+                 *(("bare", n) for n in results if n.startswith("bare+"))):
         if {a, b} <= set(results):
             per_round = sorted(x["wall_s"] / y["wall_s"] for x, y in zip(results[a], results[b]))
             rows.append([f"{a} / {b}", f"{statistics.median(per_round):.2f}x "
