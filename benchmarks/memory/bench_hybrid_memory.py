@@ -22,8 +22,8 @@ extrapolated from its shorter lengths (before any, from its weights and logits),
 --step-time times the step instead: the plain model's and --families' (the hybrid's) loss +
 gradient at each --model-lengths, each (model, length) in its own process (one model's compiled
 kernels and cache never help another), --repeats rounds in alternating order, the median of
---steps steps after a warm-up; each figure over the plain model's, per round; denormals flushed.
---mixers MODE: the hybrids with trainer.grad_checkpoint=MODE, mixers or cores; either mode.
+--steps steps after a warm-up; each figure over the plain model's, per round; denormals flushed;
+--shape's models. --mixers MODE: the hybrids with trainer.grad_checkpoint=MODE, mixers or cores.
 
     python benchmarks/memory/bench_hybrid_memory.py    (--help: each option's default)
     python benchmarks/memory/bench_hybrid_memory.py --step-time --model-lengths 2048,4096
@@ -271,10 +271,12 @@ def mlx_lm_peaks(lengths: list[int], guard: float, hybrid: dict = HYBRID) -> dic
     return rows
 
 
-def step_worker(family: str, length: int, steps: int, checkpoint: bool | str) -> None:
-    """One process of --step-time: `family`'s step at `length`, a warm-up, then the median of
-    `steps` timed (s), printed."""
-    step, _ = model_step(FAMILIES[family], length, checkpoint)
+def step_worker(family: str, length: int, steps: int, checkpoint: bool | str, shape: str,
+                head_chunk: int) -> None:
+    """One process of --step-time: `family`'s step at `length` (`shape`'s), a warm-up, then the
+    median of `steps` timed (s), printed."""
+    step, _ = model_step((SHAPES[shape]["families"] or FAMILIES)[family], length, checkpoint,
+                         SHAPES[shape]["lora_targets"], head_chunk)
     mx.eval(step())
     seconds = []
     for _ in range(steps):
@@ -285,13 +287,14 @@ def step_worker(family: str, length: int, steps: int, checkpoint: bool | str) ->
 
 
 def step_times(lengths: list[int], repeats: int, steps: int, smoke: bool, mixers: str,
-               families: list[str]) -> None:
+               families: list[str], shape: str, head_chunk: int) -> None:
     """--step-time: the plain model's and the families' steps, a process each, alternating."""
     pair, rounds = (REFERENCE, *families), {n: [] for n in lengths}
     for length, r in ((n, r) for n in lengths for r in range(repeats)):
         rounds[length].append(row := {family: float(subprocess.run(
             [sys.executable, __file__, "--step-worker", family, "--model-lengths", str(length),
-             "--steps", str(steps), *(["--mixers", mixers] if mixers else [])],
+             "--steps", str(steps), "--shape", shape, "--head-chunk", str(head_chunk),
+             *(["--mixers", mixers] if mixers else [])],
             capture_output=True, text=True, check=True).stdout.split()[-1])
             for family in h.in_round(list(pair), r)})
         print(f"{length} round {r + 1}: " + "  ".join(f"{k} {v:.2f} s" for k, v in row.items()),
@@ -304,21 +307,20 @@ def step_times(lengths: list[int], repeats: int, steps: int, smoke: bool, mixers
                        *(f"{median(x):.2f}x ({x[0]:.2f}-{x[-1]:.2f})"
                          for x in (ratios[n, f] for f in families))] for n in lengths]}
     h.print_table(shown)
-    first, others = families[0], "".join(f"-{f}" for f in families if f != "hybrid")
-    h.write_record("hybrid-step" + f"-{mixers}" * bool(mixers) + others.replace("_", "-"),
+    tail = "".join(f"-{f}" for f in (shape, mixers, *families) if f not in ("small", "", "hybrid"))
+    h.write_record("hybrid-step" + tail.replace("_", "-"),
                    {"rounds": rounds, "table": shown, "steps": steps}, question="speed-mlx",
                    reference="a plain qwen3 of the same width and depth", smoke=smoke,
-                   ratio=round(median(ratios[lengths[-1], first]), 3),
-                   summary=f"LoRA step time (loss + gradient), {first} over plain Qwen3, "
+                   ratio=round(median(ratios[lengths[-1], families[0]]), 3),
+                   summary=f"LoRA step time (loss + gradient), {families[0]} over plain Qwen3, "
                            f"{lengths[-1]:,} tokens{f' (grad_checkpoint={mixers})' * bool(mixers)} "
                            "(lower is better)")
 
 
 def table(rows: dict, columns: list[str]) -> dict:
     def cell(row: dict, column: str) -> str:
-        if isinstance(value := row.get(column, "-"), str):
-            return value
-        return f"{value:,.2f}" if column.endswith(" / plain") else f"{value:,.0f}"
+        value = row.get(column, "-")
+        return value if isinstance(value, str) else f"{value:,.{2 * column.endswith(' / plain')}f}"
 
     return {"head": ["tokens", *columns],
             "rows": [[f"{length:,}", *(cell(row, c) for c in columns)]
@@ -350,19 +352,17 @@ def main() -> None:
     kernels.flush_denormals(True)  # as the training loop does (trainer.flush_denormals)
     if opts.shape not in SHAPES:
         parser.error(f"--shape {opts.shape}: one of {', '.join(SHAPES)}")
-    if opts.step_time and opts.shape != "small":
-        parser.error("--step-time times the small shape's models alone: drop --shape")
     if opts.step_worker:
         return step_worker(opts.step_worker, int(opts.model_lengths), opts.steps,
-                           opts.mixers or False)
+                           opts.mixers or False, opts.shape, opts.head_chunk)
     if opts.step_time:
         if opts.smoke:
             opts.model_lengths, opts.repeats, opts.steps = "64", 1, 1
         timed = [f for f in (opts.families or "hybrid").split(";") if f and f != REFERENCE]
-        if not timed or set(timed) - set(FAMILIES):
-            parser.error(f"--families: names from {'; '.join(FAMILIES)}")
+        if not timed or set(timed) - set(catalog := SHAPES[opts.shape]["families"] or FAMILIES):
+            parser.error(f"--families: names from {'; '.join(catalog)}")
         return step_times(lengths(opts.model_lengths), opts.repeats, opts.steps, opts.smoke,
-                          opts.mixers, timed)
+                          opts.mixers, timed, opts.shape, opts.head_chunk)
     shape = SHAPES[opts.shape]
     catalog = shape["families"] or FAMILIES
     names = [n for n in (opts.families or ";".join(catalog)).split(";") if n]
