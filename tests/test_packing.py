@@ -170,9 +170,10 @@ def _rows_losses_of_packed(model, batch, packed) -> list[float]:
 
 # A tiny random folder of each (scripts/tiny_hf_model.py): gemma3_text has a 16-token sliding
 # window (rows longer than it), qwen3_moe routed experts, lfm2 convolution layers (each row's
-# own: models/layers/packed_rows.py); gemma2 (its own attention) and deepseek_v3 (latent
-# attention) cannot keep rows apart.
-PACKS = ["llama", "gemma3_text", "qwen3_moe", "phi3", "lfm2"]
+# own: models/layers/packed_rows.py), deepseek_v3 latent attention (its mask a boolean:
+# models/decoders/mlx_lm_fused.py LatentAttention); gemma2 (its own attention) cannot keep rows
+# apart.
+PACKS = ["llama", "gemma3_text", "qwen3_moe", "phi3", "lfm2", "deepseek_v3"]
 REFUSED = ["gemma2"]
 
 

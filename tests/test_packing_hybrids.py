@@ -1,12 +1,12 @@
 """Packed batches of hybrid models (data.pack=true; models/layers/packed_rows.py): in Qwen3.5,
-Qwen3-Next, OLMo-Hybrid, Nemotron-H (layers of an MLP alone among its mixers), Falcon-H1
-(attention and Mamba side by side), Granite-4.0-H, Mamba-2 and LFM2 (convolution layers) each
-packed row's logits and every gradient equal those of the row run alone, the same sequences
-without their rows differ by far more, and so do they with the rule's reset or the
-convolution's row positions taken away; with gradient checkpointing (mixers, cores) and with
-the fused kernels off (the chunked rule, MLX's convolution) too. Where a layer still mixes rows
-the model is refused in one line before a run: Kimi-Linear (its latent attention), and a Mamba-2
-scan without the kernels (mlx-lm's)."""
+Qwen3-Next, Kimi-Linear (its latent attention given the rows' mask as the boolean it applies),
+OLMo-Hybrid, Nemotron-H (layers of an MLP alone among its mixers), Falcon-H1 (attention and
+Mamba side by side), Granite-4.0-H, Mamba-2 and LFM2 (convolution layers) each packed row's
+logits and every gradient equal those of the row run alone, the same sequences without their
+rows differ by far more, and so do they with the rule's reset or the convolution's row
+positions taken away; with gradient checkpointing (mixers, cores) and with the fused kernels off
+(the chunked rule, MLX's convolution) too. Where a layer still mixes rows the model is refused in
+one line before a run: a Mamba-2 scan without the kernels (mlx-lm's)."""
 
 from __future__ import annotations
 
@@ -20,9 +20,8 @@ from mlx.utils import tree_flatten
 
 from mlxlab.errors import ConfigError
 
-PACKS = ["qwen3_5", "qwen3_next", "olmo_hybrid", "nemotron_h", "falcon_h1", "granitemoehybrid",
-         "mamba2", "lfm2"]
-REFUSED = ["kimi_linear"]
+PACKS = ["qwen3_5", "qwen3_next", "kimi_linear", "olmo_hybrid", "nemotron_h", "falcon_h1",
+         "granitemoehybrid", "mamba2", "lfm2"]
 LENGTHS = [7, 20, 13, 25]  # rows shorter than the convolution's reach (4) included
 
 
@@ -31,7 +30,7 @@ def folders(tmp_path_factory):
     from hybrid_families import save_tiny_hybrid
 
     root = tmp_path_factory.mktemp("hybrids")
-    return {kind: save_tiny_hybrid(kind, root / kind) for kind in PACKS + REFUSED}
+    return {kind: save_tiny_hybrid(kind, root / kind) for kind in PACKS}
 
 
 def _model(folder):
@@ -136,12 +135,6 @@ def test_packed_hybrid_rows_need_the_reset_and_the_row_positions(part, folders, 
                             convolution(x, w, bias, silu))
     gap, _, _ = _gaps(model, vocab)
     assert gap > 1e-2, gap
-
-
-@pytest.mark.parametrize("kind", REFUSED)
-def test_hybrids_that_mix_rows_otherwise_are_refused(kind, folders):
-    with pytest.raises(ConfigError, match=r"data.pack=true: \w+'s layers .* data.pack=false"):
-        _model(folders[kind])
 
 
 def test_packed_hybrid_run_trains(folders, tmp_path):

@@ -42,6 +42,9 @@ loaded model is routed through the same kernels:
   single-threaded ops) becomes a wrapper over kernels.rms_norm with a weight of ones, and the
   gated norm's class (Qwen3NextRMSNormGated, OLMo-Hybrid's RMSNormGated) a subclass whose norm is
   kernels.rms_norm (GatedRMSNorm below);
+- a latent attention (Kimi-Linear's KimiMLAAttention, DeepSeek-V3's), which applies its mask
+  with mx.where, gets a packed pass's rows mask as the boolean it reads (LatentAttention below;
+  no kernel: the rows kept apart);
 - Gemma 3's own norms, GELU-gated MLP and attention become subclasses of mlx-lm's classes
   (use_fused_gemma, at the end of this file).
 
@@ -170,9 +173,24 @@ class GatedRMSNorm:
         return sys.modules[type(self).__module__].precise_swiglu(x, gate, normed)
 
 
+class LatentAttention:
+    """mlx-lm's latent attention (Kimi-Linear's KimiMLAAttention, DeepSeek-V3's): it applies its
+    mask with mx.where (True: may attend) to the rotary scores it then hands SDPA as the mask,
+    so a packed pass's rows mask (additive: models/decoders/packing.py) reaches it as that
+    boolean, counted as this layer's."""
+
+    def __call__(self, x: mx.array, mask: mx.array | None = None, cache: object = None
+                 ) -> mx.array:
+        if count_packed_mask(mask):
+            mask = mask == 0
+        return super().__call__(x, mask, cache)
+
+
 # (mlx-lm module, class name) -> the mixin whose __call__ replaces the class's
-GATED_NORMS = {("mlx_lm.models.qwen3_next", "Qwen3NextRMSNormGated"): GatedRMSNorm,
-               ("mlx_lm.models.olmo_hybrid", "RMSNormGated"): GatedRMSNorm}
+MIXINS = {("mlx_lm.models.qwen3_next", "Qwen3NextRMSNormGated"): GatedRMSNorm,
+               ("mlx_lm.models.olmo_hybrid", "RMSNormGated"): GatedRMSNorm,
+               ("mlx_lm.models.kimi_linear", "KimiMLAAttention"): LatentAttention,
+               ("mlx_lm.models.deepseek_v3", "DeepseekV3Attention"): LatentAttention}
 
 
 class RoPE(nn.RoPE):
@@ -335,9 +353,9 @@ def use_fused_kernels(lm: nn.Module) -> int:
         elif type(m) is nn.Conv1d and DepthwiseConv1d.takes(m):
             m.__class__ = DepthwiseConv1d
             routed += 1
-        elif isinstance(m, GatedRMSNorm):  # routed before (a second routing)
+        elif isinstance(m, GatedRMSNorm | LatentAttention):  # routed before (a second routing)
             routed += 1
-        elif (mixin := GATED_NORMS.get((type(m).__module__, type(m).__name__))) is not None:
+        elif (mixin := MIXINS.get((type(m).__module__, type(m).__name__))) is not None:
             m.__class__ = _subclass(mixin, type(m))
             routed += 1
     return routed + use_fused_silu(lm)  # after the convolutions: it finds them routed

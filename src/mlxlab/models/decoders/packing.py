@@ -21,9 +21,9 @@ mask mlx-lm builds is AND-ed with the segment mask. Learned absolute positions a
 (mlx-lm's GPT-2-style models are refused; mlxlab's own Transformer restarts them). A hybrid's
 short convolutions and gated-delta or Mamba-2 rules carry each token into the next; they start
 each example afresh through models/layers/packed_rows.py (inside attention_segments), and each
-rule that did counts as its layer. A model whose layers keep rows apart otherwise, or not at
-all (a latent attention, parallel attention and Mamba, layers without a sequence mixer,
-convolution-only layers), is refused by that count.
+rule and convolution that did counts (sequence_mixers: the count a model's layers must reach). A
+model whose layers mix rows otherwise (an attention with a mask of its own making, mlx-lm's
+Mamba-2 scan) is refused by that count.
 """
 
 from __future__ import annotations
@@ -92,11 +92,13 @@ def packed_mask(mask: mx.array | str | None, dtype: mx.Dtype | None = None
     return combined
 
 
-def count_packed_mask(mask: object) -> None:
+def count_packed_mask(mask: object) -> bool:
     """Called by each attention with the mask it received: one layer more that kept a packed
-    batch's rows apart, when it is a mask packed_mask made in this forward pass."""
+    batch's rows apart, when it is a mask packed_mask made in this forward pass (True)."""
     if _ACTIVE.mask is not None and any(mask is m for m in _ACTIVE.made):
         _ACTIVE.calls += 1
+        return True
+    return False
 
 
 @contextmanager
