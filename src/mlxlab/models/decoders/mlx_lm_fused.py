@@ -188,9 +188,9 @@ class LatentAttention:
 
 # (mlx-lm module, class name) -> the mixin whose __call__ replaces the class's
 MIXINS = {("mlx_lm.models.qwen3_next", "Qwen3NextRMSNormGated"): GatedRMSNorm,
-               ("mlx_lm.models.olmo_hybrid", "RMSNormGated"): GatedRMSNorm,
-               ("mlx_lm.models.kimi_linear", "KimiMLAAttention"): LatentAttention,
-               ("mlx_lm.models.deepseek_v3", "DeepseekV3Attention"): LatentAttention}
+          ("mlx_lm.models.olmo_hybrid", "RMSNormGated"): GatedRMSNorm,
+          ("mlx_lm.models.kimi_linear", "KimiMLAAttention"): LatentAttention,
+          ("mlx_lm.models.deepseek_v3", "DeepseekV3Attention"): LatentAttention}
 
 
 class RoPE(nn.RoPE):
@@ -230,16 +230,15 @@ class DepthwiseConv1d(nn.Conv1d):
         bias = self.get("bias")
         arrays = (x, self.weight) if bias is None else (x, self.weight, bias)
         takes = self.takes(self)
-        # a packed pass: no output reads a token of the example before its own (packed_rows.py)
+        # a packed pass: no output reads a token of the example before its own (packed_rows.py),
+        # through kernels.depthwise_conv1d on every device (MLX's ops where the kernel is off)
         rows = packed_rows.positions_for(x.shape[1] - self.weight.shape[1] + 1) if takes else None
+        if rows is None and (not takes or fused("depthwise_conv1d", *arrays) is None):
+            return super().__call__(x)
         if rows is not None:
             packed_rows.convolution_kept()
-        if rows is not None and fused("depthwise_conv1d", *arrays) is None:
-            return kernels.depthwise_conv1d(x, self.weight, bias, positions=rows)
-        if not takes or fused("depthwise_conv1d", *arrays) is None:
-            return super().__call__(x)
-        y = (kernels.depthwise_conv1d(x, self.weight, bias) if rows is None else
-             kernels.depthwise_conv1d(x, self.weight, bias, positions=rows))
+        y = kernels.depthwise_conv1d(x, self.weight, bias, **({} if rows is None else
+                                                              {"positions": rows}))
         # for the SiLU that may follow; weak: a convolution no SiLU follows holds nothing
         DepthwiseConv1d.last = (weakref.ref(y), weakref.ref(x), weakref.ref(self), rows)
         return y
