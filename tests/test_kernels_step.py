@@ -1,6 +1,6 @@
 """The fused kernels for the rest of a training step (mlxlab.kernels: RMSNorm, RoPE with the heads
-transpose, AdamW) equal the MLX formulation they replace: values and gradients on odd sizes,
-inside mx.compile, and AdamW bitwise, with interchangeable state."""
+transpose, AdamW, the global-norm clip) equal the MLX formulation they replace: values and
+gradients on odd sizes, inside mx.compile, and AdamW bitwise, with interchangeable state."""
 
 from __future__ import annotations
 
@@ -142,6 +142,72 @@ def test_the_trainer_builds_the_fused_adamw_and_falls_back_when_off():
     bf16 = {"w": p["w"].astype(mx.bfloat16)}
     out = kernels.AdamW(learning_rate=1e-3).apply_gradients({"w": g["w"].astype(mx.bfloat16)}, bf16)
     assert out["w"].dtype == mx.bfloat16  # MLX's update for other dtypes
+
+
+def clip_grads() -> dict:
+    """Gradients of odd sizes, one over the kernel's split between threads, one a transposed
+    (not row-contiguous) view, nested as a model's are."""
+    k = mx.random.split(mx.random.key(5), 4)
+    return {"w": mx.random.normal((37, 5), key=k[0]), "b": [mx.random.normal((1,), key=k[1])],
+            "big": {"x": mx.random.normal((70001,), key=k[2]) * 0.01},
+            "t": mx.random.normal((6, 9), key=k[3]).T}
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e9])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_clip_grad_norm_equals_mlx(max_norm, compiled):
+    """Scaled (0.5: the norm is ~4) and left as they are (1e9: scale 1, bitwise). The norm is
+    summed in float64 by the kernel, float32 by MLX: equal to float32's rounding."""
+    from mlx.utils import tree_flatten
+
+    grads = clip_grads()
+    clip = mx.compile(kernels.clip_grad_norm) if compiled else kernels.clip_grad_norm
+    got, norm = clip(grads, max_norm)
+    want, ref_norm = optim.clip_grad_norm(grads, max_norm)
+    np.testing.assert_allclose(np.array(norm), np.array(ref_norm), rtol=1e-6)
+    got, want = dict(tree_flatten(got)), dict(tree_flatten(want))
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k].shape == want[k].shape
+        if max_norm > 1:
+            np.testing.assert_array_equal(np.array(got[k]), np.array(want[k]), err_msg=k)
+        else:
+            np.testing.assert_allclose(np.array(got[k]), np.array(want[k]), rtol=2e-6,
+                                       atol=1e-9, err_msg=k)
+    again = dict(tree_flatten(clip(grads, max_norm)[0]))
+    for k in got:  # the same sums every call: resumes are bitwise
+        np.testing.assert_array_equal(np.array(again[k]), np.array(got[k]))
+    flat = [g for _, g in tree_flatten(grads)]
+    assert "MlxlabClipGlobalNorm" in graph_text(lambda g: kernels.clip_grad_norm(g, max_norm)[1],
+                                                flat)
+
+
+def test_clip_grad_norm_off_returns_the_gradients_and_their_norm():
+    grads = clip_grads()
+    for mode in ("on", "off"):
+        kernels.set_mode(mode)
+        same, norm = kernels.clip_grad_norm(grads, 0.0)
+        assert same is grads
+        ref = np.sqrt(sum(float((np.array(g, dtype=np.float64) ** 2).sum()) for g in
+                          (grads["w"], grads["b"][0], grads["big"]["x"], grads["t"])))
+        np.testing.assert_allclose(float(norm), ref, rtol=1e-6)
+    kernels.set_mode("on")
+
+
+def test_kernels_take_strided_inputs_without_a_contiguous_node():
+    """The ops copy a strided input inside their own evaluation: a transposed, a broadcast and a
+    sliced input give MLX's values, and the graph holds no Contiguous node."""
+    x = mx.random.normal((9, 16), key=mx.random.key(1))
+    weight = mx.random.normal((16,), key=mx.random.key(2))
+    views = {"transposed": mx.random.normal((16, 9), key=mx.random.key(3)).T,
+             "broadcast": mx.broadcast_to(x[:1], (9, 16)), "sliced": mx.random.normal(
+                 (9, 40), key=mx.random.key(4))[:, 3:19]}
+    for name, v in views.items():
+        got = kernels.rms_norm(v, weight, 1e-5)
+        want = mx.fast.rms_norm(mx.array(np.array(v)), weight, 1e-5)
+        np.testing.assert_allclose(np.array(got), np.array(want), rtol=2e-6, atol=2e-6,
+                                   err_msg=name)
+        assert "Contiguous" not in graph_text(lambda a: kernels.rms_norm(a, weight, 1e-5), v)
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 9, 3, 8), (3, 33, 4, 64)])

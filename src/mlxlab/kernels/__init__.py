@@ -63,6 +63,7 @@ from mlxlab.kernels.ops import (
     bf16_matmul,
     bf16_product,
     causal_additive_mask,
+    clip_grad_norm,
     cross_entropy,
     depthwise_conv1d,
     dequantize,
@@ -86,7 +87,7 @@ from mlxlab.kernels.ops import (
     swiglu,
 )
 
-__all__ = ["MODES", "OPS", "AdamW", "attention", "bf16_matmul", "bf16_product", "causal_additive_mask", "cross_entropy", "depthwise_conv1d", "dequantize", "dropout", "extension",
+__all__ = ["MODES", "OPS", "AdamW", "attention", "bf16_matmul", "bf16_product", "causal_additive_mask", "clip_grad_norm", "cross_entropy", "depthwise_conv1d", "dequantize", "dropout", "extension",
            "flush_denormals", "gated_delta", "gated_delta_grad", "gelu", "gelu_gate",
            "isa_level", "layer_norm", "merge_heads", "mlx_cross_entropy", "mlx_depthwise_conv1d", "mlx_gelu_gate", "mode", "next_key", "quantized_product", "rms_norm", "rope",
            "same_draws", "set_mode", "set_skip", "set_threads", "silu", "skipped", "split_heads", "status", "swiglu",

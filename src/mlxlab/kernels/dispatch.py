@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 MODES = ("auto", "on", "off")
 OPS = ("cross_entropy", "swiglu", "gelu_gate", "attention", "blocked_attention", "rms_norm", "rope",
        "heads", "adamw", "gelu", "layer_norm", "dropout", "dequantize", "quantized_matmul",
-       "batched_matmul", "bf16_matmul", "depthwise_conv1d", "silu", "gated_delta")
+       "batched_matmul", "bf16_matmul", "depthwise_conv1d", "silu", "gated_delta",
+       "clip_grad_norm")
 
 # What set_mode, set_skip and set_threads chose; None: what the environment says (settings).
 _mode: str | None = None

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+import mlx.optimizers as optim
 
 from mlxlab.kernels.dispatch import extension, fused, skipped
 from mlxlab.runtime.compute import bf16, blas
@@ -484,3 +485,24 @@ def bf16_product(x: mx.array, w: mx.array) -> mx.array | None:
     """x @ W.T (nn.Linear's product) for x (..., K) and W (N, K) through bf16_matmul, or None."""
     out = bf16_matmul(x.reshape(-1, x.shape[-1]), w, False, True)
     return None if out is None else out.reshape(*x.shape[:-1], w.shape[0])
+
+
+def clip_grad_norm(grads: dict, max_norm: float) -> tuple[dict, mx.array]:
+    """mlx.optimizers.clip_grad_norm: every gradient scaled by min(max_norm / (norm + 1e-6), 1),
+    and the global norm. Fused (every float32 gradient in one kernel call, the norm summed in
+    float64, so its last bits may differ from MLX's float32 sums) on the CPU; max_norm <= 0
+    leaves the gradients as they are and returns their norm."""
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    flat = tree_flatten(grads)
+    module = fused("clip_grad_norm", *(g for _, g in flat)) if flat else None
+    clipping = bool(max_norm) and max_norm > 0
+    if module is None:
+        if clipping:
+            return optim.clip_grad_norm(grads, max_norm)
+        norm = mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for _, g in flat))
+        return grads, norm
+    out = module.clip_global_norm([g for _, g in flat], max_norm if clipping else math.inf)
+    if not clipping:
+        return grads, out[-1]
+    return tree_unflatten(list(zip((k for k, _ in flat), out[:-1]))), out[-1]

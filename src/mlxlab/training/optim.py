@@ -106,12 +106,3 @@ def build_optimizer(
         factory = partial(kernels.AdamW, *factory.args, **factory.keywords)
     return factory(learning_rate=schedule(peak_learning_rate(factory), total_steps))
 
-
-def clip_by_global_norm(grads, max_norm: float):
-    """optim.clip_grad_norm, skipped when max_norm <= 0 (the norm is still returned for logging)."""
-    if max_norm and max_norm > 0:
-        return optim.clip_grad_norm(grads, max_norm)
-    from mlx.utils import tree_flatten
-
-    norm = mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for _, g in tree_flatten(grads)))
-    return grads, norm

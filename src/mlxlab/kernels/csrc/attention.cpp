@@ -78,7 +78,7 @@ mx::array softmax(const mx::array& x, const std::optional<mx::array>& mask, bool
     throw std::invalid_argument("softmax: expected scores (..., T_q, T_kv)");
   }
   auto s = mx::to_stream(mx::Device::cpu);
-  std::vector<mx::array> inputs{mx::contiguous(x, false, s)};
+  std::vector<mx::array> inputs{x};
   if (mask) {
     check_cpu_float32(*mask, "softmax mask");
     int rows = key_mask ? x.shape(0) : x.shape(-2);
@@ -87,16 +87,17 @@ mx::array softmax(const mx::array& x, const std::optional<mx::array>& mask, bool
           key_mask ? "softmax: a key mask must be (B, T_kv) for scores (B, ..., T_kv)"
                    : "softmax: the mask must be (T_q, T_kv) like the scores' last axes");
     }
-    inputs.push_back(mx::contiguous(*mask, false, s));
+    inputs.push_back(*mask);
   }
   return mx::array(
       x.shape(), mx::float32, std::make_shared<Softmax>(s, key_mask && mask), std::move(inputs));
 }
 
-void Softmax::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+void Softmax::eval_cpu(const std::vector<mx::array>& given, std::vector<mx::array>& outputs) {
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  const auto inputs = row_contiguous_all(given, encoder);
   auto& x = inputs[0];
   auto& out = outputs[0];
-  auto& encoder = mx::cpu::get_command_encoder(stream());
   set_arrays(encoder, inputs, outputs);
   int64_t v = x.shape(-1), rows = x.size() / v;
   // Row i of the scores reads mask row (i / per) % wrap: (T_q, T_kv) masks cycle with the query
@@ -121,7 +122,7 @@ std::vector<mx::array> Softmax::vjp(
       outputs[0].shape(),
       mx::float32,
       std::make_shared<SoftmaxGrad>(stream()),
-      {outputs[0], mx::contiguous(cotangents[0], false, stream())});
+      {outputs[0], cotangents[0]});
   std::vector<mx::array> grads;
   for (int arg : argnums) {
     if (arg == 0) {
@@ -137,11 +138,12 @@ std::vector<mx::array> Softmax::vjp(
   return grads;
 }
 
-void SoftmaxGrad::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+void SoftmaxGrad::eval_cpu(const std::vector<mx::array>& given, std::vector<mx::array>& outputs) {
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  const auto inputs = row_contiguous_all(given, encoder);
   auto& p = inputs[0];
   auto& dp = inputs[1];
   auto& ds = outputs[0];
-  auto& encoder = mx::cpu::get_command_encoder(stream());
   set_arrays(encoder, inputs, outputs);
   int64_t v = p.shape(-1), rows = p.size() / v;
   encoder.dispatch([pp = p.data<float>(), pd = dp.data<float>(), po = ds.data<float>(), rows, v]() {

@@ -66,12 +66,13 @@ mx::array batched_matmul(const mx::array& a, const mx::array& b, bool ta, bool t
   shape[a.ndim() - 2] = m;
   shape[a.ndim() - 1] = n;
   return mx::array(shape, mx::float32, std::make_shared<BatchedMatmul>(s, ta, tb),
-                   {mx::contiguous(a, false, s), mx::contiguous(b, false, s)});
+                   {a, b});
 }
 
-void BatchedMatmul::eval_cpu(const std::vector<mx::array>& inputs,
+void BatchedMatmul::eval_cpu(const std::vector<mx::array>& given,
                              std::vector<mx::array>& outputs) {
   auto& encoder = mx::cpu::get_command_encoder(stream());
+  const auto inputs = row_contiguous_all(given, encoder);
   set_arrays(encoder, inputs, outputs);
   const auto& a = inputs[0];
   const auto& b = inputs[1];

@@ -166,6 +166,14 @@ NB_MODULE(_mlxlab_kernels, m) {
       "eps"_a,
       "One AdamW step: (p', m', v'); coef = (1 - lr wd, lr / (1 - b1^t), 1 / sqrt(1 - b2^t)).");
   m.def(
+      "clip_global_norm",
+      [](const std::vector<mx::array>& g, float max_norm) {
+        return mlxlab::clip_global_norm(g, max_norm);
+      },
+      "g"_a,
+      "max_norm"_a,
+      "Each gradient scaled by min(max_norm / (norm + 1e-6), 1), then the global norm.");
+  m.def(
       "rope",
       [](const mx::array& x, const mx::array& cos, const mx::array& sin) {
         return mlxlab::rope(x, cos, sin);

@@ -90,6 +90,26 @@ inline void check_cpu_float32(const mx::array& a, const char* what) {
 uint64_t fp_state();
 void set_fp_state(uint64_t state);
 
+// `a` itself when row-contiguous, else a row-contiguous copy made on the encoder (kept alive until
+// the kernel has run; libmlx does not export its own CPU copy). The ops take their inputs as they
+// are and their eval_cpu calls this, rather than putting an mx::contiguous before them: a
+// Contiguous node is a graph node each step even when it copies nothing (~3 us each on the
+// CPU, and a small model's step has hundreds), and on an input that enters a primitive twice it
+// would add that input's two gradient parts before MLX adds them to the rest of its gradient, in
+// another order than MLX's own graph.
+mx::array row_contiguous(const mx::array& a, mx::cpu::CommandEncoder& encoder);
+
+// Each of `inputs` through row_contiguous.
+inline std::vector<mx::array> row_contiguous_all(const std::vector<mx::array>& inputs,
+                                                 mx::cpu::CommandEncoder& encoder) {
+  std::vector<mx::array> out;
+  out.reserve(inputs.size());
+  for (auto& a : inputs) {
+    out.push_back(row_contiguous(a, encoder));
+  }
+  return out;
+}
+
 inline void alloc(mx::array& out) {
   out.set_data(mx::allocator::malloc(out.nbytes()));
 }

@@ -220,35 +220,6 @@ inline void dropout_apply(
   }
 }
 
-// `a` itself when row-contiguous, else a row-contiguous copy made on the encoder (kept alive
-// until the kernel has run; libmlx does not export its own CPU copy). The two-input primitives below take x as it is, not through
-// mx::contiguous: a Contiguous node would add x's two gradient parts before MLX adds them to
-// the rest of x's gradient, in another order than MLX's own graph.
-mx::array row_contiguous(const mx::array& a, mx::cpu::CommandEncoder& encoder) {
-  if (a.flags().row_contiguous) {
-    return a;
-  }
-  mx::array copy(a.shape(), mx::float32, nullptr, {});
-  alloc(copy);
-  encoder.set_input_array(a);
-  encoder.set_output_array(copy);
-  encoder.add_temporary(copy);
-  encoder.dispatch([src = a.data<float>(), dst = copy.data<float>(), shape = a.shape(),
-                    strides = a.strides(), n = int64_t(a.size())]() {
-    std::vector<int64_t> index(shape.size(), 0);
-    for (int64_t i = 0; i < n; ++i) {
-      int64_t offset = 0;
-      for (size_t k = 0; k < shape.size(); ++k) {
-        offset += index[k] * strides[k];
-      }
-      dst[i] = src[offset];
-      for (int64_t k = int64_t(shape.size()) - 1; k >= 0 && ++index[k] == shape[k]; --k) {
-        index[k] = 0;
-      }
-    }
-  });
-  return copy;
-}
 
 } // namespace
 
@@ -285,7 +256,7 @@ std::vector<mx::array> Gelu::vjp(
       {primals[0].shape(), primals[0].shape()},
       {mx::float32, mx::float32},
       std::make_shared<GeluGrad>(stream()),
-      {primals[0], mx::contiguous(cotangents[0], false, stream())});
+      {primals[0], cotangents[0]});
   std::vector<mx::array> grads;
   for (int arg : argnums) {
     grads.push_back(parts[arg]);
@@ -293,9 +264,10 @@ std::vector<mx::array> Gelu::vjp(
   return grads;
 }
 
-void GeluGrad::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+void GeluGrad::eval_cpu(const std::vector<mx::array>& given, std::vector<mx::array>& outputs) {
   auto& encoder = mx::cpu::get_command_encoder(stream());
-  mx::array x = row_contiguous(inputs[0], encoder);
+  const auto inputs = row_contiguous_all(given, encoder);
+  const mx::array& x = inputs[0];
   set_arrays(encoder, {x, inputs[1]}, outputs);
   encoder.dispatch([px = x.data<float>(),
                     pg = inputs[1].data<float>(),
@@ -323,11 +295,12 @@ mx::array dropout(const mx::array& x, const mx::array& key, float keep, float sc
       {x.shape(), x.shape()},
       {mx::float32, mx::float32},
       std::make_shared<Dropout>(s, keep, scale),
-      {mx::contiguous(x, false, s), mx::contiguous(key, false, s)})[0];
+      {x, key})[0];
 }
 
-void Dropout::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+void Dropout::eval_cpu(const std::vector<mx::array>& given, std::vector<mx::array>& outputs) {
   auto& encoder = mx::cpu::get_command_encoder(stream());
+  const auto inputs = row_contiguous_all(given, encoder);
   set_arrays(encoder, inputs, outputs);
   // mlx::core::random::bernoulli: keep where float(bits) < keep * nextafter(2^32, inf)
   const float threshold = keep_ * std::nextafter(4294967296.0f, 3.0e38f);
@@ -393,13 +366,14 @@ mx::array layer_norm(const mx::array& x, const mx::array& weight, const mx::arra
       {x.shape(), {rows}, {rows}},
       {mx::float32, mx::float32, mx::float32},
       std::make_shared<LayerNorm>(s, eps),
-      {x, x, mx::contiguous(weight, false, s), mx::contiguous(bias, false, s)});
+      {x, x, weight, bias});
   return outs[0];
 }
 
-void LayerNorm::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+void LayerNorm::eval_cpu(const std::vector<mx::array>& given, std::vector<mx::array>& outputs) {
   auto& encoder = mx::cpu::get_command_encoder(stream());
-  mx::array x = row_contiguous(inputs[0], encoder);
+  const auto inputs = row_contiguous_all(given, encoder);
+  const mx::array& x = inputs[0];
   set_arrays(encoder, {x, inputs[2], inputs[3]}, outputs);
   int64_t d = x.shape(-1), n = x.size() / d;
   encoder.dispatch([px = x.data<float>(),
@@ -432,7 +406,7 @@ std::vector<mx::array> LayerNorm::vjp(
       {x.shape(), outputs[1].shape(), primals[2].shape(), primals[3].shape()},
       {mx::float32, mx::float32, mx::float32, mx::float32},
       std::make_shared<LayerNormGrad>(stream()),
-      {x, primals[2], outputs[1], outputs[2], mx::contiguous(cotangents[0], false, stream())});
+      {x, primals[2], outputs[1], outputs[2], cotangents[0]});
   mx::Shape row_shape = x.shape();
   row_shape.back() = 1;
   auto through_mean =
@@ -444,9 +418,10 @@ std::vector<mx::array> LayerNorm::vjp(
   return out;
 }
 
-void LayerNormGrad::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+void LayerNormGrad::eval_cpu(const std::vector<mx::array>& given, std::vector<mx::array>& outputs) {
   auto& encoder = mx::cpu::get_command_encoder(stream());
-  mx::array x = row_contiguous(inputs[0], encoder);
+  const auto inputs = row_contiguous_all(given, encoder);
+  const mx::array& x = inputs[0];
   set_arrays(encoder, {x, inputs[1], inputs[2], inputs[3], inputs[4]}, outputs);
   int64_t d = x.shape(-1), n = x.size() / d;
   encoder.dispatch([px = x.data<float>(),

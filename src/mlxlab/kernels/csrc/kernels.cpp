@@ -8,6 +8,7 @@
 #include <condition_variable>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <limits>
 #include <mutex>
@@ -244,6 +245,51 @@ int64_t plan_threads(int64_t n, int64_t cost) {
   return std::max<int64_t>(1, std::min(threads, n));
 }
 
+mx::array row_contiguous(const mx::array& a, mx::cpu::CommandEncoder& encoder) {
+  if (a.flags().row_contiguous) {
+    return a;
+  }
+  mx::array copy(a.shape(), a.dtype(), nullptr, {});
+  alloc(copy);
+  encoder.set_input_array(a);
+  encoder.set_output_array(copy);
+  encoder.add_temporary(copy);
+  // Row by row of the last axis (a transposed or broadcast view): the outer index steps as an
+  // odometer over the leading axes.
+  encoder.dispatch([src = static_cast<const char*>(a.data<void>()),
+                    dst = static_cast<char*>(copy.data<void>()), shape = a.shape(),
+                    strides = a.strides(), item = int64_t(a.itemsize()),
+                    n = int64_t(a.size())]() {
+    if (n == 0) {
+      return;
+    }
+    int nd = static_cast<int>(shape.size());
+    int64_t inner = nd ? shape[nd - 1] : 1, step = nd ? strides[nd - 1] * item : 0;
+    std::vector<int64_t> index(std::max(nd - 1, 0), 0);
+    for (int64_t row = 0; row < n / inner; ++row) {
+      int64_t offset = 0;
+      for (int k = 0; k + 1 < nd; ++k) {
+        offset += index[k] * strides[k];
+      }
+      const char* s = src + offset * item;
+      char* d = dst + row * inner * item;
+      if (item == 4) {
+        for (int64_t j = 0; j < inner; ++j) {
+          std::memcpy(d + j * 4, s + j * step, 4);
+        }
+      } else {
+        for (int64_t j = 0; j < inner; ++j) {
+          std::memcpy(d + j * item, s + j * step, item);
+        }
+      }
+      for (int k = nd - 2; k >= 0 && ++index[k] == shape[k]; --k) {
+        index[k] = 0;
+      }
+    }
+  });
+  return copy;
+}
+
 void parallel_parts(int64_t parts, const std::function<void(int)>& part) {
   if (parts <= 1 || !pool().run(static_cast<int>(parts), part)) {
     for (int t = 0; t < parts; ++t) {
@@ -279,18 +325,19 @@ mx::array cross_entropy(const mx::array& logits, const mx::array& targets) {
       {{n}, {n}},
       {mx::float32, mx::float32},
       std::make_shared<CrossEntropy>(s),
-      {mx::contiguous(logits, false, s), mx::contiguous(targets, false, s)});
+      {logits, targets});
   return outs[0];
 }
 
-void CrossEntropy::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+void CrossEntropy::eval_cpu(const std::vector<mx::array>& given, std::vector<mx::array>& outputs) {
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  const auto inputs = row_contiguous_all(given, encoder);
   auto& logits = inputs[0];
   auto& targets = inputs[1];
   auto& ce = outputs[0];
   auto& lse = outputs[1];
   alloc(ce);
   alloc(lse);
-  auto& encoder = mx::cpu::get_command_encoder(stream());
   encoder.set_input_array(logits);
   encoder.set_input_array(targets);
   encoder.set_output_array(ce);
@@ -321,7 +368,7 @@ std::vector<mx::array> CrossEntropy::vjp(
           logits.shape(),
           mx::float32,
           std::make_shared<CrossEntropyGrad>(stream()),
-          {logits, primals[1], outputs[1], mx::contiguous(cotangents[0], false, stream())}));
+          {logits, primals[1], outputs[1], cotangents[0]}));
     } else {
       grads.push_back(mx::zeros_like(primals[arg], stream()));
     }
@@ -330,15 +377,16 @@ std::vector<mx::array> CrossEntropy::vjp(
 }
 
 void CrossEntropyGrad::eval_cpu(
-    const std::vector<mx::array>& inputs,
+    const std::vector<mx::array>& given,
     std::vector<mx::array>& outputs) {
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  const auto inputs = row_contiguous_all(given, encoder);
   auto& logits = inputs[0];
   auto& targets = inputs[1];
   auto& lse = inputs[2];
   auto& cot = inputs[3];
   auto& dx = outputs[0];
   alloc(dx);
-  auto& encoder = mx::cpu::get_command_encoder(stream());
   for (auto& a : inputs) {
     encoder.set_input_array(a);
   }
@@ -371,13 +419,14 @@ mx::array gated_unit(const mx::array& gate, const mx::array& up, const char* wha
       gate.shape(),
       mx::float32,
       std::make_shared<P>(s),
-      {mx::contiguous(gate, false, s), mx::contiguous(up, false, s)});
+      {gate, up});
 }
 
 template <void (*Span)(const float*, const float*, float*, int64_t)>
 void eval_gated_unit(
-    const mx::Stream& stream, const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+    const mx::Stream& stream, const std::vector<mx::array>& given, std::vector<mx::array>& outputs) {
   auto& encoder = mx::cpu::get_command_encoder(stream);
+  const auto inputs = row_contiguous_all(given, encoder);
   set_arrays(encoder, inputs, outputs);
   encoder.dispatch([pa = inputs[0].data<float>(),
                     pb = inputs[1].data<float>(),
@@ -401,7 +450,7 @@ std::vector<mx::array> gated_unit_vjp(
       {primals[0].shape(), primals[0].shape()},
       {mx::float32, mx::float32},
       std::make_shared<Grad>(stream),
-      {primals[0], primals[1], mx::contiguous(cotangents[0], false, stream)});
+      {primals[0], primals[1], cotangents[0]});
   std::vector<mx::array> out;
   for (int arg : argnums) {
     out.push_back(grads[arg]);
@@ -411,8 +460,9 @@ std::vector<mx::array> gated_unit_vjp(
 
 template <void (*Span)(const float*, const float*, const float*, float*, float*, int64_t)>
 void eval_gated_unit_grad(
-    const mx::Stream& stream, const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+    const mx::Stream& stream, const std::vector<mx::array>& given, std::vector<mx::array>& outputs) {
   auto& encoder = mx::cpu::get_command_encoder(stream);
+  const auto inputs = row_contiguous_all(given, encoder);
   set_arrays(encoder, inputs, outputs);
   encoder.dispatch([pa = inputs[0].data<float>(),
                     pb = inputs[1].data<float>(),
@@ -550,15 +600,16 @@ mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps) {
       {x.shape(), {rows}},
       {mx::float32, mx::float32},
       std::make_shared<RMSNorm>(s, eps),
-      {mx::contiguous(x, false, s), mx::contiguous(weight, false, s)});
+      {x, weight});
   return outs[0];
 }
 
-void RMSNorm::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+void RMSNorm::eval_cpu(const std::vector<mx::array>& given, std::vector<mx::array>& outputs) {
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  const auto inputs = row_contiguous_all(given, encoder);
   auto& x = inputs[0];
   alloc(outputs[0]);
   alloc(outputs[1]);
-  auto& encoder = mx::cpu::get_command_encoder(stream());
   encoder.set_input_array(x);
   encoder.set_input_array(inputs[1]);
   encoder.set_output_array(outputs[0]);
@@ -588,7 +639,7 @@ std::vector<mx::array> RMSNorm::vjp(
       {primals[0].shape(), primals[1].shape()},
       {mx::float32, mx::float32},
       std::make_shared<RMSNormGrad>(stream()),
-      {primals[0], primals[1], outputs[1], mx::contiguous(cotangents[0], false, stream())});
+      {primals[0], primals[1], outputs[1], cotangents[0]});
   std::vector<mx::array> out;
   for (int arg : argnums) {
     out.push_back(grads[arg]);
@@ -596,11 +647,12 @@ std::vector<mx::array> RMSNorm::vjp(
   return out;
 }
 
-void RMSNormGrad::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+void RMSNormGrad::eval_cpu(const std::vector<mx::array>& given, std::vector<mx::array>& outputs) {
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  const auto inputs = row_contiguous_all(given, encoder);
   auto& x = inputs[0];
   alloc(outputs[0]);
   alloc(outputs[1]);
-  auto& encoder = mx::cpu::get_command_encoder(stream());
   for (auto& a : inputs) {
     encoder.set_input_array(a);
   }
@@ -685,7 +737,7 @@ std::vector<mx::array> adamw(
   auto s = mx::to_stream(mx::Device::cpu);
   std::vector<mx::array> inputs;
   for (auto* a : {&p, &g, &m, &v, &coef}) {
-    inputs.push_back(mx::contiguous(*a, false, s));
+    inputs.push_back(*a);
   }
   return mx::array::make_arrays(
       {p.shape(), p.shape(), p.shape()},
@@ -694,11 +746,11 @@ std::vector<mx::array> adamw(
       std::move(inputs));
 }
 
-void AdamW::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+void AdamW::eval_cpu(const std::vector<mx::array>& given, std::vector<mx::array>& outputs) {
   // p', m', v' take over the buffers of p, m, v when nothing else holds them (as MLX's own
   // element-wise ops do): no fresh 3 x 4 bytes per parameter each step.
   for (int k = 0; k < 3; ++k) {
-    auto& in = inputs[k == 0 ? 0 : k + 1];
+    auto& in = given[k == 0 ? 0 : k + 1];
     if (in.is_donatable() && in.flags().row_contiguous && in.nbytes() == outputs[k].nbytes()) {
       outputs[k].copy_shared_buffer(in);
     } else {
@@ -706,8 +758,10 @@ void AdamW::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array
     }
   }
   auto& encoder = mx::cpu::get_command_encoder(stream());
-  for (auto& a : inputs) {
-    encoder.set_input_array(a);
+  std::vector<mx::array> inputs;
+  for (auto& a : given) {
+    inputs.push_back(row_contiguous(a, encoder));
+    encoder.set_input_array(inputs.back());
   }
   for (auto& o : outputs) {
     encoder.set_output_array(o);
@@ -792,19 +846,20 @@ mx::array rope(const mx::array& x, const mx::array& cos, const mx::array& sin) {
       {x.shape(0), x.shape(2), x.shape(1), x.shape(3)},
       mx::float32,
       std::make_shared<Rope>(s),
-      {mx::contiguous(x, false, s), mx::contiguous(cos, false, s), mx::contiguous(sin, false, s)});
+      {x, cos, sin});
 }
 
 // Shared by Rope (in (B, T, H, D) -> out (B, H, T, D)) and RopeGrad (the other way).
 void eval_rope(
     const mx::Stream& stream,
-    const std::vector<mx::array>& inputs,
+    const std::vector<mx::array>& given,
     mx::array& out,
     bool in_bthd,
     float sign) {
+  auto& encoder = mx::cpu::get_command_encoder(stream);
+  const auto inputs = row_contiguous_all(given, encoder);
   auto& in = inputs[0];
   alloc(out);
-  auto& encoder = mx::cpu::get_command_encoder(stream);
   for (auto& a : inputs) {
     encoder.set_input_array(a);
   }
@@ -838,7 +893,7 @@ std::vector<mx::array> Rope::vjp(
           primals[0].shape(),
           mx::float32,
           std::make_shared<RopeGrad>(stream()),
-          {mx::contiguous(cotangents[0], false, stream()), primals[1], primals[2]}));
+          {cotangents[0], primals[1], primals[2]}));
     } else {
       grads.push_back(mx::zeros_like(primals[arg], stream())); // the angles are constants
     }
@@ -860,14 +915,14 @@ mx::array swap_heads(const mx::array& x, bool to_heads) {
       {x.shape(0), x.shape(2), x.shape(1), x.shape(3)},
       mx::float32,
       std::make_shared<SwapHeads>(s, to_heads),
-      {mx::contiguous(x, false, s)});
+      {x});
 }
 
 void SwapHeads::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-  auto& in = inputs[0];
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  mx::array in = row_contiguous(inputs[0], encoder);
   auto& out = outputs[0];
   alloc(out);
-  auto& encoder = mx::cpu::get_command_encoder(stream());
   encoder.set_input_array(in);
   encoder.set_output_array(out);
   const auto& bthd = to_heads_ ? in.shape() : out.shape();

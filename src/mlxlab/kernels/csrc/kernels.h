@@ -112,6 +112,10 @@ std::vector<mx::array> adamw(
     double b2,
     float eps);
 
+// mlx.optimizers.clip_grad_norm in one dispatch: float32 gradients -> each scaled by
+// min(max_norm / (norm + 1e-6), 1), then the global norm (a float32 scalar).
+std::vector<mx::array> clip_global_norm(const std::vector<mx::array>& grads, float max_norm);
+
 // Rotary embedding (rotate-half layout) fused with the move of the heads axis: x (B, T, H, D)
 // float32, cos and sin (T, D/2) float32 (of the angles (offset + t) * scale * base^(-2i/D)) ->
 // (B, H, T, D), what mx.fast.rope(x.transpose(0, 2, 1, 3), D, traditional=False, ...) computes.
@@ -329,6 +333,21 @@ class AdamW : public CpuPrimitive {
  private:
   double b1_, b2_;
   float eps_;
+};
+
+class ClipGlobalNorm : public CpuPrimitive {
+ public:
+  ClipGlobalNorm(mx::Stream stream, float max_norm) : CpuPrimitive(stream), max_norm_(max_norm) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  const char* name() const override {
+    return "MlxlabClipGlobalNorm";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return max_norm_ == static_cast<const ClipGlobalNorm&>(other).max_norm_;
+  }
+
+ private:
+  float max_norm_;
 };
 
 class Rope : public CpuPrimitive {

@@ -46,11 +46,12 @@ constexpr int64_t kSiluCost = 8;
 mx::array silu(const mx::array& x) {
   check_cpu_float32(x, "silu");
   auto s = mx::to_stream(mx::Device::cpu);
-  return mx::array(x.shape(), mx::float32, std::make_shared<Silu>(s), {mx::contiguous(x, false, s)});
+  return mx::array(x.shape(), mx::float32, std::make_shared<Silu>(s), {x});
 }
 
-void Silu::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+void Silu::eval_cpu(const std::vector<mx::array>& given, std::vector<mx::array>& outputs) {
   auto& encoder = mx::cpu::get_command_encoder(stream());
+  const auto inputs = row_contiguous_all(given, encoder);
   set_arrays(encoder, inputs, outputs);
   encoder.dispatch([px = inputs[0].data<float>(), py = outputs[0].data<float>(),
                     n = int64_t(inputs[0].size())]() {
@@ -67,11 +68,12 @@ std::vector<mx::array> Silu::vjp(
     const std::vector<int>&,
     const std::vector<mx::array>&) {
   return {mx::array(primals[0].shape(), mx::float32, std::make_shared<SiluGrad>(stream()),
-                    {primals[0], mx::contiguous(cotangents[0], false, stream())})};
+                    {primals[0], cotangents[0]})};
 }
 
-void SiluGrad::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+void SiluGrad::eval_cpu(const std::vector<mx::array>& given, std::vector<mx::array>& outputs) {
   auto& encoder = mx::cpu::get_command_encoder(stream());
+  const auto inputs = row_contiguous_all(given, encoder);
   set_arrays(encoder, inputs, outputs);
   encoder.dispatch([px = inputs[0].data<float>(), pg = inputs[1].data<float>(),
                     pd = outputs[0].data<float>(), n = int64_t(inputs[0].size())]() {

@@ -17,8 +17,8 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map
 
+from mlxlab import kernels
 from mlxlab.runtime.cluster import distributed
-from mlxlab.training.optim import clip_by_global_norm
 from mlxlab.training.parallel.layout import Layout
 
 
@@ -41,7 +41,7 @@ class DataParallel:
         return summed.pop("g"), summed
 
     def clip(self, grads: Any, max_norm: float) -> tuple[Any, mx.array]:
-        return clip_by_global_norm(grads, max_norm)
+        return kernels.clip_grad_norm(grads, max_norm)
 
 
 class FullySharded(DataParallel):
