@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -139,3 +142,48 @@ def test_mkl_loads_libgomp_passive_unless_it_is_loaded_or_the_user_chose(first, 
         **os.environ, "MLXLAB_BLAS": "mkl", "OMP_DISPLAY_ENV": "verbose", **env}, check=True)
     assert f"GOMP_SPINCOUNT = '{spins}'" in done.stderr, done.stderr[-2000:]
     assert done.stdout.split() == ["loaded", env.get("OMP_WAIT_POLICY", "None")], done.stdout
+
+
+# Products through MLX with MKL at 2 threads and the fused kernels loaded: the wrapper hands the
+# large ones (M*N*K from 256^3, the unmeasured threshold at 1 thread) to the kernels' splitter.
+SPLIT_PROBE = textwrap.dedent(
+    """
+    import json
+    import mlxlab
+    import mlx.core as mx
+    import numpy as np
+    from mlxlab import kernels
+    from mlxlab.runtime.compute import blas
+    blas.set_blas_threads(2)
+    split = kernels.extension() is not None
+    out = {"parted": [], "errors": []}
+    rng = np.random.default_rng(0)
+    # (m, k, n) and which operand is stored transposed: rows split (m long), columns split
+    # (m short, n long), odd sizes, and one below the threshold (not split)
+    for m, k, n, ta, tb in [(1024, 128, 128, False, False), (1000, 256, 66, True, False),
+                            (64, 700, 400, False, True), (301, 333, 257, True, True),
+                            (40, 50, 60, False, False)]:
+        a = rng.standard_normal((k, m) if ta else (m, k), dtype=np.float32)
+        b = rng.standard_normal((n, k) if tb else (k, n), dtype=np.float32)
+        x, y = mx.array(a), mx.array(b)
+        before = blas._wrapper.parted()
+        got = np.array((x.T if ta else x) @ (y.T if tb else y))
+        want = (a.T if ta else a).astype(np.float64) @ (b.T if tb else b).astype(np.float64)
+        out["parted"].append(blas._wrapper.parted() - before)
+        out["errors"].append(float(np.abs(got - want).max() / np.abs(want).max()))
+    print(json.dumps(out))
+    """
+)
+
+
+@pytest.mark.parametrize("kernels_mode", ["auto", "off"])
+def test_large_products_split_over_the_kernels_pool_and_match_numpy(tmp_path, kernels_mode):
+    proc = subprocess.run(
+        [sys.executable, "-c", SPLIT_PROBE], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "MLXLAB_BLAS": "mkl", "MKL_NUM_THREADS": "1",
+             "MLXLAB_KERNEL_THREADS": "2", "MLXLAB_FUSED_KERNELS": kernels_mode})
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert max(got["errors"]) < 1e-5, got
+    # with the kernels off MKL keeps its own threads
+    assert got["parted"] == ([1, 1, 1, 1, 0] if kernels_mode == "auto" else [0] * 5), got

@@ -86,6 +86,7 @@ SAMPLES = {
     "MLXLAB_FUSED_KERNELS_SKIP": ("rms_norm, rope,", ("fused_kernels_skip",
                                                        frozenset({"rms_norm", "rope"}))),
     "MLXLAB_KERNEL_THREADS": ("0", ("kernel_threads", 1)),
+    "MLXLAB_KERNEL_SPIN_US": ("0", ("kernel_spin_us", 0)),
     "MLXLAB_KERNELS_CACHE": ("/k", ("kernels_cache", Path("/k"))),
     "MLXLAB_SKIP_KERNEL_BUILD": ("1", ("skip_kernel_build", True)),
     "MLXLAB_CACHE_DIR": ("/c", ("cache_dir", Path("/c"))),
@@ -117,6 +118,7 @@ def test_every_documented_variable_is_read_and_parsed():
     assert (unset.root, unset.blas, unset.keep_freed_memory, unset.fused_kernels) == (
         None, "", True, "auto")
     assert unset.kernels_cache == Path.home() / ".cache" / "mlxlab" / "kernels"
+    assert unset.kernel_spin_us == settings.KERNEL_SPIN_US > 0
     assert (unset.launched, unset.launched_rank, unset.slurm_restart_count) == (False, None, 0)
     for name, (value, (field, expected)) in SAMPLES.items():
         assert getattr(settings.read({name: value}), field) == expected, name

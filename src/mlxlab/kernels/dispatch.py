@@ -15,7 +15,7 @@ import mlx.core as mx
 
 from mlxlab.kernels.build import KernelBuildError, load
 from mlxlab.runtime import settings
-from mlxlab.runtime.compute import cpu
+from mlxlab.runtime.compute import blas, cpu
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,9 @@ def extension() -> ModuleType | None:
             module.set_num_threads(threads())
             # MLX and the module must agree on nanobind's ABI to pass mx.array; check it once.
             module.swiglu(mx.zeros((1,)), mx.zeros((1,)))
+            module.set_spin_us(settings.current().kernel_spin_us)
+            if mode() != "off":  # loaded for a run that uses them: its products share the pool
+                blas.split_products(module.split_sgemm_address())
             _module = module
         except (KernelBuildError, TypeError) as exc:
             _error = str(exc).splitlines()[0]

@@ -15,6 +15,7 @@ own at start).
 | MLXLAB_FUSED_KERNELS | `auto`, `on` or `off`: the fused CPU kernels, for scripts (`trainer.fused_kernels` sets the mode of a run) | auto |
 | MLXLAB_FUSED_KERNELS_SKIP | comma-separated kernel names left to MLX (kernels.OPS) | none |
 | MLXLAB_KERNEL_THREADS | threads of the fused kernels | the cores this process may use |
+| MLXLAB_KERNEL_SPIN_US | microseconds the fused kernels' threads stay awake (yielding the core) after a job before they sleep; `0`: at once (kernels/csrc/kernels.cpp) | 1000 |
 | MLXLAB_KERNELS_CACHE | where the compiled kernels are kept (one build per ISA level, runtime/compute/cpu.py) | `$XDG_CACHE_HOME/mlxlab/kernels`, else `~/.cache/mlxlab/kernels` |
 | MLXLAB_SKIP_KERNEL_BUILD | `1`: `pip install` does not compile the kernels (hatch_build.py) | they are compiled |
 | MLXLAB_CACHE_DIR | the user-level cache (`mlxlab cache list`): GGUF files converted to mlx-lm folders (models/gguf/), the migrated empty MLflow store new stores are copied from | `$XDG_CACHE_HOME/mlxlab`, else `~/.cache/mlxlab` |
@@ -74,6 +75,7 @@ class Settings:
     fused_kernels: str  # MLXLAB_FUSED_KERNELS, lower case, "auto" when unset
     fused_kernels_skip: frozenset[str]  # MLXLAB_FUSED_KERNELS_SKIP
     kernel_threads: int | None  # MLXLAB_KERNEL_THREADS (at least 1); None: the usable cores
+    kernel_spin_us: int  # MLXLAB_KERNEL_SPIN_US (at least 0)
     kernels_cache: Path  # MLXLAB_KERNELS_CACHE or its default
     skip_kernel_build: bool  # MLXLAB_SKIP_KERNEL_BUILD=1
     cache_dir: Path  # MLXLAB_CACHE_DIR or its default
@@ -106,6 +108,8 @@ def read(environ: Mapping[str, str] | None = None) -> Settings:
             op.strip() for op in env.get("MLXLAB_FUSED_KERNELS_SKIP", "").split(",") if op.strip()
         ),
         kernel_threads=_whole_number(env, "MLXLAB_KERNEL_THREADS", minimum=1),
+        kernel_spin_us=_whole_number(env, "MLXLAB_KERNEL_SPIN_US", minimum=0,
+                                     default=KERNEL_SPIN_US),
         kernels_cache=Path(env.get("MLXLAB_KERNELS_CACHE") or user_cache / "mlxlab" / "kernels"
                            ).expanduser(),
         skip_kernel_build=env.get("MLXLAB_SKIP_KERNEL_BUILD") == "1",
@@ -123,17 +127,21 @@ def read(environ: Mapping[str, str] | None = None) -> Settings:
     )
 
 
-def _whole_number(env: Mapping[str, str], name: str, minimum: int | None = None) -> int | None:
-    """The variable as an int (None when unset or blank), raised to `minimum`."""
+def _whole_number(env: Mapping[str, str], name: str, minimum: int | None = None,
+                  default: int | None = None) -> int | None:
+    """The variable as an int (`default` when unset or blank), raised to `minimum`."""
     value = env.get(name, "").strip()
     if not value:
-        return None
+        return default
     try:
         number = int(value)
     except ValueError:
         raise ValueError(f"{name}={value!r} is not a whole number: set a number or unset it") from None
     return number if minimum is None else max(minimum, number)
 
+
+# The fused kernels' spin before a thread sleeps: a step's calls follow each other within it.
+KERNEL_SPIN_US = 1000
 
 _current: Settings | None = None
 

@@ -6,6 +6,9 @@
 
 #include "kernels.h"
 
+extern "C" void mlxlab_split_sgemm(void*, void*, int, int, int, int, int, int, float,
+                                   const float*, int, const float*, int, float, float*, int);
+
 namespace nb = nanobind;
 using namespace nb::literals;
 
@@ -174,6 +177,10 @@ NB_MODULE(_mlxlab_kernels, m) {
       "max_norm"_a,
       "Each gradient scaled by min(max_norm / (norm + 1e-6), 1), then the global norm.");
   m.def(
+      "split_sgemm_address",
+      []() { return reinterpret_cast<uintptr_t>(&mlxlab_split_sgemm); },
+      "The address of mlxlab_split_sgemm, for runtime/compute/small_gemm.py's wrapper.");
+  m.def(
       "rope",
       [](const mx::array& x, const mx::array& cos, const mx::array& sin) {
         return mlxlab::rope(x, cos, sin);
@@ -274,4 +281,5 @@ NB_MODULE(_mlxlab_kernels, m) {
         "Sets (on) or clears FTZ/DAZ on MLX's CPU stream thread once evaluated; 1.0 where it was on.");
   m.def("set_num_threads", &mlxlab::set_num_threads, "n"_a);
   m.def("num_threads", &mlxlab::num_threads);
+  m.def("set_spin_us", &mlxlab::set_spin_us, "us"_a);
 }

@@ -4,6 +4,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <sched.h>
 #include <bit>
 #include <condition_variable>
 #include <cmath>
@@ -30,11 +33,35 @@ namespace {
 std::atomic<int> g_threads{0};
 
 
+// Microseconds a worker stays awake after its job, and the caller waits awake for the workers,
+// before sleeping on a condition variable (set_spin_us; 0: sleep at once).
+std::atomic<int> g_spin_us{0};
+
+// Yields the core until `done()` or `g_spin_us` microseconds have passed; whether done() held.
+template <typename Done>
+bool spin_until(Done&& done) {
+  int us = g_spin_us.load(std::memory_order_relaxed);
+  if (us <= 0) {
+    return done();
+  }
+  auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(us);
+  while (!done()) {
+    if (std::chrono::steady_clock::now() >= until) {
+      return false;
+    }
+    sched_yield();
+  }
+  return true;
+}
+
 // A persistent pool of num_threads() - 1 workers, started on first use. Why not a thread per
 // call: a nano training step makes ~100 kernel calls of 0.05-1 ms each, and starting a thread
-// costs ~20-50 us. Workers sleep on a condition variable between calls (no spinning: on a
-// 2-core box the other core is also OpenBLAS's). fork() copies no threads: a child process
-// (DataLoader workers, joblib) sees a pool owned by another pid and starts its own.
+// costs ~20-50 us. Why the short spin (g_spin_us) before a worker sleeps: waking a sleeping
+// thread costs ~100 us on a VM, more than many of a step's calls take, and the calls of a step
+// follow each other within microseconds. The spin yields the core (sched_yield) on every
+// round, so a process beside this one on a busy machine runs as if the worker slept (measured:
+// a Python loop on the same 2 cores made as much progress). fork() copies no threads: a child
+// process (DataLoader workers, joblib) sees a pool owned by another pid and starts its own.
 class Pool {
  public:
   // Runs job(t) for t in [0, parts): job(0) on the caller, the others on the workers; returns
@@ -54,7 +81,8 @@ class Pool {
       fp_state_ = fp_state(); // the caller's denormal mode, for the workers (fp_mode.cpp)
       parts_ = parts;
       next_ = 1;
-      remaining_ = parts - 1;
+      remaining_.store(parts - 1, std::memory_order_relaxed);
+      posted_.fetch_add(1, std::memory_order_release);
     }
     wake_.notify_all();
     job(0);
@@ -66,9 +94,14 @@ class Pool {
       lock.unlock();
       job(t);
       lock.lock();
-      --remaining_;
+      remaining_.fetch_sub(1, std::memory_order_acq_rel);
     }
-    done_.wait(lock, [this] { return remaining_ == 0; });
+    if (remaining_.load(std::memory_order_acquire) != 0) {
+      lock.unlock();
+      spin_until([this] { return remaining_.load(std::memory_order_acquire) == 0; });
+      lock.lock();
+    }
+    done_.wait(lock, [this] { return remaining_.load(std::memory_order_acquire) == 0; });
     job_ = nullptr;
     return true;
   }
@@ -77,6 +110,12 @@ class Pool {
   void loop() {
     std::unique_lock<std::mutex> lock(mu_);
     for (;;) {
+      if (!(job_ != nullptr && next_ < parts_)) {
+        unsigned seen = posted_.load(std::memory_order_acquire);
+        lock.unlock();
+        spin_until([this, seen] { return posted_.load(std::memory_order_acquire) != seen; });
+        lock.lock();
+      }
       wake_.wait(lock, [this] { return job_ != nullptr && next_ < parts_; });
       int t = next_++;
       auto* job = job_;
@@ -87,17 +126,19 @@ class Pool {
       }
       (*job)(t);
       lock.lock();
-      if (--remaining_ == 0) {
+      if (remaining_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
         done_.notify_one();
       }
     }
   }
 
+  std::atomic<unsigned> posted_{0};  // jobs posted so far: a spinning worker watches it
   std::mutex busy_, mu_;
   std::condition_variable wake_, done_;
   int workers_ = 0;
   const std::function<void(int)>* job_ = nullptr;
-  int parts_ = 0, next_ = 0, remaining_ = 0;
+  int parts_ = 0, next_ = 0;
+  std::atomic<int> remaining_{0};  // parts not finished: a spinning caller watches it
   uint64_t fp_state_ = 0;
 };
 
@@ -302,6 +343,10 @@ void parallel_parts(int64_t parts, const std::function<void(int)>& part) {
 
 void set_num_threads(int n) {
   g_threads = std::max(1, n);
+}
+
+void set_spin_us(int us) {
+  g_spin_us = std::max(0, us);
 }
 
 int num_threads() {

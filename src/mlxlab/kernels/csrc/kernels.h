@@ -166,6 +166,8 @@ mx::array flush_denormals(bool on);
 // Threads the kernels split work over (default: hardware concurrency).
 void set_num_threads(int n);
 int num_threads();
+// Microseconds the pool's threads stay awake, yielding the core, before they sleep (kernels.cpp).
+void set_spin_us(int us);
 
 // What every mlxlab primitive shares: CPU only (eval_gpu throws; the Python dispatch never sends
 // GPU arrays here), and no attributes, so two of the same kind on the same inputs are equivalent.

@@ -508,3 +508,15 @@ def blas_threads() -> int | None:
     loaded neither."""
     fn = _blas("MKL_Get_Max_Threads") if _mkl_layer else _openblas("openblas_get_num_threads")
     return int(fn()) if fn is not None else None
+
+
+def split_products(address: int | None) -> bool:
+    """MLX's products from the small-product threshold up go to the splitter at `address` (the
+    fused kernels' `mlxlab_split_sgemm`: their rows over the kernels' thread pool, each part on
+    one thread of the library) instead of the library's own threads; None puts them back. MKL
+    only (its per-thread thread count keeps each part on its calling thread); False where there
+    is no wrapper or the library is OpenBLAS."""
+    if _wrapper is None or not _mkl_layer:
+        return False
+    _wrapper.set_split(address)
+    return True

@@ -8,8 +8,12 @@ threads against 60 us on one. MKL's GNU OpenMP threads sleep likewise (mkl.py). 
 slot points at `mlxlab_sgemm` (SOURCE, linked at first use with the C compiler the fused kernels
 are built with), which calls the library's sgemm on the calling thread alone when M*N*K is below
 a threshold (OpenBLAS: its thread count set to 1 for the call; MKL: mkl_set_num_threads_local, this
-thread only) and as the library would otherwise. The batched products of the fused attention go
-to the library directly (one call per attention, already one thread per matrix).
+thread only) and as the library would otherwise. With MKL and the fused kernels loaded, the
+larger products go to the kernels' row splitter instead (blas.split_products,
+kernels/csrc/split_gemm.cpp): their rows over the kernels' pool, whose worker stays awake between
+a step's calls, each part on one MKL thread; MKL's own OpenMP workers then never wake. The
+batched products of the fused attention go to the library directly (one call per attention,
+already one thread per matrix).
 
 The threshold is this machine's: the first import with more than one BLAS thread times square
 products of SIZES on one thread and on all of them (blas_kernels.race: a child process each,
@@ -40,12 +44,20 @@ static local_fn set_local;  /* MKL: this thread's count; returns the one it repl
 static long long below;     /* M*N*K under which a product runs on the calling thread alone */
 static int threads = 1;
 static long long alone;     /* products run on one thread so far */
+/* The fused kernels' row splitter (kernels/csrc/split_gemm.cpp): a large product's rows over
+   their thread pool, each part on one library thread. */
+typedef void (*split_fn)(void *, void *, int, int, int, int, int, int, float, const float *,
+                         int, const float *, int, float, float *, int);
+static split_fn split;
+static long long parted;    /* products handed to the splitter so far */
 
 void mlxlab_sgemm_setup(void *g, void *global, void *local, long long threshold, int n) {
   gemm = (sgemm_fn)g; set_threads = (set_fn)global; set_local = (local_fn)local;
   below = threshold; threads = n;
 }
 void mlxlab_sgemm_threads(int n) { threads = n; }
+void mlxlab_sgemm_split(void *f) { split = (split_fn)f; }
+long long mlxlab_sgemm_parted(void) { return parted; }
 long long mlxlab_sgemm_alone(void) { return alone; }
 
 void mlxlab_sgemm(int order, int ta, int tb, int m, int n, int k, float alpha, const float *a,
@@ -61,6 +73,12 @@ void mlxlab_sgemm(int order, int ta, int tb, int m, int n, int k, float alpha, c
       gemm(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
       set_threads(threads);
     }
+    return;
+  }
+  if (split && set_local && threads > 1 && order == 101) {
+    parted++;
+    split((void *)gemm, (void *)set_local, ta, tb, m, n, k, threads, alpha, a, lda, b, ldb,
+          beta, c, ldc);
     return;
   }
   gemm(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
@@ -159,7 +177,18 @@ class Wrapper:
         """The thread count the library runs large products on (blas.set_blas_threads)."""
         self.lib.mlxlab_sgemm_threads(int(n))
 
+    def set_split(self, address: int | None) -> None:
+        """Large products through the fused kernels' row splitter at `address` (None: the
+        library's own threads)."""
+        self.lib.mlxlab_sgemm_split.argtypes = [ctypes.c_void_p]
+        self.lib.mlxlab_sgemm_split(address)
+
     def alone(self) -> int:
         """How many products ran on one thread so far."""
         return int(self.lib.mlxlab_sgemm_alone())
+
+    def parted(self) -> int:
+        """How many products went to the splitter so far."""
+        self.lib.mlxlab_sgemm_parted.restype = ctypes.c_longlong
+        return int(self.lib.mlxlab_sgemm_parted())
 
