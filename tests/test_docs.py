@@ -128,8 +128,8 @@ def test_the_benchmarks_page_answers_first_from_the_records():
         assert f"{{#{question}}}" in page
     assert "<!-- generated:" not in page
     assert not ISSUE_NUMBER.search(page), ISSUE_NUMBER.search(page)
-    # about 750: a new script or command adds its record, an earlier run of a command one line
-    assert len(page.splitlines()) <= 780
+    # about 780: a new script or command adds its record, an earlier run of a command one line
+    assert len(page.splitlines()) <= 800
 
 
 def test_a_script_merged_into_another_keeps_its_records_on_the_page():
