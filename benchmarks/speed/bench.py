@@ -48,7 +48,6 @@ MODELS = {
 }
 VARIANTS = ("bare", "replay", "nokernels")
 
-
 NUMPY_SPIN_S = 0.2  # gemm_pair: longer than numpy's OpenBLAS threads spin after a product
 BURST = 5  # gemm_pair: products of one library back to back
 
@@ -126,7 +125,8 @@ print(json.dumps(out))"""
 
 
 def gemm_worker(sizes: list[int], repeats: int) -> None:
-    """One process's row: MLX (under the MLXLAB_BLAS it was started with) and numpy."""
+    """One process's row: MLX (its MLXLAB_BLAS; the kernels loaded, as a run loads them) and numpy."""
+    mlxlab_kernels.extension()  # with MKL they take its large products, as in a run
     pairs = {n: gemm_pair(n, repeats) for n in sizes}
     print(json.dumps({"blas": mlxlab.blas.detail or mlxlab.blas.status, "library": mlxlab.blas.library,
                       "mlx": {n: m for n, (m, _) in pairs.items()},
