@@ -12,6 +12,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_unflatten
 
 from mlxlab.kernels.dispatch import extension, fused, skipped
 from mlxlab.runtime.compute import bf16, blas
@@ -492,8 +493,6 @@ def clip_grad_norm(grads: dict, max_norm: float) -> tuple[dict, mx.array]:
     and the global norm. Fused (every float32 gradient in one kernel call, the norm summed in
     float64, so its last bits may differ from MLX's float32 sums) on the CPU; max_norm <= 0
     leaves the gradients as they are and returns their norm."""
-    from mlx.utils import tree_flatten, tree_unflatten
-
     flat = tree_flatten(grads)
     module = fused("clip_grad_norm", *(g for _, g in flat)) if flat else None
     clipping = bool(max_norm) and max_norm > 0

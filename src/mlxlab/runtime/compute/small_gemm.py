@@ -166,6 +166,8 @@ class Wrapper:
         local = address("MKL_Set_Num_Threads_Local") if kind == "mkl" else None
         self.lib.mlxlab_sgemm_setup.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_longlong, ctypes.c_int]
         self.lib.mlxlab_sgemm_alone.restype = ctypes.c_longlong
+        self.lib.mlxlab_sgemm_parted.restype = ctypes.c_longlong
+        self.lib.mlxlab_sgemm_split.argtypes = [ctypes.c_void_p]
         self.lib.mlxlab_sgemm_setup(self.sgemm, setter, local, below, 1)
         self.below = below
 
@@ -180,7 +182,6 @@ class Wrapper:
     def set_split(self, address: int | None) -> None:
         """Large products through the fused kernels' row splitter at `address` (None: the
         library's own threads)."""
-        self.lib.mlxlab_sgemm_split.argtypes = [ctypes.c_void_p]
         self.lib.mlxlab_sgemm_split(address)
 
     def alone(self) -> int:
@@ -189,6 +190,5 @@ class Wrapper:
 
     def parted(self) -> int:
         """How many products went to the splitter so far."""
-        self.lib.mlxlab_sgemm_parted.restype = ctypes.c_longlong
         return int(self.lib.mlxlab_sgemm_parted())
 
